@@ -1,0 +1,111 @@
+"""
+The management API at C{/v1}: an embedded Klein app in the gateway's tree.
+
+Every answer is JSON; every failure is the same C{{"error", "service",
+"state"}} shape the proxy uses, with the same status codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+
+from hestia import __version__
+from hestia.errors import GatewayError, UnknownService
+from hestia.lifecycle import State
+
+if TYPE_CHECKING:
+    from hestia.gateway import Gateway
+
+
+def json_body(request: Request, data: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(data, indent=None).encode("utf-8") + b"\n"
+
+
+def _flag(request: Request, name: bytes) -> bool:
+    values = request.args.get(name) or [b""]
+    return values[0].lower() in (b"1", b"true", b"yes")
+
+
+class ManagementAPI:
+    """
+    Routes of C{/v1}.
+
+    @ivar reload: called by C{POST /v1/reload}; returns a summary or raises
+        L{hestia.config.ConfigError} (the running config is then kept).
+    """
+
+    app = Klein()
+
+    def __init__(self, gateway: Gateway, reload: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.gateway = gateway
+        self._reload = reload
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.handle_errors(GatewayError)
+    def gateway_error(self, request: Request, failure: Failure) -> bytes:
+        error: GatewayError = failure.value  # type: ignore[assignment]
+        if error.retry_after is not None:
+            request.setHeader(b"retry-after", str(max(1, round(error.retry_after))).encode())
+        return json_body(request, error.to_json(), error.status)
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes:
+        return json_body(request, {"status": "ok", "version": __version__})
+
+    @app.route("/services", methods=["GET"])
+    def services(self, request: Request) -> bytes:
+        return json_body(
+            request, {"services": [lifecycle.status() for lifecycle in self.gateway.services.values()]}
+        )
+
+    @app.route("/services/<name>/status", methods=["GET"])
+    def status(self, request: Request, name: str) -> bytes:
+        return json_body(request, self.gateway.lifecycle(name).status())
+
+    @app.route("/services/<name>/start", methods=["POST"])
+    @inlineCallbacks
+    def start(self, request: Request, name: str) -> Any:
+        lifecycle = self.gateway.lifecycle(name)
+        if lifecycle.state is State.READY:
+            return json_body(request, lifecycle.status(), 200)
+        starting: Deferred[None] = lifecycle.start("api")
+        if _flag(request, b"wait"):
+            yield starting
+            return json_body(request, lifecycle.status(), 200)
+        starting.addErrback(lambda failure: None)  # Seen in status and the log.
+        return json_body(request, lifecycle.status(), 202)
+
+    @app.route("/services/<name>/stop", methods=["POST"])
+    @inlineCallbacks
+    def stop(self, request: Request, name: str) -> Any:
+        lifecycle = self.gateway.lifecycle(name)
+        yield lifecycle.stop("api")
+        return json_body(request, lifecycle.status(), 200)
+
+    @app.route("/reload", methods=["POST"])
+    def reload(self, request: Request) -> bytes:
+        from hestia.config import ConfigError
+
+        if self._reload is None:
+            return json_body(request, {"error": "reload is not available"}, 501)
+        try:
+            summary = self._reload()
+        except ConfigError as error:
+            return json_body(request, {"error": str(error), "kept": "the running configuration"}, 400)
+        return json_body(request, summary)
+
+    @app.route("/", branch=True)
+    def not_found(self, request: Request) -> bytes:
+        raise UnknownService("no such route under /v1")

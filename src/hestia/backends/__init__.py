@@ -1,0 +1,44 @@
+"""
+Backend plugins, found by name.
+
+The built-in backends are listed here and, like third-party ones, in the
+C{hestia.backends} entry-point group; every factory is checked against
+L{IBackendFactory} when loaded, so a broken plugin is a clear error at start-up
+rather than an C{AttributeError} on the first request.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from hestia.backends.process import ProcessBackendFactory
+from hestia.backends.static import StaticBackendFactory
+from hestia.interfaces import IBackendFactory
+
+ENTRY_POINT_GROUP = "hestia.backends"
+
+BUILT_IN: dict[str, IBackendFactory] = {
+    "process": ProcessBackendFactory,
+    "static": StaticBackendFactory,
+}
+
+
+class BackendNotFound(LookupError):
+    pass
+
+
+def find_backend(name: str) -> IBackendFactory:
+    """The factory registered as C{name}: built in, or from an entry point."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            factory = entry.load()
+            verifyObject(IBackendFactory, factory)
+        except (ImportError, AttributeError, Invalid) as error:
+            raise BackendNotFound(f"backend plugin {name!r} ({entry.value}) is broken: {error}") from None
+        return factory  # type: ignore[no-any-return]
+    raise BackendNotFound(f"no backend plugin named {name!r} (entry-point group {ENTRY_POINT_GROUP})")

@@ -1,0 +1,446 @@
+"""
+Hestia's configuration: ``hestia_config.yml`` plus environment overrides.
+
+The file is validated strictly and completely before anything runs, because a
+gateway that silently ignores a misspelt ``idle_timout`` keeps an expensive
+machine running for ever.  Every problem is reported as one line naming the
+file, the service and the key (L{ConfigError}), and a reload that fails leaves
+the running configuration in place (the caller keeps the old L{Config}).
+
+Environment variables follow the seed README's style: C{HESTIA_CONFIG},
+C{HESTIA_LISTEN}, and per service C{<NAME>_URL}, C{<NAME>_IDLE_TIMEOUT},
+C{<NAME>_KEEP_WARM}, ... where C{<NAME>} is the service name upper-cased with
+C{-} written as C{_}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DEFAULT_CONFIG_FILE = "hestia_config.yml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, worded for the person who wrote the file.
+
+    C{str()} gives one line: C{file: services.ollama.idle_timeout: message}.
+    """
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """
+    How to tell that a service is ready.
+
+    @ivar path: an HTTP path answered with 2xx once ready, or C{None}.
+    @ivar tcp: C{True} when a TCP connect is the only check.
+    @ivar interval: the longest gap between two probes while starting; the
+        first probes come faster, so that a quick service is seen quickly.
+    @ivar timeout: how long one probe may take.
+    """
+
+    path: str | None = None
+    tcp: bool = True
+    interval: float = 0.04
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """The settings a service inherits from C{defaults:} and may override."""
+
+    idle_timeout: float = 300.0
+    start_timeout: float = 120.0
+    queue_limit: int = 100
+    queue_timeout: float = 120.0
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """
+    One service behind the gateway.
+
+    @ivar backend: which backend plugin runs it (C{process}, C{static}, ...).
+        Derived from the keys present: C{command} means C{process}; no
+        lifecycle keys at all means C{static}.
+    @ivar sections: backend-specific sections (C{docker:}, C{semaphore:}) as
+        written, for the backend plugin to interpret.
+    """
+
+    name: str
+    url: str
+    backend: str
+    tunables: Tunables
+    health: HealthCheck = field(default_factory=HealthCheck)
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    keep_warm: bool = False
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.tunables.idle_timeout
+
+    @property
+    def start_timeout(self) -> float:
+        return self.tunables.start_timeout
+
+    @property
+    def queue_limit(self) -> int:
+        return self.tunables.queue_limit
+
+    @property
+    def queue_timeout(self) -> float:
+        return self.tunables.queue_timeout
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.tunables.stop_timeout
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "tcp:8080"
+    state_path: str = "hestia.db"
+    log_format: str = "text"
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A complete, validated configuration.
+
+    @ivar source: the file it came from, or C{"<built-in defaults>"}.
+    @ivar sections: top-level sections owned by features (C{semaphore:},
+        C{auth:}, ...), as written.
+    """
+
+    source: str
+    server: ServerConfig
+    defaults: Tunables
+    services: Mapping[str, ServiceConfig]
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Keys each level accepts.  A feature that adds a key registers it here, so
+# that a typo anywhere is still an error.
+TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups"}
+SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout"}
+TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
+SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm"}
+BACKEND_SECTIONS = {"docker", "semaphore"}
+HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
+
+
+def env_prefix(name: str) -> str:
+    """C{my-service} -> C{MY_SERVICE}: the prefix of a service's variables."""
+    return name.upper().replace("-", "_")
+
+
+class _Reader:
+    """Typed accessors that raise L{ConfigError} naming C{source} and the key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.source, key, message)
+
+    def mapping(self, value: Any, key: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {_describe(value)}")
+        return value
+
+    def check_keys(self, value: Mapping[str, Any], allowed: set[str], key: str) -> None:
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else str(name)
+                raise self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def duration(self, value: Any, key: str) -> float:
+        if isinstance(value, bool):
+            raise self.fail(key, f"expected a number of seconds, got {_describe(value)}")
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        else:
+            raise self.fail(
+                key, f"expected a number of seconds (or '30s', '5m', '1h'), got {_describe(value)}"
+            )
+        if seconds < 0:
+            raise self.fail(key, "must not be negative")
+        return seconds
+
+    def integer(self, value: Any, key: str, minimum: int = 0) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {_describe(value)}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+            return _BOOLEAN_WORDS[value.strip().lower()]
+        raise self.fail(key, f"expected true or false, got {_describe(value)}")
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                  "false": False, "no": False, "off": False, "0": False}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_url(reader: _Reader, value: Any, key: str) -> str:
+    url = reader.string(value, key)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise reader.fail(key, f"expected an http:// or https:// URL with a host, got {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise reader.fail(key, f"bad port in {url!r}") from None
+    return url.rstrip("/")
+
+
+def _tunables(reader: _Reader, raw: Mapping[str, Any], base: Tunables, key: str) -> Tunables:
+    values: dict[str, Any] = {}
+    for name in TUNABLE_KEYS & set(raw):
+        where = f"{key}.{name}" if key else name
+        if name == "queue_limit":
+            values[name] = reader.integer(raw[name], where, minimum=1)
+        else:
+            values[name] = reader.duration(raw[name], where)
+    return replace(base, **values)
+
+
+def _health(reader: _Reader, raw: Any, key: str) -> HealthCheck:
+    if raw is None:
+        return HealthCheck()
+    section = reader.mapping(raw, key)
+    reader.check_keys(section, HEALTH_KEYS, key)
+    check = HealthCheck()
+    if "path" in section:
+        path = reader.string(section["path"], f"{key}.path")
+        if not path.startswith("/"):
+            raise reader.fail(f"{key}.path", f"must start with '/', got {path!r}")
+        check = replace(check, path=path, tcp=False)
+    if "tcp" in section:
+        tcp = reader.boolean(section["tcp"], f"{key}.tcp")
+        if tcp and check.path:
+            raise reader.fail(f"{key}.tcp", "give either path or tcp, not both")
+        check = replace(check, tcp=tcp)
+    if not check.path and not check.tcp:
+        raise reader.fail(key, "needs either path: /some/path or tcp: true")
+    if "interval" in section:
+        check = replace(check, interval=max(0.005, reader.duration(section["interval"], f"{key}.interval")))
+    if "timeout" in section:
+        check = replace(check, timeout=reader.duration(section["timeout"], f"{key}.timeout"))
+    return check
+
+
+def _command(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip():
+        # A string is a shell command line, like in a Compose file's `command`.
+        return ("/bin/sh", "-c", value)
+    if isinstance(value, list) and value and all(isinstance(part, (str, int, float)) for part in value):
+        return tuple(str(part) for part in value)
+    raise reader.fail(key, f"expected a list of arguments or a shell command string, got {_describe(value)}")
+
+
+def _service(
+    reader: _Reader, name: str, raw: Any, defaults: Tunables, environ: Mapping[str, str]
+) -> ServiceConfig:
+    key = f"services.{name}"
+    if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        raise reader.fail(key, "service names must match [a-z0-9][a-z0-9_-]*")
+    section = dict(reader.mapping(raw, key))
+    reader.check_keys(section, SERVICE_KEYS | BACKEND_SECTIONS, key)
+    section.update(_environment_overrides(name, environ))
+
+    if "url" not in section:
+        raise reader.fail(f"{key}.url", f"missing (or set {env_prefix(name)}_URL)")
+    url = _check_url(reader, section["url"], f"{key}.url")
+    tunables = _tunables(reader, section, defaults, key)
+    health = _health(reader, section.get("health"), f"{key}.health")
+    command = _command(reader, section["command"], f"{key}.command") if "command" in section else None
+    env = {
+        str(var): str(value)
+        for var, value in reader.mapping(section.get("env"), f"{key}.env").items()
+    }
+    cwd = reader.string(section["cwd"], f"{key}.cwd") if "cwd" in section else None
+    keep_warm = reader.boolean(section.get("keep_warm", False), f"{key}.keep_warm")
+    sections = {
+        section_name: reader.mapping(section[section_name], f"{key}.{section_name}")
+        for section_name in BACKEND_SECTIONS & set(section)
+    }
+    if len(sections) + (command is not None) > 1:
+        raise reader.fail(key, "give only one of command, docker, semaphore")
+    backend = "process" if command else (next(iter(sections)) if sections else "static")
+    return ServiceConfig(
+        name=name,
+        url=url,
+        backend=backend,
+        tunables=tunables,
+        health=health,
+        command=command,
+        env=env,
+        cwd=cwd,
+        keep_warm=keep_warm,
+        sections=sections,
+    )
+
+
+def _environment_overrides(name: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    The C{<NAME>_*} variables for one service, as config keys.
+
+    Values stay strings; the typed readers accept C{"true"}, C{"30"}, C{"5m"}.
+    """
+    prefix = env_prefix(name) + "_"
+    overrides: dict[str, Any] = {}
+    for key in ("url", "cwd", "keep_warm", *sorted(TUNABLE_KEYS)):
+        value = environ.get(prefix + key.upper())
+        if value is not None:
+            overrides[key] = value
+    if (command := environ.get(prefix + "COMMAND")) is not None:
+        overrides["command"] = command
+    return overrides
+
+
+def _zero_config_services(environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    With no file at all, Hestia fronts a local Ollama: the seed's quick start.
+    """
+    ollama: dict[str, Any] = {"url": "http://localhost:11434", "health": {"path": "/api/tags"}}
+    if shutil.which("ollama", path=environ.get("PATH")):
+        ollama["command"] = ["ollama", "serve"]
+    return {"ollama": ollama}
+
+
+def parse_config(
+    raw: Any, source: str, environ: Mapping[str, str], base_dir: Path | None = None
+) -> Config:
+    """
+    Validate an already-loaded YAML document.
+
+    @param base_dir: what relative paths (C{state_path}) are relative to.
+    """
+    reader = _Reader(source)
+    document = reader.mapping(raw, "")
+    reader.check_keys(document, TOP_LEVEL_KEYS, "")
+
+    server_raw = reader.mapping(document.get("server"), "server")
+    reader.check_keys(server_raw, SERVER_KEYS, "server")
+    listen = environ.get("HESTIA_LISTEN") or server_raw.get("listen", ServerConfig.listen)
+    listen = reader.string(listen, "server.listen")
+    state_path = reader.string(server_raw.get("state_path", ServerConfig.state_path), "server.state_path")
+    if base_dir is not None and state_path != ":memory:":
+        state_path = str((base_dir / state_path).resolve())
+    log_format = server_raw.get("log_format", ServerConfig.log_format)
+    if log_format not in ("text", "json"):
+        raise reader.fail("server.log_format", f"expected text or json, got {_describe(log_format)}")
+    shutdown_timeout = reader.duration(
+        server_raw.get("shutdown_timeout", ServerConfig.shutdown_timeout), "server.shutdown_timeout"
+    )
+    server = ServerConfig(
+        listen=listen, state_path=state_path, log_format=log_format, shutdown_timeout=shutdown_timeout
+    )
+
+    defaults_raw = reader.mapping(document.get("defaults"), "defaults")
+    reader.check_keys(defaults_raw, TUNABLE_KEYS, "defaults")
+    defaults = _tunables(reader, defaults_raw, Tunables(), "defaults")
+
+    services_raw = reader.mapping(document.get("services"), "services")
+    services = {
+        name: _service(reader, name, value, defaults, environ) for name, value in services_raw.items()
+    }
+    sections = {
+        name: document[name] for name in TOP_LEVEL_KEYS - {"server", "defaults", "services"} if name in document
+    }
+    return Config(source=source, server=server, defaults=defaults, services=services, sections=sections)
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """
+    Load and validate the configuration.
+
+    @param path: the file to read; C{None} means C{$HESTIA_CONFIG}, else
+        C{./hestia_config.yml} if it exists, else the built-in zero
+        configuration.  A path that was asked for but does not exist is an error.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("HESTIA_CONFIG")
+    if path is None:
+        if not Path(DEFAULT_CONFIG_FILE).exists():
+            return parse_config(
+                {"services": _zero_config_services(environ)},
+                "<built-in defaults>",
+                environ,
+                base_dir=Path.cwd(),
+            )
+        path = DEFAULT_CONFIG_FILE
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(str(path), "", f"cannot read: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(str(path), "", f"invalid YAML: {where}{problem}") from None
+    return parse_config(raw, str(path), environ, base_dir=file.resolve().parent)
+
+
+def describe_command(command: tuple[str, ...] | None) -> str | None:
+    """A command as a person would type it, for status output and logs."""
+    if command is None:
+        return None
+    if command[:2] == ("/bin/sh", "-c"):
+        return command[2]
+    return shlex.join(command)

@@ -1,0 +1,88 @@
+"""
+The failures a client can be told about, each with the HTTP status it maps to.
+
+Every error the proxy or the API answers with is one of these, so that a client
+always receives the same JSON shape (``{"error", "service", "state"}``) and a
+status code that says whose fault it was: 404 unknown service, 502 the start
+failed or the backend is unreachable, 503 the queue is full, 504 a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """
+    A failure that is answered to the client as a JSON error.
+
+    @ivar status: the HTTP status code to answer with.
+    @ivar retry_after: seconds a client should wait, sent as C{Retry-After}.
+    """
+
+    status = 500
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        service: str | None = None,
+        state: str | None = None,
+        detail: list[str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.service = service
+        self.state = state
+        self.detail = detail or []
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.reason}
+        if self.service is not None:
+            body["service"] = self.service
+        if self.state is not None:
+            body["state"] = self.state
+        if self.detail:
+            # The last lines of the service's own output: usually the real cause.
+            body["detail"] = self.detail
+        if self.retry_after is not None:
+            body["retry_after"] = round(self.retry_after)
+        return body
+
+
+class UnknownService(GatewayError):
+    status = 404
+
+
+class BadRequest(GatewayError):
+    status = 400
+
+
+class StartFailed(GatewayError):
+    """The service could not be started, or stopped while requests waited."""
+
+    status = 502
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+
+
+class QueueFull(GatewayError):
+    status = 503
+
+
+class ServiceUnavailable(GatewayError):
+    """The gateway is shutting down or the service was stopped mid-start."""
+
+    status = 503
+
+
+class StartTimedOut(GatewayError):
+    status = 504
+
+
+class QueueTimedOut(GatewayError):
+    status = 504

@@ -1,0 +1,167 @@
+"""
+What the proxy forwards, as pure functions of the request.
+
+Kept free of Twisted requests and I/O so that Hypothesis can check the rules
+on thousands of generated inputs: which headers cross the gateway, and which
+paths reach which service.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes
+
+from hestia.config import SERVICE_NAME
+
+SERVICES_PREFIX = b"/services/"
+
+# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# Set by the HTTP client from the target URL and the body producer.
+_RECOMPUTED = frozenset({b"host", b"content-length"})
+_FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix", b"x-request-id"})
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+RawHeaders = Iterable[tuple[bytes, list[bytes]]]
+
+
+def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    """Header names listed in C{Connection}: hop-by-hop for this message."""
+    tokens: set[bytes] = set()
+    for name, values in headers:
+        if name.lower() == b"connection":
+            for value in values:
+                tokens.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return frozenset(tokens)
+
+
+def end_to_end(headers: RawHeaders, also_drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The headers without hop-by-hop ones, every value of repeated ones kept.
+    """
+    materialised = [(name, list(values)) for name, values in headers]
+    drop = HOP_BY_HOP | connection_tokens(materialised) | also_drop
+    return [(name, values) for name, values in materialised if name.lower() not in drop]
+
+
+def request_id_from(values: list[bytes] | None) -> bytes:
+    """The client's C{X-Request-ID} if it is sane, else a new one."""
+    if values and _REQUEST_ID.match(values[0]):
+        return values[0]
+    return uuid.uuid4().hex.encode("ascii")
+
+
+def headers_for_backend(
+    headers: RawHeaders,
+    *,
+    client_ip: str,
+    scheme: bytes,
+    host: bytes | None,
+    prefix: bytes,
+    request_id: bytes,
+    drop: frozenset[bytes] = frozenset(),
+) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The request headers as the backend should see them.
+
+    C{X-Forwarded-For} is appended to (the client may be behind proxies of its
+    own); C{X-Forwarded-Proto}, C{-Host} and C{-Prefix} describe this hop and
+    replace whatever the client claimed.
+
+    @param drop: more names to remove (credentials the gateway consumed).
+    """
+    forwarded_for: list[bytes] = []
+    kept: list[tuple[bytes, list[bytes]]] = []
+    for name, values in end_to_end(headers, also_drop=_RECOMPUTED | _FORWARDED | drop):
+        if name.lower() == b"x-forwarded-for":
+            forwarded_for.extend(values)
+        else:
+            kept.append((name, values))
+    chain = b", ".join([*forwarded_for, client_ip.encode("ascii", "replace")])
+    kept.append((b"X-Forwarded-For", [chain]))
+    kept.append((b"X-Forwarded-Proto", [scheme]))
+    if host:
+        kept.append((b"X-Forwarded-Host", [host]))
+    kept.append((b"X-Forwarded-Prefix", [prefix]))
+    kept.append((b"X-Request-ID", [request_id]))
+    return kept
+
+
+def headers_for_client(headers: RawHeaders) -> list[tuple[bytes, list[bytes]]]:
+    """The backend's response headers as the client should see them."""
+    return end_to_end(headers)
+
+
+class PathEscape(ValueError):
+    """The path tries to climb out of the service it names."""
+
+
+def _climbs(path: bytes) -> bool:
+    """
+    Whether C{path} holds a C{..} segment in any spelling.
+
+    Decoded up to three times (C{%252e%252e} is C{..} to a backend that decodes
+    twice), with C{%2f} and backslashes taken as separators, as some servers do.
+    """
+    for _ in range(4):
+        parts = path.replace(b"\\", b"/").split(b"/")
+        if b".." in parts:
+            return True
+        decoded = unquote_to_bytes(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # Still encoded after three rounds: nobody sends that honestly.
+
+
+def split_service_path(uri: bytes) -> tuple[str, bytes] | None:
+    """
+    C{/services/<name>/<rest>?<query>} -> C{(name, b"/<rest>?<query>")}.
+
+    The rest is forwarded exactly as the client wrote it (no decoding), so the
+    backend sees the same bytes it would see directly.  C{None} when C{uri} does
+    not name a service in the canonical form; L{PathEscape} when the rest holds
+    a C{..} segment (in any encoding, or with backslashes), which could make a
+    normalising backend or cache see another path than the one routed.
+    """
+    if not uri.startswith(SERVICES_PREFIX):
+        return None
+    remainder = uri[len(SERVICES_PREFIX):]
+    end = len(remainder)
+    for separator in (b"/", b"?"):
+        found = remainder.find(separator)
+        if found != -1:
+            end = min(end, found)
+    name_bytes, rest = remainder[:end], remainder[end:]
+    try:
+        name = name_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not SERVICE_NAME.match(name):
+        return None
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    if _climbs(rest.split(b"?", 1)[0]):
+        raise PathEscape(f"path escapes /services/{name}/")
+    return name, rest
+
+
+def join_url(base: str, rest: bytes) -> bytes:
+    """The backend URL for C{rest} under C{base} (which may carry a path)."""
+    return base.rstrip("/").encode("ascii") + rest

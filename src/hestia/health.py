@@ -1,0 +1,63 @@
+"""
+Readiness probes: is the service answering yet?
+
+A probe is one attempt with its own short timeout; the lifecycle decides how
+often to try.  "Not yet" (connection refused, a 503 while a model loads, a
+timeout) is C{False}, never an exception: only the backend knows when a
+service will never come up.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from hestia.config import HealthCheck
+
+
+def health_url(base_url: str, check: HealthCheck) -> str:
+    return base_url.rstrip("/") + (check.path or "/")
+
+
+@inlineCallbacks
+def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float):  # type: ignore[no-untyped-def]
+    """C{True} when a GET of C{url} answers 2xx within C{timeout} seconds."""
+    request = agent.request(b"GET", url.encode("ascii"), Headers({b"user-agent": [b"hestia-health"]}))
+    request.addTimeout(timeout, reactor)
+    try:
+        response = yield request
+        # Read (and discard) the body so the pooled connection can be reused.
+        body = readBody(response)
+        body.addTimeout(timeout, reactor)
+        yield body
+    except Exception:
+        return False
+    return 200 <= response.code < 300
+
+
+@inlineCallbacks
+def probe_tcp(reactor: IReactorTime, url: str, timeout: float):  # type: ignore[no-untyped-def]
+    """C{True} when something accepts a TCP connection at C{url}'s host and port."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    endpoint = HostnameEndpoint(reactor, parts.hostname or "localhost", port, timeout=timeout)
+    try:
+        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+    except Exception:
+        return False
+    protocol.transport.loseConnection()
+    return True
+
+
+def probe(agent: IAgent, reactor: IReactorTime, base_url: str, check: HealthCheck) -> Deferred[bool]:
+    """One attempt of C{check} against the service at C{base_url}."""
+    if check.path:
+        return probe_http(agent, reactor, health_url(base_url, check), check.timeout)  # type: ignore[no-any-return]
+    return probe_tcp(reactor, base_url, check.timeout)  # type: ignore[no-any-return]

@@ -1,0 +1,92 @@
+"""
+The interfaces Hestia's parts meet at.
+
+Backends (how a service is started and stopped) are plugins: Hestia itself
+only drives the lifecycle state machine in L{hestia.lifecycle}, and asks an
+L{IBackend} to do the work.  A third party can add a backend by registering an
+L{IBackendFactory} in the C{hestia.backends} entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+class IBackend(Interface):
+    """
+    Starts, stops and probes one service instance.
+
+    A backend knows nothing of queues, idle clocks or HTTP clients waiting:
+    that is the lifecycle's job.  It only says when the thing it runs is up.
+    """
+
+    kind = Attribute("Short name of the backend, e.g. C{process}.  Shown in status.")
+    has_lifecycle = Attribute(
+        "C{False} for an always-on upstream that Hestia never starts or stops."
+    )
+    url = Attribute("The URL requests are forwarded to now (may change when started).")
+
+    def start() -> Any:
+        """
+        Launch the service.
+
+        @return: a L{Deferred} that fires once it has been launched (not
+            necessarily ready: readiness is L{probe}'s answer), or fails with a
+            L{hestia.errors.StartFailed} saying why.  Cancelling it abandons the
+            launch; the lifecycle then calls L{stop}.
+        """
+
+    def probe() -> Any:
+        """
+        Check readiness once.
+
+        @return: a L{Deferred} firing C{True} when the service answers its health
+            check, C{False} when not yet; failing with L{StartFailed} when it
+            never will (for example the process has exited).
+        """
+
+    def stop(timeout: float) -> Any:
+        """
+        Stop the service, forcibly after C{timeout} seconds.
+
+        @return: a L{Deferred} that fires once it is really stopped.
+        """
+
+    def set_exit_handler(handler: Callable[[str, list[str]], None]) -> None:
+        """
+        Register C{handler(reason, last_lines)}, called when the service ends by
+        itself (crashed, exited, container died), not when L{stop} ended it.
+        """
+
+    def describe() -> dict[str, Any]:
+        """Backend-specific facts for the status API (pid, command, container...)."""
+
+    def recent_output() -> list[str]:
+        """The last lines the service wrote, newest last (may be empty)."""
+
+
+class IBackendFactory(Interface):
+    """
+    Builds the backend for services whose configuration asks for it.
+
+    Registered under its L{name} in the C{hestia.backends} entry-point group.
+    """
+
+    name = Attribute("The backend's name: the value of C{ServiceConfig.backend}.")
+
+    def build(service: Any, reactor: Any, agent: Any) -> IBackend:
+        """
+        Build a backend for C{service} (a L{hestia.config.ServiceConfig}).
+
+        @param agent: the gateway's L{twisted.web.iweb.IAgent}, for health probes.
+        """
+
+
+class IServiceObserver(Interface):
+    """Something told of every lifecycle transition (logs, metrics, state store)."""
+
+    def state_changed(event: Any) -> None:
+        """Called with a L{hestia.lifecycle.StateChange}."""

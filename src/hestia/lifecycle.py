@@ -1,0 +1,559 @@
+"""
+The lifecycle state machine of one service instance.
+
+::
+
+    stopped --start--> starting --probe ok--> ready --idle/api--> stopping --> stopped
+                          |                     |
+                          +--fail/timeout--> failed <--exited--+
+
+All decisions about when to start and stop live here, and nothing else: the
+backend (L{hestia.interfaces.IBackend}) does the starting and stopping, the
+queue (L{hestia.queue.WaitQueue}) holds requests, and the proxy only calls
+L{ServiceLifecycle.acquire} and releases the L{Lease} it gets.  Time comes from
+an injected reactor, so every rule here is tested with a
+L{twisted.internet.task.Clock}.
+
+Rules that matter to users:
+  - one start serves every waiter, however many requests arrive during it;
+  - a service is never idle-stopped while a request (or a stream) is in
+    flight: the idle clock starts when the last one ends;
+  - a service that fails C{CRASH_LOOP_FAILURES} times within
+    C{CRASH_LOOP_WINDOW} seconds is left alone for C{COOLDOWN} seconds, and
+    requests meanwhile get a 502 at once instead of a restart each.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hestia.config import ServiceConfig
+from hestia.errors import (
+    GatewayError,
+    QueueFull,
+    ServiceUnavailable,
+    StartFailed,
+    StartTimedOut,
+)
+from hestia.interfaces import IBackend
+from hestia.queue import WaitQueue
+
+log = Logger(namespace="hestia.lifecycle")
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """
+    One transition, as told to observers (logs, metrics, the state store).
+
+    @ivar duration: for C{starting -> ready}, how long the start took; for a
+        stop, how long the stop took; else C{None}.
+    """
+
+    service: str
+    old: State
+    new: State
+    reason: str
+    at: float
+    duration: float | None = None
+    error: str | None = None
+
+
+Observer = Callable[[StateChange], None]
+
+
+def iso_time(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Lease:
+    """
+    One request's claim on a ready service.
+
+    While any lease is held the service is "in flight" and is never idle-stopped.
+    L{release} is idempotent, so the proxy may call it from every exit path.
+    """
+
+    __slots__ = ("_lifecycle", "url", "_released")
+
+    def __init__(self, lifecycle: ServiceLifecycle, url: str) -> None:
+        self._lifecycle = lifecycle
+        self.url = url
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._lifecycle._lease_released()
+
+
+class ServiceLifecycle:
+    """
+    Drives one backend through its states on behalf of the requests for it.
+    """
+
+    CRASH_LOOP_FAILURES = 3
+    CRASH_LOOP_WINDOW = 60.0
+    COOLDOWN = 30.0
+    KEEP_WARM_RETRY = 5.0
+    # The first probes come quickly, then back off to the health interval:
+    # a fast service is seen within milliseconds, a slow one costs little.
+    FIRST_PROBE_DELAY = 0.005
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        backend: IBackend,
+        reactor: IReactorTime,
+        observers: list[Observer] | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self._reactor = reactor
+        self._observers: list[Observer] = list(observers or [])
+        now = reactor.seconds()
+        self.state = State.READY if not backend.has_lifecycle else State.STOPPED
+        self.state_since = now
+        self.state_reason = "configured"
+        self.last_error: str | None = None
+        self.last_error_detail: list[str] = []
+        self.last_request_at: float | None = None
+        self.last_start_duration: float | None = None
+        self.in_flight = 0
+        self.queue = WaitQueue(reactor, config.queue_limit, self._describe)
+        self._generation = 0
+        self._pending: Deferred[Any] | None = None
+        self._start_began = 0.0
+        self._start_timer: IDelayedCall | None = None
+        self._probe_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._retry_call: IDelayedCall | None = None
+        self._start_watchers: list[Deferred[None]] = []
+        self._stop_watchers: list[Deferred[None]] = []
+        self._cleanup: Deferred[None] | None = None
+        self._failures: deque[float] = deque(maxlen=self.CRASH_LOOP_FAILURES)
+        self.cooldown_until: float | None = None
+        self._shutting_down = False
+        backend.set_exit_handler(self._backend_exited)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    # -- what the proxy and the API call -------------------------------------
+
+    def acquire(self) -> Deferred[Lease]:
+        """
+        Claim the service for one request, starting it if needed.
+
+        @return: a L{Deferred} firing with a L{Lease} once the service is ready,
+            or failing with a L{GatewayError}.  Cancel it when the client leaves
+            to give up its place in the queue.
+        """
+        if self.state is State.READY:
+            return succeed(self._lease())
+        if self._shutting_down:
+            return fail(ServiceUnavailable("the gateway is shutting down", **self._describe()))
+        if (cooling := self._cooldown_remaining()) > 0:
+            return fail(
+                StartFailed(
+                    f"{self.last_error or 'start failed'} "
+                    f"(failed {self.CRASH_LOOP_FAILURES} times in {self.CRASH_LOOP_WINDOW:g}s; "
+                    f"not retrying for {cooling:.0f}s)",
+                    detail=self.last_error_detail,
+                    retry_after=cooling,
+                    **self._describe(),
+                )
+            )
+        try:
+            waiting = self.queue.wait(self.config.queue_timeout, retry_after=self._retry_after())
+        except QueueFull as error:
+            return fail(error)
+        self._request_start("request")
+        return waiting.addCallback(lambda _: self._lease())
+
+    def start(self, reason: str = "api") -> Deferred[None]:
+        """
+        Start the service without a request (the API, C{keep_warm}).
+
+        @return: fires once ready; fails with the start's L{GatewayError}.
+        """
+        if self.state is State.READY:
+            return succeed(None)
+        if self._shutting_down:
+            return fail(ServiceUnavailable("the gateway is shutting down", **self._describe()))
+        watcher: Deferred[None] = Deferred()
+        self._start_watchers.append(watcher)
+        self._request_start(reason)
+        return watcher
+
+    def stop(self, reason: str = "api") -> Deferred[None]:
+        """
+        Stop the service now, whatever is in flight (an explicit stop).
+
+        A start in progress is abandoned and its waiters get a 503.
+        """
+        if not self.backend.has_lifecycle:
+            return succeed(None)
+        if self.state is State.STOPPING:
+            watcher: Deferred[None] = Deferred()
+            self._stop_watchers.append(watcher)
+            return watcher
+        if self.state is State.STOPPED:
+            return succeed(None)
+        if self.state is State.FAILED:
+            return self._cleanup_done()
+        if self.state is State.STARTING:
+            self._abandon_start()
+            self._fail_waiters(ServiceUnavailable(f"service stopped while starting ({reason})", **self._describe()))
+        return self._begin_stop(reason)
+
+    def shutdown(self) -> Deferred[None]:
+        """The gateway is stopping: refuse new work, fail waiters, stop."""
+        self._shutting_down = True
+        for call in (self._idle_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._fail_waiters(ServiceUnavailable("the gateway is shutting down", **self._describe()))
+        return self.stop("shutdown")
+
+    def status(self) -> dict[str, Any]:
+        """The service's state as the C{/v1} API shows it."""
+        idle_stop_at = None
+        if self._idle_call is not None and self._idle_call.active():
+            idle_stop_at = self._idle_call.getTime()
+        cooldown = self._cooldown_remaining()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "state_reason": self.state_reason,
+            "state_since": iso_time(self.state_since),
+            "backend": self.backend.kind,
+            "url": self.backend.url,
+            "in_flight": self.in_flight,
+            "queued": len(self.queue),
+            "keep_warm": self.config.keep_warm,
+            "idle_timeout": self.config.idle_timeout,
+            "start_timeout": self.config.start_timeout,
+            "last_request_at": iso_time(self.last_request_at),
+            "idle_stop_at": iso_time(idle_stop_at),
+            "last_start_duration": self.last_start_duration,
+            "last_error": self.last_error,
+            "last_error_detail": self.last_error_detail,
+            "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
+            "details": self.backend.describe(),
+        }
+
+    # -- starting --------------------------------------------------------------
+
+    def _request_start(self, reason: str) -> None:
+        if self.state in (State.STOPPED, State.FAILED):
+            self._begin_start(reason)
+        # STARTING: this start serves everyone.  STOPPING: the stop's end
+        # starts again, because something is waiting (see _stop_finished).
+
+    def _begin_start(self, reason: str) -> None:
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._generation += 1
+        generation = self._generation
+        self._set_state(State.STARTING, reason)
+        self._start_began = self._reactor.seconds()
+        if self.config.start_timeout > 0:
+            self._start_timer = self._reactor.callLater(
+                self.config.start_timeout, self._start_timed_out, generation
+            )
+        # A failed start's clean-up (the half-started process) must end first.
+        self._cleanup_done().addCallback(lambda _: self._launch(generation))
+
+    def _launch(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        launching: Deferred[Any] = maybeDeferred(self.backend.start)
+        self._pending = launching
+        launching.addCallbacks(
+            lambda _: self._schedule_probe(generation, 0.0),
+            lambda failure: self._start_failed(generation, failure),
+        )
+
+    def _schedule_probe(self, generation: int, delay: float) -> None:
+        if generation != self._generation:
+            return
+        self._pending = None
+        self._probe_call = self._reactor.callLater(delay, self._probe, generation, delay)
+
+    def _probe(self, generation: int, last_delay: float) -> None:
+        self._probe_call = None
+        if generation != self._generation:
+            return
+        next_delay = min(max(last_delay * 2, self.FIRST_PROBE_DELAY), self.config.health.interval)
+        probing: Deferred[bool] = maybeDeferred(self.backend.probe)
+        self._pending = probing
+        probing.addCallbacks(
+            lambda ready: self._ready(generation) if ready else self._schedule_probe(generation, next_delay),
+            lambda failure: self._start_failed(generation, failure),
+        )
+
+    def _ready(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._pending = None
+        self._cancel_start_timer()
+        self.last_start_duration = self._reactor.seconds() - self._start_began
+        self.last_error = None
+        self.last_error_detail = []
+        self._set_state(State.READY, "started", duration=self.last_start_duration)
+        self.queue.release_all()
+        for watcher in self._take(self._start_watchers):
+            watcher.callback(None)
+        self._arm_idle_timer()
+
+    def _start_failed(self, generation: int, failure: Failure) -> None:
+        if generation != self._generation or failure.check(CancelledError):
+            return
+        error = failure.value
+        if not isinstance(error, GatewayError):
+            log.failure("unexpected error starting {service}", failure, service=self.name)
+            error = StartFailed(f"start failed: {error}")
+        self._give_up_start(error)
+
+    def _start_timed_out(self, generation: int) -> None:
+        self._start_timer = None
+        if generation != self._generation:
+            return
+        self._give_up_start(StartTimedOut(f"not ready after start_timeout {self.config.start_timeout:g}s"))
+
+    def _give_up_start(self, error: GatewayError) -> None:
+        self._abandon_start()
+        detail = error.detail or self.backend.recent_output()[-20:]
+        now = self._reactor.seconds()
+        self._record_failure(now)
+        self.last_error = error.reason
+        self.last_error_detail = detail
+        self._set_state(State.FAILED, "start failed", error=error.reason)
+        # The same class of error for every waiter, with this service's facts.
+        client_error = type(error)(error.reason, detail=detail, **self._describe())
+        self._fail_waiters(client_error)
+        # Whatever was half started is cleaned up before any next start.
+        self._cleanup = maybeDeferred(self.backend.stop, self.config.stop_timeout).addErrback(
+            lambda failure: log.failure("cleaning up {service} after a failed start", failure, service=self.name)
+        )
+        self._schedule_keep_warm_retry()
+
+    def _abandon_start(self) -> None:
+        """Forget the start in progress: later callbacks from it are ignored."""
+        self._generation += 1
+        self._cancel_start_timer()
+        if self._probe_call is not None and self._probe_call.active():
+            self._probe_call.cancel()
+        self._probe_call = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def _cancel_start_timer(self) -> None:
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+        self._start_timer = None
+
+    def _fail_waiters(self, error: GatewayError) -> None:
+        self.queue.fail_all(error)
+        for watcher in self._take(self._start_watchers):
+            watcher.errback(error)
+
+    def _record_failure(self, now: float) -> None:
+        self._failures.append(now)
+        if len(self._failures) == self.CRASH_LOOP_FAILURES and now - self._failures[0] <= self.CRASH_LOOP_WINDOW:
+            self.cooldown_until = now + self.COOLDOWN
+            self._failures.clear()
+            log.warn(
+                "{service} failed {count} times in {window:g}s: not restarting it for {cooldown:g}s",
+                service=self.name,
+                count=self.CRASH_LOOP_FAILURES,
+                window=self.CRASH_LOOP_WINDOW,
+                cooldown=self.COOLDOWN,
+            )
+
+    def _cooldown_remaining(self) -> float:
+        if self.cooldown_until is None:
+            return 0.0
+        return max(0.0, self.cooldown_until - self._reactor.seconds())
+
+    def _schedule_keep_warm_retry(self) -> None:
+        if not self.config.keep_warm or self._shutting_down:
+            return
+        delay = max(self.KEEP_WARM_RETRY, self._cooldown_remaining())
+        self._retry_call = self._reactor.callLater(delay, self._keep_warm_retry)
+
+    def _keep_warm_retry(self) -> None:
+        self._retry_call = None
+        if self.state in (State.FAILED, State.STOPPED) and not self._shutting_down:
+            self._begin_start("keep_warm")
+
+    def _retry_after(self) -> float:
+        """What a refused client is told to wait: about one start."""
+        if self.last_start_duration:
+            return max(1.0, self.last_start_duration)
+        return 5.0
+
+    # -- requests in flight and idling ------------------------------------------
+
+    def _lease(self) -> Lease:
+        self.in_flight += 1
+        self.last_request_at = self._reactor.seconds()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        return Lease(self, self.backend.url)
+
+    def _lease_released(self) -> None:
+        self.in_flight -= 1
+        self.last_request_at = self._reactor.seconds()
+        if self.in_flight == 0:
+            self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if (
+            self.state is State.READY
+            and self.in_flight == 0
+            and self.config.idle_timeout > 0
+            and not self.config.keep_warm
+            and self.backend.has_lifecycle
+            and not self._shutting_down
+        ):
+            self._idle_call = self._reactor.callLater(self.config.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self.state is State.READY and self.in_flight == 0 and not len(self.queue):
+            self._begin_stop("idle")
+
+    # -- stopping ----------------------------------------------------------------
+
+    def _begin_stop(self, reason: str) -> Deferred[None]:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        began = self._reactor.seconds()
+        self._set_state(State.STOPPING, reason)
+        watcher: Deferred[None] = Deferred()
+        self._stop_watchers.append(watcher)
+        stopping = maybeDeferred(self.backend.stop, self.config.stop_timeout)
+        stopping.addCallbacks(
+            lambda _: self._stop_finished(reason, began, None),
+            lambda failure: self._stop_finished(reason, began, failure),
+        )
+        return watcher
+
+    def _stop_finished(self, reason: str, began: float, failure: Failure | None) -> None:
+        duration = self._reactor.seconds() - began
+        if failure is None:
+            self._set_state(State.STOPPED, reason, duration=duration)
+        else:
+            self.last_error = f"stop failed: {failure.getErrorMessage()}"
+            self._set_state(State.FAILED, "stop failed", duration=duration, error=self.last_error)
+        for watcher in self._take(self._stop_watchers):
+            watcher.callback(None)
+        if len(self.queue) and not self._shutting_down:
+            # Requests arrived during the stop: they were promised a start.
+            self._begin_start("request")
+
+    def _cleanup_done(self) -> Deferred[None]:
+        """
+        Fires once the last failed start's clean-up has ended.
+
+        A fresh Deferred each time, so that cancelling a caller's chain never
+        cancels the clean-up itself.
+        """
+        cleanup = self._cleanup
+        if cleanup is None or cleanup.called:
+            self._cleanup = None
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def finished(result: object) -> object:
+            if self._cleanup is cleanup:
+                self._cleanup = None
+            done.callback(None)
+            return result
+
+        cleanup.addBoth(finished)
+        return done
+
+    # -- the backend's own news ----------------------------------------------
+
+    def _backend_exited(self, reason: str, lines: list[str]) -> None:
+        """The service ended without being asked to."""
+        if self.state is State.STARTING:
+            self._give_up_start(StartFailed(f"exited during start: {reason}", detail=lines[-20:]))
+        elif self.state is State.READY:
+            if self._idle_call is not None and self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+            self._record_failure(self._reactor.seconds())
+            self.last_error = f"exited while serving: {reason}"
+            self.last_error_detail = lines[-20:]
+            self._set_state(State.FAILED, "exited", error=self.last_error)
+            self._schedule_keep_warm_retry()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _describe(self) -> dict[str, str]:
+        return {"service": self.name, "state": self.state.value}
+
+    @staticmethod
+    def _take(watchers: list[Deferred[None]]) -> list[Deferred[None]]:
+        taken = list(watchers)
+        watchers.clear()
+        return taken
+
+    def _set_state(
+        self, new: State, reason: str, duration: float | None = None, error: str | None = None
+    ) -> None:
+        old = self.state
+        now = self._reactor.seconds()
+        self.state = new
+        self.state_since = now
+        self.state_reason = reason
+        event = StateChange(self.name, old, new, reason, now, duration, error)
+        log.info(
+            "{service}: {old} -> {new} ({reason})",
+            service=self.name,
+            old=old.value,
+            new=new.value,
+            reason=reason,
+            duration=duration,
+            error=error,
+            event="state_change",
+        )
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                log.failure("observer failed on {service}", service=self.name)

@@ -1,0 +1,376 @@
+"""
+The transparent proxy: C{/services/<name>/<rest>} to C{<service url>/<rest>}.
+
+L{ServiceProxyResource} is a L{ReverseProxyResource} in the resource tree, but
+forwards with L{twisted.web.client.Agent} over a persistent connection pool
+instead of the stock one-connection-per-request HTTP/1.0 client.  Each request
+becomes an L{Exchange}, which:
+
+  1. asks the service's lifecycle for a L{Lease} (held in its queue while the
+     service starts; the lease keeps the service from idle-stopping);
+  2. forwards method, headers (every value of repeated ones) and body;
+  3. streams the response back as it arrives, with the client registered as
+     the producer's consumer, so a slow reader slows the backend rather than
+     filling the gateway's memory;
+  4. cancels whatever is pending (its queue place, the backend request, the
+     backend stream) the moment the client goes away, quietly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
+from hestia.headers import (
+    PathEscape,
+    headers_for_backend,
+    headers_for_client,
+    join_url,
+    request_id_from,
+    split_service_path,
+)
+
+if TYPE_CHECKING:
+    from hestia.gateway import Gateway
+    from hestia.lifecycle import Lease, ServiceLifecycle
+
+log = Logger(namespace="hestia.proxy")
+
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def write_error(request: Request, error: GatewayError, request_id: bytes | None = None) -> None:
+    """Answer C{request} with C{error} as JSON, unless the client already left."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    if request.startedWriting:
+        # Headers are out: the only honest signal left is a cut connection.
+        request.loseConnection()
+        return
+    body = json.dumps(error.to_json()).encode("utf-8") + b"\n"
+    request.setResponseCode(error.status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.responseHeaders.removeHeader(b"server")
+    if error.retry_after is not None:
+        request.responseHeaders.setRawHeaders(b"retry-after", [str(max(1, round(error.retry_after))).encode()])
+    if request_id is not None:
+        request.responseHeaders.setRawHeaders(b"x-request-id", [request_id])
+    request.write(body)
+    request.finish()
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one proxied request: for the access log and metrics."""
+
+    request_id: str
+    service: str
+    method: str
+    path: str
+    client: str
+    status: int | None = None
+    bytes: int = 0
+    began: float = 0.0
+    queued: float = 0.0
+    upstream: float = 0.0
+    duration: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None
+
+
+class _BodyRelay(Protocol):
+    """Copies the backend's body to the client as it arrives."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+
+    def connectionMade(self) -> None:
+        # The backend transport is a push producer: the client's channel pauses
+        # it when its write buffer fills, which pauses reading from the backend.
+        self._exchange.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.body_received(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._exchange.body_ended(reason)
+
+
+class Exchange:
+    """One client request, from arrival to the last byte of its response."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        lifecycle: ServiceLifecycle,
+        request: Request,
+        rest: bytes,
+        request_id: bytes,
+    ) -> None:
+        self.gateway = gateway
+        self.lifecycle = lifecycle
+        self.request = request
+        self.rest = rest
+        self.request_id = request_id
+        self._pending: Deferred[Any] | None = None
+        self._relay: _BodyRelay | None = None
+        self._lease: Lease | None = None
+        self._gone = False
+        self._forwarded_at = 0.0
+        now = gateway.reactor.seconds()
+        self.record = RequestRecord(
+            request_id=request_id.decode("ascii"),
+            service=lifecycle.name,
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            client=_client_ip(request),
+            began=now,
+        )
+
+    def begin(self) -> None:
+        self.request.notifyFinish().addBoth(self._finished)
+        self.gateway.request_began(self)
+        waiting = self.lifecycle.acquire()
+        self._pending = waiting
+        waiting.addCallbacks(self._forward, self._failed)
+
+    # -- forwarding ------------------------------------------------------------
+
+    def _forward(self, lease: Lease) -> None:
+        self._pending = None
+        self._lease = lease
+        now = self.gateway.reactor.seconds()
+        self.record.queued = now - self.record.began
+        if self._gone:
+            lease.release()
+            return
+        request = self.request
+        headers = headers_for_backend(
+            request.requestHeaders.getAllRawHeaders(),
+            client_ip=self.record.client,
+            scheme=b"https" if request.isSecure() else b"http",
+            host=request.getHeader(b"host"),
+            prefix=b"/services/" + self.lifecycle.name.encode("ascii"),
+            request_id=self.request_id,
+            drop=getattr(request, "hestia_consumed_headers", frozenset()),
+        )
+        body = None
+        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
+            request.content.seek(0)
+            body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
+        self._forwarded_at = now
+        sending = self.gateway.agent.request(
+            request.method, join_url(lease.url, self.rest), Headers(dict(headers)), body
+        )
+        self._pending = sending
+        sending.addCallbacks(self._respond, self._failed)
+
+    def _respond(self, response: IResponse) -> None:
+        self._pending = None
+        self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
+        self.record.status = response.code
+        request = self.request
+        if self._gone:
+            response.deliverBody(Protocol())  # Read nothing; drops the connection.
+            return
+        request.setResponseCode(response.code, response.phrase)
+        request.responseHeaders.removeHeader(b"server")
+        request.responseHeaders.removeHeader(b"date")
+        for name, values in headers_for_client(response.headers.getAllRawHeaders()):
+            request.responseHeaders.setRawHeaders(name, values)
+        request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
+        self._relay = _BodyRelay(self)
+        response.deliverBody(self._relay)
+
+    def body_received(self, data: bytes) -> None:
+        if not self._gone:
+            self.record.bytes += len(data)
+            self.request.write(data)
+
+    def body_ended(self, reason: Failure) -> None:
+        self._relay = None
+        if self._gone:
+            return
+        self.request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.request.finish()
+        else:
+            # The backend broke off mid-body: cut the client off too, so that it
+            # does not take a truncated body for a whole one.
+            self.record.error = f"backend broke off the response: {reason.getErrorMessage()}"
+            self.record.error_kind = "truncated"
+            self.request.loseConnection()
+
+    # -- failures and endings -------------------------------------------------------
+
+    def _failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._gone or failure.check(CancelledError):
+            return
+        error = failure.value
+        if not isinstance(error, GatewayError):
+            error = self._upstream_error(failure)
+        self.record.status = error.status
+        self.record.error = error.reason
+        self.record.error_kind = self.record.error_kind or type(error).__name__
+        write_error(self.request, error, self.request_id)
+
+    def _upstream_error(self, failure: Failure) -> GatewayError:
+        reason = _describe_upstream_failure(failure)
+        self.record.error_kind = "connect" if "connect" in reason or "refused" in reason else "upstream"
+        return UpstreamUnreachable(
+            f"backend unreachable: {reason}",
+            service=self.lifecycle.name,
+            state=self.lifecycle.state.value,
+            detail=self.lifecycle.backend.recent_output()[-20:],
+        )
+
+    def _finished(self, result: object) -> None:
+        """The response is complete, or the client went away: clean up."""
+        if isinstance(result, Failure):
+            self._gone = True
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.cancel()
+            if self._relay is not None and self._relay.transport is not None:
+                self._relay.transport.stopProducing()
+            self.record.error = self.record.error or "client went away"
+            self.record.error_kind = self.record.error_kind or "client_gone"
+        if self._lease is not None:
+            self._lease.release()
+        self.record.duration = self.gateway.reactor.seconds() - self.record.began
+        self.gateway.request_ended(self)
+
+
+def _describe_upstream_failure(failure: Failure) -> str:
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", [])
+        if reasons:
+            return "; ".join(_describe_upstream_failure(reason) for reason in reasons)
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(TimeoutError):
+        return "connect timed out"
+    if failure.check(ConnectError):
+        return f"cannot connect: {failure.getErrorMessage()}"
+    return failure.getErrorMessage()
+
+
+def _client_ip(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "unix"))
+
+
+class ServiceProxyResource(ReverseProxyResource):
+    """
+    The resource for one service: everything below C{/services/<name>/}.
+
+    A leaf: the rest of the path is taken raw from the request URI by
+    L{split_service_path}, so that the backend receives the bytes the client
+    sent, not a decoded and re-encoded version of them.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, name: str) -> None:
+        lifecycle = gateway.lifecycle(name)
+        target = urlsplit(lifecycle.backend.url)
+        super().__init__(
+            target.hostname or "localhost",
+            target.port or 80,
+            target.path.encode("ascii"),
+            gateway.reactor,
+        )
+        self.gateway = gateway
+        self.name = name
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self
+
+    def render(self, request: Request) -> int:
+        request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
+        try:
+            routed = split_service_path(request.uri)
+        except PathEscape as escape:
+            write_error(request, BadRequest(str(escape)), request_id)
+            return NOT_DONE_YET
+        if routed is None or routed[0] != self.name:
+            write_error(request, UnknownService("no such service", service=self.name), request_id)
+            return NOT_DONE_YET
+        try:
+            lifecycle = self.gateway.lifecycle(self.name)
+        except UnknownService as unknown:
+            write_error(request, unknown, request_id)
+            return NOT_DONE_YET
+        Exchange(self.gateway, lifecycle, request, routed[1], request_id).begin()
+        return NOT_DONE_YET
+
+
+class ServicesResource(Resource):
+    """C{/services/}: finds the proxy resource for the named service."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        try:
+            name = path.decode("ascii")
+            return self.gateway.proxy_resource(name)
+        except (UnicodeDecodeError, UnknownService):
+            return ErrorResource(UnknownService("no such service", service=path.decode("ascii", "replace")))
+
+    def render(self, request: Request) -> int:
+        write_error(request, UnknownService("no service named in the path: use /services/<name>/"))
+        return NOT_DONE_YET
+
+
+class ErrorResource(Resource):
+    """Answers every request below it with one JSON error."""
+
+    isLeaf = True
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: Request) -> int:
+        write_error(request, self.error, request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id")))
+        return NOT_DONE_YET
+
+
+class GatewayRoot(Resource):
+    """
+    The root: C{/services/...} is proxied, C{/v1/...} is the management API.
+
+    Nothing else is served, and nothing below C{/services/} can reach C{/v1}:
+    the proxy is a leaf that never hands the rest of the path back to the tree.
+    """
+
+    def __init__(self, gateway: Gateway, api: Resource) -> None:
+        super().__init__()
+        self.putChild(b"services", ServicesResource(gateway))
+        self.putChild(b"v1", api)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return ErrorResource(UnknownService("not found: Hestia serves /services/<name>/ and /v1/"))
+
+    def render(self, request: Request) -> int:
+        return self.getChild(b"", request).render(request)  # type: ignore[no-any-return]
