@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgent
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
+from hestia.interfaces import IBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
 
 if TYPE_CHECKING:
@@ -69,7 +70,13 @@ class Gateway:
         agent: IAgent | None = None,
         pool: HTTPConnectionPool | None = None,
         cooperator: Any = None,
+        build_backend: Callable[[ServiceConfig], IBackend] | None = None,
     ) -> None:
+        """
+        @param build_backend: makes each service's backend; by default the
+            backend plugin named by the service's configuration.  Tests pass
+            one that returns L{hestia.testing.FakeBackend}s.
+        """
         self.config = config
         self.reactor = reactor
         if agent is None:
@@ -77,6 +84,9 @@ class Gateway:
         self.agent = agent
         self.pool = pool
         self.cooperator = cooperator or task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        self._build_backend = build_backend or (
+            lambda service: find_backend(service.backend).build(service, reactor, self.agent)
+        )
         self.services: dict[str, ServiceLifecycle] = {}
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
@@ -109,8 +119,7 @@ class Gateway:
             lifecycle.add_observer(observer)
 
     def _build(self, service: ServiceConfig) -> ServiceLifecycle:
-        backend = find_backend(service.backend).build(service, self.reactor, self.agent)
-        return ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
+        return ServiceLifecycle(service, self._build_backend(service), self.reactor, list(self.state_observers))
 
     def _add(self, service: ServiceConfig) -> ServiceLifecycle:
         lifecycle = self._build(service)
