@@ -53,7 +53,7 @@ class ManagementAPI:
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
 
-    @app.handle_errors(GatewayError)
+    @app.handle_errors(GatewayError)  # type: ignore[arg-type]
     def gateway_error(self, request: Request, failure: Failure) -> bytes:
         error: GatewayError = failure.value  # type: ignore[assignment]
         if error.retry_after is not None:

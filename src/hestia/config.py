@@ -239,7 +239,7 @@ def _check_url(reader: _Reader, value: Any, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise reader.fail(key, f"expected an http:// or https:// URL with a host, got {url!r}")
     try:
-        parts.port
+        _ = parts.port  # Parsing the port is what validates it.
     except ValueError:
         raise reader.fail(key, f"bad port in {url!r}") from None
     return url.rstrip("/")

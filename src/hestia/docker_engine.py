@@ -465,7 +465,7 @@ class EventStream:
             return
         try:
             self._user_callback(event)
-        except Exception:  # noqa: BLE001 (any handler bug: log it, keep the stream)
+        except Exception:
             # One bad handler call must not end the subscription.
             log.failure("the engine event handler raised; the stream goes on")
 

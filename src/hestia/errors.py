@@ -9,7 +9,14 @@ failed or the backend is unreachable, 503 the queue is full, 504 a timeout.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
+
+
+class Where(TypedDict):
+    """Which service an error is about, and the state it was in."""
+
+    service: str
+    state: str
 
 
 class GatewayError(Exception):

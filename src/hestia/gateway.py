@@ -193,8 +193,19 @@ class Gateway:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._drained.append(waiter)
-        timer = self.reactor.callLater(timeout, lambda: waiter.called or waiter.callback(None))
-        waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+
+        def give_up() -> None:
+            if not waiter.called:
+                waiter.callback(None)
+
+        timer = self.reactor.callLater(timeout, give_up)
+
+        def cancel_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        waiter.addBoth(cancel_timer)
         return waiter
 
     def shutdown(self) -> Deferred[Any]:

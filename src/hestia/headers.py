@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from hestia.config import SERVICE_NAME
@@ -38,7 +38,7 @@ _FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
-RawHeaders = Iterable[tuple[bytes, list[bytes]]]
+RawHeaders = Iterable[tuple[bytes, Sequence[bytes]]]
 
 
 def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
@@ -60,7 +60,7 @@ def end_to_end(headers: RawHeaders, also_drop: frozenset[bytes] = frozenset()) -
     return [(name, values) for name, values in materialised if name.lower() not in drop]
 
 
-def request_id_from(values: list[bytes] | None) -> bytes:
+def request_id_from(values: Sequence[bytes] | None) -> bytes:
     """The client's C{X-Request-ID} if it is sane, else a new one."""
     if values and _REQUEST_ID.match(values[0]):
         return values[0]

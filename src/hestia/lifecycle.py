@@ -29,7 +29,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
@@ -44,6 +44,7 @@ from hestia.errors import (
     ServiceUnavailable,
     StartFailed,
     StartTimedOut,
+    Where,
 )
 from hestia.interfaces import IBackend
 from hestia.queue import WaitQueue
@@ -83,7 +84,7 @@ Observer = Callable[[StateChange], None]
 def iso_time(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Lease:
@@ -94,7 +95,7 @@ class Lease:
     L{release} is idempotent, so the proxy may call it from every exit path.
     """
 
-    __slots__ = ("_lifecycle", "url", "_released")
+    __slots__ = ("_lifecycle", "_released", "url")
 
     def __init__(self, lifecycle: ServiceLifecycle, url: str) -> None:
         self._lifecycle = lifecycle
@@ -524,7 +525,7 @@ class ServiceLifecycle:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _describe(self) -> dict[str, str]:
+    def _describe(self) -> Where:
         return {"service": self.name, "state": self.state.value}
 
     @staticmethod

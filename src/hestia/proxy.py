@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -33,7 +33,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.proxy import ReverseProxyResource
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
@@ -173,6 +173,7 @@ class Exchange:
         )
         body = None
         if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
+            assert request.content is not None  # Twisted buffers every request body.
             request.content.seek(0)
             body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
         self._forwarded_at = now
@@ -250,7 +251,8 @@ class Exchange:
             if pending is not None:
                 pending.cancel()
             if self._relay is not None and self._relay.transport is not None:
-                self._relay.transport.stopProducing()
+                # A TransportProxyProducer: stopping it drops the backend connection.
+                cast(Any, self._relay.transport).stopProducing()
             self.record.error = self.record.error or "client went away"
             self.record.error_kind = self.record.error_kind or "client_gone"
         if self._lease is not None:
@@ -364,7 +366,7 @@ class GatewayRoot(Resource):
     the proxy is a leaf that never hands the rest of the path back to the tree.
     """
 
-    def __init__(self, gateway: Gateway, api: Resource) -> None:
+    def __init__(self, gateway: Gateway, api: IResource) -> None:
         super().__init__()
         self.putChild(b"services", ServicesResource(gateway))
         self.putChild(b"v1", api)

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from hestia.errors import GatewayError, QueueFull, QueueTimedOut
+from hestia.errors import GatewayError, QueueFull, QueueTimedOut, Where
 
 
 class _Waiter:
-    __slots__ = ("deferred", "timer", "enqueued_at")
+    __slots__ = ("deferred", "enqueued_at", "timer")
 
     def __init__(self, deferred: Deferred[None], timer: IDelayedCall | None, enqueued_at: float) -> None:
         self.deferred = deferred
@@ -34,7 +34,7 @@ class WaitQueue:
     @ivar limit: how many may wait at once.
     """
 
-    def __init__(self, reactor: IReactorTime, limit: int, describe: Callable[[], dict[str, str]]) -> None:
+    def __init__(self, reactor: IReactorTime, limit: int, describe: Callable[[], Where]) -> None:
         """
         @param describe: returns C{service} and C{state} for error messages, so
             that a 503 or 504 says which service and in what state.
