@@ -20,8 +20,25 @@
 #   HESTIA_PODMAN_NOFILE / HESTIA_PODMAN_NPROC
 #                                 default per-container ulimits (see `write_conf`).
 #
-# Clients: DOCKER_HOST=unix://<socket> (the Docker CLI works too), and the tests read
-# HESTIA_PODMAN_SOCK. The API is Docker-compatible at /v1.41 and unversioned paths.
+# Clients: DOCKER_HOST=unix://<socket>, and the tests read HESTIA_PODMAN_SOCK. The API is
+# Docker-compatible at /v1.41 and unversioned paths (Podman 4.3: ApiVersion 1.41,
+# MinAPIVersion 1.24). The Docker CLI works for ps/images/logs/start/stop/`run -d`, but
+# an attached `docker run` (CLI 28) fails with "unable to upgrade to tcp, received 409".
+#
+# What a container needs here (found by trial on this sandbox; see write_conf):
+#   podman run --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --init \
+#       -p 127.0.0.1:HOSTPORT:8080 localhost/hestia-busybox:latest httpd -f -p 8080 -h /www
+# or through the API, POST /v1.41/containers/create with
+#   "HostConfig": {"Init": true,
+#                  "Ulimits": [{"Name": "nofile", "Soft": 1024, "Hard": 1024},
+#                              {"Name": "nproc", "Soft": 1024, "Hard": 1024}],
+#                  "PortBindings": {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "HOSTPORT"}]}}
+#   plus "ExposedPorts": {"8080/tcp": {}}. Rootful bridge networking (netavark, subnet
+#   10.88.0.0/16, host-local only) publishes the port; netavark also sets
+#   net.ipv4.ip_forward=1 on the host. --network host (HostConfig.NetworkMode "host")
+#   works as well, with httpd listening on 127.0.0.1:HOSTPORT itself.
+# Known podman 4.3 quirk: if a container fails to start, the service keeps holding its
+# published host port until that container is removed ("address already in use").
 set -euo pipefail
 
 SOCK="${HESTIA_PODMAN_SOCK:-/run/hestia-podman/podman.sock}"

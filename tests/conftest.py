@@ -46,11 +46,11 @@ def require(condition: bool, reason: str) -> None:
 # ---- integration: real Hestia processes (tests/hestiaproc.py) -------- begin ----
 # Appended by the integration-test helper; keep this block self-contained.
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from hestiaproc import HestiaProcess, processes_marked, reap_leftovers, wait_for
+from hestiaproc import HestiaProcess, processes_marked, reap_leftovers, wait_for  # noqa: E402
 
 StartHestia = Callable[..., HestiaProcess]
 
@@ -77,10 +77,8 @@ def hestia(tmp_path: Path) -> Iterator[StartHestia]:
     yield start
     graceful = True
     for gateway in started:
-        was_running = gateway.running
-        status = gateway.stop()
-        if was_running and status != 0:
-            graceful = False
+        gateway.stop()
+        graceful = graceful and not gateway.killed
     marker = str(tmp_path)
     # Orphans are reparented and die asynchronously: give a SIGKILLed group a moment.
     wait_for(lambda: not processes_marked(marker), 2.0)

@@ -128,7 +128,8 @@ def stop(api: httpx.Client, task_id: int, body: Json) -> None:
 
 
 def vm_of(double: DoubleProcess, machine_id: str) -> Json:
-    return next(vm for vm in double.vms() if vm["machine_id"] == machine_id)
+    """The newest VM provisioned for ``machine_id``."""
+    return [vm for vm in double.vms() if vm["machine_id"] == machine_id][-1]
 
 
 # ------------------------------------------------------------------ auth & ping
@@ -245,6 +246,19 @@ def test_start_template_runs_to_success_with_a_live_vm(double: DoubleProcess,
         httpx.get(urls[0] + VM_HEALTH, timeout=1)
 
 
+def test_a_vm_can_die_behind_the_gateways_back(double: DoubleProcess, api: httpx.Client) -> None:
+    task = start_task(api, 1, {"machine_id": "vm-dies", "hestia_service": "svc-d"})
+    assert wait_status(api, task["id"], *FINISHED)["status"] == "success"
+    killed = double.admin("POST", "vms/kill", {"machine_id": "vm-dies", "signal": "KILL"})
+    assert [vm["machine_id"] for vm in killed] == ["vm-dies"]
+    poll(lambda: vm_of(double, "vm-dies"), lambda vm: vm["alive"] is False)
+    again = start_task(api, 1, {"machine_id": "vm-dies", "hestia_service": "svc-d"})
+    assert wait_status(api, again["id"], *FINISHED)["status"] == "success"  # a fresh VM
+    assert [vm["alive"] for vm in double.vms() if vm["machine_id"] == "vm-dies"] == [False, True]
+    stopper = start_task(api, 2, {"machine_id": "vm-dies"})
+    assert wait_status(api, stopper["id"], *FINISHED)["status"] == "success"
+
+
 def test_second_task_for_the_same_template_waits(double: DoubleProcess,
                                                  api: httpx.Client) -> None:
     first = start_task(api, 5)
@@ -303,6 +317,29 @@ def test_stop_mid_provisioning_leaves_the_vm_running(double: DoubleProcess,
     stopper = start_task(api, 2, {"hestia_service": "svc-mid"})
     assert wait_status(api, stopper["id"], *FINISHED)["status"] == "success"
     assert vm_of(double, "vm-mid")["alive"] is False
+
+
+def test_runtime_settings_role_legacy_errors_and_max_parallel(double: DoubleProcess,
+                                                              api: httpx.Client) -> None:
+    try:
+        double.admin("POST", "settings", {"role": "guest"})
+        assert api.post("/project/1/tasks", json={"template_id": 6}).status_code == 403
+        assert api.get("/project/1/templates/6").status_code == 200  # reading is allowed
+        double.admin("POST", "settings", {"role": "task_runner", "legacy_errors": True})
+        r = api.post("/project/1/tasks", json={"template_id": 999})
+        assert (r.status_code, r.content) == (500, b"")  # what older servers answer
+        expect_violations(double, "unknown_template")
+        double.admin("POST", "settings", {"legacy_errors": False, "max_parallel_tasks": 1})
+        blocker = start_task(api, 5)
+        wait_status(api, blocker["id"], "running")
+        queued = start_task(api, 6)  # another template, but the server is full
+        time.sleep(0.2)
+        assert api.get(f"/project/1/tasks/{queued['id']}").json()["status"] == "waiting"
+        stop(api, blocker["id"], {"force": True})
+        assert wait_status(api, queued["id"], *FINISHED)["status"] == "success"
+    finally:
+        double.admin("POST", "settings", {"role": "task_runner", "legacy_errors": False,
+                                          "max_parallel_tasks": 0})
 
 
 def test_a_valid_session_leaves_no_violation(double: DoubleProcess, api: httpx.Client) -> None:

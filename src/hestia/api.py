@@ -23,6 +23,7 @@ from hestia.lifecycle import State
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
+    from hestia.state import StateStore
 
 
 def json_body(request: Request, data: Any, code: int = 200) -> bytes:
@@ -46,9 +47,15 @@ class ManagementAPI:
 
     app = Klein()
 
-    def __init__(self, gateway: Gateway, reload: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        reload: Callable[[], dict[str, Any]] | None = None,
+        store: StateStore | None = None,
+    ) -> None:
         self.gateway = gateway
         self._reload = reload
+        self.store = store
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -73,6 +80,17 @@ class ManagementAPI:
     @app.route("/services/<name>/status", methods=["GET"])
     def status(self, request: Request, name: str) -> bytes:
         return json_body(request, self.gateway.lifecycle(name).status())
+
+    @app.route("/services/<name>/events", methods=["GET"])
+    @inlineCallbacks
+    def events(self, request: Request, name: str) -> Any:
+        self.gateway.lifecycle(name)
+        try:
+            limit = max(1, min(1000, int((request.args.get(b"limit") or [b"50"])[0])))
+        except ValueError:
+            limit = 50
+        history = [] if self.store is None else (yield self.store.events(name, limit))
+        return json_body(request, {"name": name, "events": history})
 
     @app.route("/services/<name>/start", methods=["POST"])
     @inlineCallbacks

@@ -57,12 +57,14 @@ class HealthCheck:
     @ivar tcp: C{True} when a TCP connect is the only check.
     @ivar interval: the longest gap between two probes while starting; the
         first probes come faster, so that a quick service is seen quickly.
+        20 ms keeps a held request within 50 ms of readiness (issue 2) with
+        room to spare; a refused probe costs well under a millisecond.
     @ivar timeout: how long one probe may take.
     """
 
     path: str | None = None
     tcp: bool = True
-    interval: float = 0.04
+    interval: float = 0.02
     timeout: float = 2.0
 
 

@@ -38,10 +38,11 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -53,8 +54,8 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    readBody,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
@@ -198,9 +199,7 @@ def parse_engine_host(host: str | None = None) -> EngineAddress:
         except ValueError:
             raise ValueError(f"engine address {host!r} has an invalid port") from None
         shown = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return EngineAddress(
-            url=f"{parts.scheme}://{shown}:{port}", host=parts.hostname, port=port
-        )
+        return EngineAddress(url=f"{parts.scheme}://{shown}:{port}", host=parts.hostname, port=port)
     raise ValueError(
         f"unsupported container engine address {host!r}: use unix:///path/to/socket, "
         "tcp://host:port or http://host:port (TLS and ssh:// are not supported)"
@@ -218,22 +217,16 @@ class _EngineEndpointFactory:
     are all reused for the one engine.
     """
 
-    def __init__(
-        self, reactor: Any, address: EngineAddress, connect_timeout: float
-    ) -> None:
+    def __init__(self, reactor: Any, address: EngineAddress, connect_timeout: float) -> None:
         self._reactor = reactor
         self._address = address
         self._timeout = connect_timeout
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         if self._address.path is not None:
-            return UNIXClientEndpoint(
-                self._reactor, self._address.path, timeout=int(self._timeout)
-            )
+            return UNIXClientEndpoint(self._reactor, self._address.path, timeout=int(self._timeout))
         assert self._address.host is not None and self._address.port is not None
-        return HostnameEndpoint(
-            self._reactor, self._address.host, self._address.port, timeout=self._timeout
-        )
+        return HostnameEndpoint(self._reactor, self._address.host, self._address.port, timeout=self._timeout)
 
 
 def _connect_failure_reason(exc: BaseException) -> str | None:
@@ -318,13 +311,9 @@ def _negotiate(server: Mapping[str, Any], preferred: str) -> str:
     try:
         maximum = server.get("ApiVersion")
         minimum = server.get("MinAPIVersion")
-        if isinstance(maximum, str) and _version_tuple(maximum) < _version_tuple(
-            chosen
-        ):
+        if isinstance(maximum, str) and _version_tuple(maximum) < _version_tuple(chosen):
             chosen = maximum
-        if isinstance(minimum, str) and _version_tuple(minimum) > _version_tuple(
-            chosen
-        ):
+        if isinstance(minimum, str) and _version_tuple(minimum) > _version_tuple(chosen):
             chosen = minimum
     except ValueError:
         return preferred
@@ -388,7 +377,47 @@ def _split_lines(chunks: Iterable[tuple[int, bytes]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------
-# Events
+# Bodies and events
+
+
+class _BodyCollector(Protocol):
+    """
+    Collect a whole response body. Not L{readBody}: the transport Agent hands
+    to body protocols has no C{abortConnection}, so readBody emits a
+    DeprecationWarning on every call; cancelling this one closes the
+    connection through C{stopProducing} instead.
+    """
+
+    def __init__(self, finished: Deferred[bytes]) -> None:
+        self._finished = finished
+        self._chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._finished.called:  # cancelled meanwhile
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+
+def _collect_body(response: IResponse) -> Deferred[bytes]:
+    """The whole body of C{response}; cancelling it drops the connection."""
+
+    def cancel(_: Deferred[bytes]) -> None:
+        # Body protocols get an IPushProducer (TransportProxyProducer), whose
+        # stopProducing closes the connection.
+        transport = cast(IPushProducer | None, collector.transport)
+        if transport is not None:
+            transport.stopProducing()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    collector = _BodyCollector(finished)
+    response.deliverBody(collector)
+    return finished
 
 
 class _JSONLinesProtocol(Protocol):
@@ -397,9 +426,7 @@ class _JSONLinesProtocol(Protocol):
     callback as soon as its line is complete (the events body never ends).
     """
 
-    def __init__(
-        self, on_object: Callable[[dict[str, Any]], None], finished: Deferred[Failure]
-    ) -> None:
+    def __init__(self, on_object: Callable[[dict[str, Any]], None], finished: Deferred[Failure]) -> None:
         self._on_object = on_object
         self._finished = finished
         self._buffer = b""
@@ -443,9 +470,7 @@ class EventStream:
         received, or C{None}.
     """
 
-    def __init__(
-        self, address: EngineAddress, on_event: Callable[[dict[str, Any]], None]
-    ) -> None:
+    def __init__(self, address: EngineAddress, on_event: Callable[[dict[str, Any]], None]) -> None:
         self._address = address
         self._user_callback = on_event
         self._stopping = False
@@ -555,9 +580,7 @@ class DockerEngine:
                 info = await self._call("GET", "/version", versioned=False)
             except EngineError:
                 info = {}
-            self._api_version = _negotiate(
-                info if isinstance(info, dict) else {}, DEFAULT_API_VERSION
-            )
+            self._api_version = _negotiate(info if isinstance(info, dict) else {}, DEFAULT_API_VERSION)
         return f"/v{self._api_version}"
 
     async def _request(
@@ -583,9 +606,7 @@ class DockerEngine:
             try:
                 return cast(
                     IResponse,
-                    await self._agent.request(
-                        method.encode(), url.encode("ascii"), headers, producer
-                    ),
+                    await self._agent.request(method.encode(), url.encode("ascii"), headers, producer),
                 )
             except Exception as exc:
                 if attempt == 1 and _is_stale_connection(exc):
@@ -598,7 +619,7 @@ class DockerEngine:
 
     async def _read(self, response: IResponse) -> bytes:
         try:
-            return cast(bytes, await readBody(response))
+            return await _collect_body(response)
         except Exception as exc:
             translated = _translate(self.address, exc)
             if translated is exc:
@@ -625,9 +646,7 @@ class DockerEngine:
         """
 
         async def go() -> Any:
-            response = await self._request(
-                method, path, query=query, body=body, versioned=versioned
-            )
+            response = await self._request(method, path, query=query, body=body, versioned=versioned)
             data = await self._read(response)
             if response.code not in ok:
                 message = _error_message(data)
@@ -641,19 +660,15 @@ class DockerEngine:
             try:
                 return json.loads(data)
             except ValueError:
-                raise EngineError(
-                    response.code, f"unreadable answer: {data[:200]!r}"
-                ) from None
+                raise EngineError(response.code, f"unreadable answer: {data[:200]!r}") from None
 
         limit = timeout if timeout is not None else self._request_timeout
         d = Deferred.fromCoroutine(go())
         d.addTimeout(limit, self._reactor)
         try:
             return await d
-        except (TwistedTimeoutError, CancelledError):
-            raise EngineTimeout(
-                self.address.url, f"no answer within {limit:g} s"
-            ) from None
+        except (DeferredTimeoutError, TwistedTimeoutError, CancelledError):
+            raise EngineTimeout(self.address.url, f"no answer within {limit:g} s") from None
 
     @staticmethod
     def _container_path(container: str, action: str = "") -> str:
@@ -684,19 +699,11 @@ class DockerEngine:
 
     def inspect(self, container: str) -> Deferred[dict[str, Any]]:
         """The container's full description (C{State.Running}, C{Config}, ...)."""
-        return self._run(
-            self._call(
-                "GET", self._container_path(container, "/json"), container=container
-            )
-        )
+        return self._run(self._call("GET", self._container_path(container, "/json"), container=container))
 
     def start(self, container: str) -> Deferred[None]:
         """Start it; an already running container (HTTP 304) is a success."""
-        return self._run(
-            self._call(
-                "POST", self._container_path(container, "/start"), container=container
-            )
-        )
+        return self._run(self._call("POST", self._container_path(container, "/start"), container=container))
 
     def stop(self, container: str, timeout: int = 10) -> Deferred[None]:
         """
@@ -715,19 +722,11 @@ class DockerEngine:
 
     def pause(self, container: str) -> Deferred[None]:
         """Freeze all its processes (cgroup freezer); memory stays allocated."""
-        return self._run(
-            self._call(
-                "POST", self._container_path(container, "/pause"), container=container
-            )
-        )
+        return self._run(self._call("POST", self._container_path(container, "/pause"), container=container))
 
     def unpause(self, container: str) -> Deferred[None]:
         """Thaw a paused container."""
-        return self._run(
-            self._call(
-                "POST", self._container_path(container, "/unpause"), container=container
-            )
-        )
+        return self._run(self._call("POST", self._container_path(container, "/unpause"), container=container))
 
     def logs(self, container: str, tail: int = 50) -> Deferred[list[str]]:
         """
@@ -740,9 +739,7 @@ class DockerEngine:
         """
 
         async def go() -> list[str]:
-            info = await self._call(
-                "GET", self._container_path(container, "/json"), container=container
-            )
+            info = await self._call("GET", self._container_path(container, "/json"), container=container)
             tty = bool((info or {}).get("Config", {}).get("Tty"))
             data = await self._call(
                 "GET",
@@ -783,9 +780,7 @@ class DockerEngine:
         """
 
         async def go() -> str:
-            result = await self._call(
-                "POST", "/containers/create", query={"name": name}, body=dict(config)
-            )
+            result = await self._call("POST", "/containers/create", query={"name": name}, body=dict(config))
             return str(result["Id"])
 
         return self._run(go())
@@ -829,14 +824,10 @@ class DockerEngine:
             d.addTimeout(self._request_timeout, self._reactor)
             try:
                 response = await d
-            except (TwistedTimeoutError, CancelledError):
-                raise EngineTimeout(
-                    self.address.url, "the event stream did not start"
-                ) from None
+            except (DeferredTimeoutError, TwistedTimeoutError, CancelledError):
+                raise EngineTimeout(self.address.url, "the event stream did not start") from None
             if response.code != 200:
-                raise EngineError(
-                    response.code, _error_message(await self._read(response))
-                )
+                raise EngineError(response.code, _error_message(await self._read(response)))
             stream._attach(response)
             return stream
 
@@ -844,6 +835,4 @@ class DockerEngine:
 
     def close(self) -> Deferred[None]:
         """Close the pooled idle connections (call on shutdown, and in tests)."""
-        return cast(
-            Deferred[None], defer.maybeDeferred(self._pool.closeCachedConnections)
-        )
+        return cast(Deferred[None], defer.maybeDeferred(self._pool.closeCachedConnections))

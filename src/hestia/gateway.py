@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
+from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
 
@@ -32,9 +34,34 @@ log = Logger(namespace="hestia.gateway")
 RequestObserver = Callable[["Exchange"], None]
 
 
+class _ClientProtocol(HTTP11ClientProtocol):
+    """
+    Keeps a response's connection headers, which Twisted's parser sets apart.
+
+    The proxy must drop the headers a backend's C{Connection} names, but
+    C{response.headers} never shows C{Connection}: it is set on the response as
+    C{connection_headers} (a L{Headers}) instead.
+    """
+
+    def request(self, request: Any) -> Deferred[Any]:
+        finished: Deferred[Any] = super().request(request)
+        parser = self._parser
+        if parser is not None:
+
+            def remember(response: Any) -> Any:
+                response.connection_headers = parser.connHeaders
+                return response
+
+            finished.addCallback(remember)
+        return finished
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" line per backend connection would drown the log.
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
 
 
 class QuietConnectionPool(HTTPConnectionPool):
@@ -52,7 +79,7 @@ def make_agent(reactor: Any, connect_timeout: float = 5.0) -> tuple[IAgent, HTTP
     pool.maxPersistentPerHost = 128
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = True
-    return Agent(reactor, connectTimeout=connect_timeout, pool=pool), pool
+    return Agent.usingEndpointFactory(reactor, BackendEndpointFactory(reactor, connect_timeout), pool=pool), pool
 
 
 class Gateway:

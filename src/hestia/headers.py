@@ -103,9 +103,17 @@ def headers_for_backend(
     return kept
 
 
-def headers_for_client(headers: RawHeaders) -> list[tuple[bytes, list[bytes]]]:
-    """The backend's response headers as the client should see them."""
-    return end_to_end(headers)
+def headers_for_client(
+    headers: RawHeaders, connection: RawHeaders = ()
+) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The backend's response headers as the client should see them.
+
+    @param connection: the response's connection headers, when the HTTP client
+        keeps them apart from C{headers} (Twisted's does): the names its
+        C{Connection} lists are dropped too.
+    """
+    return end_to_end(headers, also_drop=connection_tokens(connection))
 
 
 class PathEscape(ValueError):

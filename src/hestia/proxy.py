@@ -194,8 +194,16 @@ class Exchange:
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders.removeHeader(b"server")
         request.responseHeaders.removeHeader(b"date")
-        for name, values in headers_for_client(response.headers.getAllRawHeaders()):
+        connection = getattr(response, "connection_headers", None)  # see gateway._ClientProtocol
+        for name, values in headers_for_client(
+            response.headers.getAllRawHeaders(),
+            connection.getAllRawHeaders() if connection is not None else (),
+        ):
             request.responseHeaders.setRawHeaders(name, values)
+        if connection is not None and (length := connection.getRawHeaders(b"content-length")):
+            # Twisted's client files Content-Length with the connection headers:
+            # without this the client would get a chunked body of unknown size.
+            request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
         request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
         self._relay = _BodyRelay(self)
         response.deliverBody(self._relay)

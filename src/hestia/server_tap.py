@@ -24,6 +24,7 @@ from hestia.api import ManagementAPI
 from hestia.config import Config, ConfigError, load_config
 from hestia.gateway import Gateway
 from hestia.proxy import GatewayRoot
+from hestia.state import StateStore, state_recorder
 
 log = Logger(namespace="hestia.server")
 
@@ -75,7 +76,9 @@ class HestiaService(MultiService):
         self.reactor = reactor
         self.config = config
         self.gateway = Gateway(config, reactor)
-        self.api = ManagementAPI(self.gateway, reload=self.reload)
+        self.store = StateStore(config.server.state_path)
+        self.gateway.add_state_observer(state_recorder(self.store, reactor.seconds))
+        self.api = ManagementAPI(self.gateway, reload=self.reload, store=self.store)
         self.site = HestiaSite(GatewayRoot(self.gateway, self.api.resource()))
         self.listen = listen or config.server.listen
         self.port_service: IService = strports.service(self.listen, self.site, reactor=reactor)
@@ -84,6 +87,9 @@ class HestiaService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.store.open().addErrback(
+            lambda failure: log.failure("cannot open the state database {path}", failure, path=self.store.path)
+        )
         log.info(
             "Hestia listening on {listen} with {count} services from {source}",
             listen=self.listen,
@@ -129,6 +135,8 @@ class HestiaService(MultiService):
                      count=self.gateway.in_flight_requests)
         yield self.gateway.drain(timeout)
         yield self.gateway.shutdown()
+        yield self.store.flush()
+        self.store.close()
         yield super().stopService()
 
 
