@@ -32,8 +32,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Set by the HTTP client from the target URL and the body producer.
-_RECOMPUTED = frozenset({b"host", b"content-length"})
+# Set by the HTTP client from the target URL and the body producer.  Expect is
+# answered by the gateway itself (Twisted sends the 100 Continue) and the body
+# is already here when the request is forwarded.
+_RECOMPUTED = frozenset({b"host", b"content-length", b"expect"})
 _FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix", b"x-request-id"})
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")

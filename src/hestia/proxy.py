@@ -45,6 +45,7 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
+from hestia.tunnel import is_upgrade, open_tunnel
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -133,6 +134,7 @@ class Exchange:
         self._relay: _BodyRelay | None = None
         self._lease: Lease | None = None
         self._gone = False
+        self._tunnelled = False
         self._forwarded_at = 0.0
         now = gateway.reactor.seconds()
         self.record = RequestRecord(
@@ -171,17 +173,46 @@ class Exchange:
             request_id=self.request_id,
             drop=getattr(request, "hestia_consumed_headers", frozenset()),
         )
+        self._forwarded_at = now
+        if is_upgrade(request):
+            self._open_tunnel(lease, headers)
+            return
         body = None
         if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
             assert request.content is not None  # Twisted buffers every request body.
             request.content.seek(0)
             body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
-        self._forwarded_at = now
         sending = self.gateway.agent.request(
             request.method, join_url(lease.url, self.rest), Headers(dict(headers)), body
         )
         self._pending = sending
         sending.addCallbacks(self._respond, self._failed)
+
+    def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
+        """
+        Hand the connection to an upgrade tunnel (WebSocket and the like).
+
+        From here on Twisted's channel no longer owns the client connection,
+        so the tunnel's end, not C{notifyFinish}, releases the lease.
+        """
+
+        def closed(status: int | None, sent: int) -> None:
+            now = self.gateway.reactor.seconds()
+            self.record.status = status
+            self.record.bytes = sent
+            self.record.upstream = now - self._forwarded_at
+            self.record.duration = now - self.record.began
+            self._gone = True
+            lease.release()
+            self.gateway.request_ended(self)
+
+        def unreachable(failure: Failure) -> None:
+            # The client connection is still Twisted's: answer 502 the usual way.
+            self._tunnelled = False
+            self._failed(failure)
+
+        self._tunnelled = True
+        open_tunnel(self.gateway.reactor, lease.url, self.request, self.rest, headers, closed, unreachable)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
@@ -253,6 +284,8 @@ class Exchange:
 
     def _finished(self, result: object) -> None:
         """The response is complete, or the client went away: clean up."""
+        if self._tunnelled and not isinstance(result, Failure):
+            return  # The tunnel's own end does this.
         if isinstance(result, Failure):
             self._gone = True
             pending, self._pending = self._pending, None

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
-from hestia.lifecycle import StateChange, State
+from hestia.lifecycle import State, StateChange
 
 log = Logger(namespace="hestia.state")
 
@@ -138,14 +138,17 @@ class StateStore:
 
     def flush(self) -> Deferred[Any]:
         """Fires once every tracked write has ended (at shutdown)."""
-        from twisted.internet.defer import DeferredList
-
         return DeferredList([self._wait(write) for write in list(self._pending)])
 
     @staticmethod
     def _wait(write: Deferred[Any]) -> Deferred[None]:
         ended: Deferred[None] = Deferred()
-        write.addBoth(lambda result: (ended.callback(None), result)[1])
+
+        def passed(result: object) -> object:
+            ended.callback(None)
+            return result
+
+        write.addBoth(passed)
         return ended
 
     def close(self) -> None:
