@@ -4,7 +4,9 @@ The SQLite state store, on a real file in a worker thread (trial runs the reacto
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ pytestmark = pytest.mark.unit
 
 class StateStoreTests(TestCase):
     def setUp(self) -> None:
-        self.path = str(Path(self.mktemp()) / "state" / "hestia.db")
+        # Not self.mktemp(): under pytest that would write below the work tree.
+        directory = tempfile.mkdtemp(prefix="hestia-state-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = str(Path(directory) / "state" / "hestia.db")
         self.store = StateStore(self.path)
         self.addCleanup(self.store.close)
 
