@@ -51,6 +51,8 @@ class StateStoreTests(TestCase):
         yield self.store.save_service("gpu", "ready", 20.0, url="http://10.0.0.5:11434", now=21.0)
         self.store.close()
         self.store = StateStore(self.path)
+        # Every pool must be closed, or its worker thread keeps pytest from exiting.
+        self.addCleanup(self.store.close)
         services = yield self.store.load_services()
         self.assertEqual(services["gpu"]["state"], "ready")
         self.assertEqual(services["gpu"]["task_id"], 42)
