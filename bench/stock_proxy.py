@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     host, port = _address(args.backend)
     sse = _address(args.sse) if args.sse else None
-    reactor.listenTCP(args.port, QuietSite(Root(host, port, sse)), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.listenTCP(args.port, QuietSite(Root(host, port, sse)), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
     print(f"stock ReverseProxyResource listening on 127.0.0.1:{args.port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 

@@ -2,7 +2,7 @@
 # Debian packages the test suite and the benchmark drive for real. Idempotent: installs only
 # what is missing, and runs `apt-get update` only when something is.
 set -euo pipefail
-packages=(podman runc busybox-static nginx caddy wrk prometheus chromium chromium-driver sqlite3 curl)
+packages=(podman runc busybox-static nginx caddy wrk prometheus chromium chromium-driver sqlite3 curl systemd)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -49,6 +49,7 @@ ROUTES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
     ("/slow", GET, "slow"),
     ("/status/", GET, "status"),
     ("/crash", POST, "crash"),
+    ("/sink", ANY, "sink"),
     ("/_stats", GET, "stats"),
     ("/api/tags", GET, "ollama_tags"),
     ("/api/version", GET, "ollama_version"),
@@ -223,7 +224,8 @@ class Handler(BaseHTTPRequestHandler):
         self.server.record(self.command, self.path, [[k, v] for k, v in self.headers.items()])
         try:
             self.query = parse_qs(target.query)
-            self.body = self._read_body()
+            # /sink reads its (possibly huge) body itself, in pieces.
+            self.body = b"" if target.path == "/sink" else self._read_body()
             getattr(self, self._lookup(target.path))()
         except HTTPError as exc:
             self._json(exc.body, exc.status, exc.headers)
@@ -238,6 +240,20 @@ class Handler(BaseHTTPRequestHandler):
                     raise HTTPError(405, {"error": f"method {self.command} not allowed"}, allow)
                 return handler
         raise HTTPError(404, {"error": "not found", "path": path})
+
+    def sink(self) -> None:
+        """Read a Content-Length body in 1 MiB pieces; answer its size and SHA-256."""
+        remaining = int(self.headers.get("Content-Length", "0") or "0")
+        digest = hashlib.sha256()
+        received = 0
+        while remaining > 0:
+            piece = self.rfile.read(min(remaining, 1 << 20))
+            if not piece:
+                break
+            digest.update(piece)
+            received += len(piece)
+            remaining -= len(piece)
+        self._json({"body_len": received, "body_sha256": digest.hexdigest()})
 
     def _read_body(self) -> bytes:
         """Consume the body (Content-Length or chunked) so keep-alive framing stays intact."""

@@ -23,6 +23,8 @@ from hestia.lifecycle import State
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
+    from hestia.logs import ServiceOutput
+    from hestia.metrics import HestiaMetrics
     from hestia.state import StateStore
 
 
@@ -52,10 +54,21 @@ class ManagementAPI:
         gateway: Gateway,
         reload: Callable[[], dict[str, Any]] | None = None,
         store: StateStore | None = None,
+        metrics: HestiaMetrics | None = None,
+        output: ServiceOutput | None = None,
     ) -> None:
+        """
+        @param metrics: served at C{/v1/metrics} (L{hestia.metrics}).
+        @param output: each service's recent output, for C{/v1/services/<name>/logs}.
+        """
         self.gateway = gateway
         self._reload = reload
         self.store = store
+        self.metrics = metrics
+        self.output = output
+        from hestia.events_stream import EventHub
+
+        self.events_hub = EventHub(gateway)
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -74,12 +87,50 @@ class ManagementAPI:
     @app.route("/services", methods=["GET"])
     def services(self, request: Request) -> bytes:
         return json_body(
-            request, {"services": [lifecycle.status() for lifecycle in self.gateway.services.values()]}
+            request,
+            {
+                "services": [
+                    {**lifecycle.status(), **self.events_hub.activity(name)}
+                    for name, lifecycle in self.gateway.services.items()
+                ]
+            },
         )
 
     @app.route("/services/<name>/status", methods=["GET"])
     def status(self, request: Request, name: str) -> bytes:
-        return json_body(request, self.gateway.lifecycle(name).status())
+        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name)})
+
+    @app.route("/services/<name>/events/stream", methods=["GET"])
+    def events_stream(self, request: Request, name: str) -> Deferred[None]:
+        """State changes as Server-Sent Events (see L{hestia.events_stream})."""
+        return self.events_hub.stream(request, name)
+
+    @app.route("/ui", methods=["GET"])
+    def ui_redirect(self, request: Request) -> bytes:
+        request.redirect(b"/v1/ui/")
+        return b""
+
+    @app.route("/ui/", methods=["GET"])
+    def ui_index(self, request: Request) -> bytes:
+        from hestia.ui import serve_asset
+
+        return serve_asset(request, "index.html")
+
+    @app.route("/ui/<asset>", methods=["GET"])
+    def ui_asset(self, request: Request, asset: str) -> bytes:
+        from hestia.ui import ASSETS, serve_asset
+
+        if asset not in ASSETS or asset == "waiting.html":
+            raise UnknownService("no such file in /v1/ui/")
+        return serve_asset(request, asset)
+
+    @app.route("/openapi.yaml", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        """The contract of every /v1 route (docs/openapi.yaml, shipped in the package)."""
+        from hestia.ui import openapi_document
+
+        request.setHeader(b"content-type", b"application/yaml")
+        return openapi_document()
 
     @app.route("/services/<name>/events", methods=["GET"])
     @inlineCallbacks
@@ -91,6 +142,35 @@ class ManagementAPI:
             limit = 50
         history = [] if self.store is None else (yield self.store.events(name, limit))
         return json_body(request, {"name": name, "events": history})
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics_route(self, request: Request) -> Any:
+        """Prometheus text format, from a plain resource (L{hestia.metrics})."""
+        if self.metrics is None:
+            raise UnknownService("metrics are not enabled")
+        return self.metrics.resource()
+
+    @app.route("/services/<name>/logs", methods=["GET"])
+    def logs(self, request: Request, name: str) -> Any:
+        """
+        The service's last output lines: C{?tail=N} (default 200) as JSON, or
+        with C{?follow=true} the tail and then every new line as Server-Sent Events.
+        """
+        from hestia.logs import OUTPUT_LINES_KEPT, FollowResource, ServiceOutput
+
+        self.gateway.lifecycle(name)
+        raw = (request.args.get(b"tail") or [b"200"])[0]
+        try:
+            tail = int(raw)
+        except ValueError:
+            return json_body(request, {"error": "tail must be a whole number", "service": name,
+                                       "state": self.gateway.lifecycle(name).state.value}, 400)
+        tail = max(0, min(OUTPUT_LINES_KEPT, tail))
+        if self.output is None:
+            self.output = ServiceOutput(self.gateway)
+        if _flag(request, b"follow"):
+            return FollowResource(self.output, name, tail)
+        return json_body(request, {"name": name, "lines": self.output.tail(name, tail)})
 
     @app.route("/services/<name>/start", methods=["POST"])
     @inlineCallbacks

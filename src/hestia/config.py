@@ -101,6 +101,15 @@ class ServiceConfig:
     cwd: str | None = None
     keep_warm: bool = False
     sections: Mapping[str, Any] = field(default_factory=dict)
+    # Hestia checks only X-Hestia-Token and forwards the client's own
+    # Authorization (an OpenAI-style key) to the backend untouched.
+    pass_authorization: bool = False
+    # Routing keys (instances, route_by, group, ...) as written; hestia.routing
+    # parses them (issue 7).  A service with instances or route_by has no url.
+    routing: Mapping[str, Any] = field(default_factory=dict)
+    # What a browser navigation to a cold service gets: "page" (a waiting page
+    # that reloads into the real one) or "hold" (held like any API client).
+    on_cold: str = "page"
 
     @property
     def idle_timeout(self) -> float:
@@ -129,6 +138,15 @@ class ServerConfig:
     state_path: str = "hestia.db"
     log_format: str = "text"
     shutdown_timeout: float = 10.0
+    # Concurrent requests forwarded to one backend; the rest wait their turn in
+    # the gateway, so a burst of thousands does not open thousands of sockets.
+    max_backend_connections: int = 256
+    # Request hygiene (hestia.guard): sizes in bytes, times in seconds.
+    max_body_size: int = 4 * 1024**3  # 0 = no limit
+    max_header_size: int = 16384  # request line plus headers
+    header_timeout: float = 10.0  # the whole head must arrive within this
+    connection_idle_timeout: float = 60.0  # an idle keep-alive connection is closed
+    redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
 
 
 @dataclass(frozen=True)
@@ -146,16 +164,23 @@ class Config:
     defaults: Tunables
     services: Mapping[str, ServiceConfig]
     sections: Mapping[str, Any] = field(default_factory=dict)
+    # hestia.routing.RoutingPlan: instances, model routes, groups, dependencies.
+    routing: Any = None
 
 
 # Keys each level accepts.  A feature that adds a key registers it here, so
 # that a typo anywhere is still an error.
-TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups"}
-SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout"}
+TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
+SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections", "max_body_size", "max_header_size",
+               "header_timeout", "connection_idle_timeout", "redirect_listen"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
-SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm"}
+SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
+# Parsed by hestia.routing (issue 7).
+ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group", "depends_on", "hosts"}
+SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
+SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
 
 
 def env_prefix(name: str) -> str:
@@ -235,6 +260,38 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def _size(reader: _Reader, value: Any, key: str) -> int:
+    """A byte count: C{1048576}, C{"512k"}, C{"10m"}, C{"4g"} (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise reader.fail(key, f"expected a size in bytes (or '512k', '10m', '4g'), got {_describe(value)}")
+    unit = (match.group(2) or "b")[0].lower()
+    return int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def _server_limits(reader: _Reader, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The C{server:} keys of request hygiene and TLS redirects (see L{hestia.guard})."""
+    limits: dict[str, Any] = {}
+    for name in ("max_body_size", "max_header_size"):
+        if name in raw:
+            limits[name] = _size(reader, raw[name], f"server.{name}")
+    if limits.get("max_header_size", 1024) < 1024:
+        raise reader.fail("server.max_header_size", "must be at least 1k")
+    for name in ("header_timeout", "connection_idle_timeout"):
+        if name in raw:
+            limits[name] = reader.duration(raw[name], f"server.{name}")
+            if limits[name] == 0:
+                raise reader.fail(f"server.{name}", "must be more than 0")
+    if raw.get("redirect_listen") is not None:
+        limits["redirect_listen"] = reader.string(raw["redirect_listen"], "server.redirect_listen")
+    return limits
+
+
 def _check_url(reader: _Reader, value: Any, key: str) -> str:
     url = reader.string(value, key)
     parts = urlsplit(url)
@@ -301,10 +358,16 @@ def _service(
     section = dict(reader.mapping(raw, key))
     reader.check_keys(section, SERVICE_KEYS | BACKEND_SECTIONS, key)
     section.update(_environment_overrides(name, environ))
+    _semaphore_environment(reader, name, section, environ, key)
 
-    if "url" not in section:
+    routing = {routing_key: section[routing_key] for routing_key in ROUTING_KEYS & set(section)}
+    composite = "instances" in routing or "route_by" in routing
+    if composite and "url" in section:
+        raise reader.fail(f"{key}.url", "a service with instances or route_by has no url of its own")
+    if "url" not in section and not composite and "semaphore" not in section:
         raise reader.fail(f"{key}.url", f"missing (or set {env_prefix(name)}_URL)")
-    url = _check_url(reader, section["url"], f"{key}.url")
+    # A semaphore service may have no url: its start task prints hestia_url=.
+    url = "" if composite or "url" not in section else _check_url(reader, section["url"], f"{key}.url")
     tunables = _tunables(reader, section, defaults, key)
     health = _health(reader, section.get("health"), f"{key}.health")
     command = _command(reader, section["command"], f"{key}.command") if "command" in section else None
@@ -314,13 +377,26 @@ def _service(
     }
     cwd = reader.string(section["cwd"], f"{key}.cwd") if "cwd" in section else None
     keep_warm = reader.boolean(section.get("keep_warm", False), f"{key}.keep_warm")
-    sections = {
+    pass_authorization = reader.boolean(section.get("pass_authorization", False), f"{key}.pass_authorization")
+    on_cold = section.get("on_cold", "page")
+    if on_cold not in ("page", "hold"):
+        raise reader.fail(f"{key}.on_cold", f"expected page or hold, got {_describe(on_cold)}")
+    sections: dict[str, Any] = {
         section_name: reader.mapping(section[section_name], f"{key}.{section_name}")
         for section_name in BACKEND_SECTIONS & set(section)
     }
     if len(sections) + (command is not None) > 1:
         raise reader.fail(key, "give only one of command, docker, semaphore")
+    if "docker" in sections:
+        # Validated now (and owned by the backend's module), so a typo fails at load time.
+        from hestia.backends.docker import parse_docker_section
+
+        sections["docker"] = parse_docker_section(reader, sections["docker"], f"{key}.docker", name)
     backend = "process" if command else (next(iter(sections)) if sections else "static")
+    if composite:
+        if command is not None or sections:
+            raise reader.fail(key, "with instances or route_by, give command/docker/semaphore per instance")
+        backend = "instances" if "instances" in routing else "route"
     return ServiceConfig(
         name=name,
         url=url,
@@ -331,7 +407,10 @@ def _service(
         env=env,
         cwd=cwd,
         keep_warm=keep_warm,
+        pass_authorization=pass_authorization,
         sections=sections,
+        on_cold=on_cold,
+        routing=routing,
     )
 
 
@@ -350,6 +429,44 @@ def _environment_overrides(name: str, environ: Mapping[str, str]) -> dict[str, A
     if (command := environ.get(prefix + "COMMAND")) is not None:
         overrides["command"] = command
     return overrides
+
+
+SEMAPHORE_ENV_KEYS = ("enabled", "machine_id", "start_template_id", "stop_template_id", "extra_vars")
+SEMAPHORE_ENABLED_SUFFIX = "_SEMAPHORE_ENABLED"
+
+
+def _semaphore_environment(
+    reader: _Reader, name: str, section: dict[str, Any], environ: Mapping[str, str], key: str
+) -> None:
+    """
+    Merge C{<NAME>_SEMAPHORE_*} into C{section["semaphore"]} (hestia.semaphore
+    validates it); C{<NAME>_SEMAPHORE_ENABLED=false} removes the section.
+    """
+    prefix = env_prefix(name) + "_SEMAPHORE_"
+    found = {item: environ[prefix + item.upper()] for item in SEMAPHORE_ENV_KEYS if prefix + item.upper() in environ}
+    if not found:
+        return
+    merged = {**reader.mapping(section.get("semaphore"), f"{key}.semaphore"), **found}
+    if reader.boolean(merged.pop("enabled", True), f"{key}.semaphore.enabled ({prefix}ENABLED)"):
+        section["semaphore"] = merged
+    else:
+        section.pop("semaphore", None)
+
+
+def _services_from_environment(services: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    Services enabled by environment alone: C{MYSERVICE_SEMAPHORE_ENABLED=true}
+    with no YAML entry names a service C{myservice} (the prefix lower-cased).
+    """
+    known = {env_prefix(name) for name in services}
+    found: dict[str, Any] = {}
+    for variable, value in environ.items():
+        prefix = variable[: -len(SEMAPHORE_ENABLED_SUFFIX)]
+        if not variable.endswith(SEMAPHORE_ENABLED_SUFFIX) or not prefix or prefix in known:
+            continue
+        if _BOOLEAN_WORDS.get(value.strip().lower(), True) and SERVICE_NAME.match(prefix.lower()):
+            found[prefix.lower()] = {}
+    return found
 
 
 def _zero_config_services(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -388,7 +505,12 @@ def parse_config(
         server_raw.get("shutdown_timeout", ServerConfig.shutdown_timeout), "server.shutdown_timeout"
     )
     server = ServerConfig(
-        listen=listen, state_path=state_path, log_format=log_format, shutdown_timeout=shutdown_timeout
+        listen=listen, state_path=state_path, log_format=log_format, shutdown_timeout=shutdown_timeout,
+        max_backend_connections=reader.integer(
+            server_raw.get("max_backend_connections", ServerConfig.max_backend_connections),
+            "server.max_backend_connections", minimum=1,
+        ),
+        **_server_limits(reader, server_raw),
     )
 
     defaults_raw = reader.mapping(document.get("defaults"), "defaults")
@@ -396,13 +518,27 @@ def parse_config(
     defaults = _tunables(reader, defaults_raw, Tunables(), "defaults")
 
     services_raw = reader.mapping(document.get("services"), "services")
+    services_raw = {**services_raw, **_services_from_environment(services_raw, environ)}
     services = {
         name: _service(reader, name, value, defaults, environ) for name, value in services_raw.items()
     }
     sections = {
         name: document[name] for name in TOP_LEVEL_KEYS - {"server", "defaults", "services"} if name in document
     }
-    return Config(source=source, server=server, defaults=defaults, services=services, sections=sections)
+    if "docker" in sections:
+        # Container label discovery (hestia.discovery owns the section).
+        from hestia.discovery import parse_discovery_section
+
+        sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
+    from hestia.routing import parse_routing  # routing builds on this module
+
+    routing = parse_routing(reader.source, services, sections.get("groups"), environ)
+    config = Config(
+        source=source, server=server, defaults=defaults, services=services, sections=sections, routing=routing
+    )
+    from hestia.semaphore import resolve_semaphore  # owns the semaphore sections
+
+    return resolve_semaphore(config, environ)
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:

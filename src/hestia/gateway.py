@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -22,8 +22,9 @@ from twisted.web.iweb import IAgent
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
+from hestia.groups import Coordinator
 from hestia.health import BackendEndpointFactory
-from hestia.interfaces import IBackend
+from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
 
 if TYPE_CHECKING:
@@ -114,18 +115,41 @@ class Gateway:
         self._build_backend = build_backend or (
             lambda service: find_backend(service.backend).build(service, reactor, self.agent)
         )
-        self.services: dict[str, ServiceLifecycle] = {}
+        # name -> route (hestia.routing.Route): for a plain service its
+        # ServiceLifecycle; for instances:/route_by: services a composite route;
+        # for an exclusive group's member a GroupMemberRoute around its lifecycle.
+        self.services: dict[str, Any] = {}
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
         self._proxies: dict[str, ServiceProxyResource] = {}
         self._in_flight_requests = 0
+        self._slots: dict[str, DeferredSemaphore] = {}
         self._drained: list[Deferred[None]] = []
+        # Services added at run time (container label discovery): a reload keeps them.
+        self.discovered: set[str] = set()
+        self._shutting_down = False
         for service in config.services.values():
             self._add(service)
+        self._coordinator = Coordinator(config.routing, reactor)
+        self._coordinator.attach(self.services)
 
     # -- services ----------------------------------------------------------------
 
-    def lifecycle(self, name: str) -> ServiceLifecycle:
+    def backend_slots(self, url: str) -> DeferredSemaphore:
+        """
+        The turns to send a request to the backend at C{url}.
+
+        At most C{server.max_backend_connections} requests are in progress with
+        one backend at a time; the rest wait here (they already hold their
+        lease, so the service stays up for them).
+        """
+        slots = self._slots.get(url)
+        if slots is None:
+            slots = self._slots[url] = DeferredSemaphore(self.config.server.max_backend_connections)
+        return slots
+
+    def lifecycle(self, name: str) -> Any:
+        """The route of service C{name} (see C{services}); L{UnknownService} if none."""
         try:
             return self.services[name]
         except KeyError:
@@ -146,12 +170,94 @@ class Gateway:
             lifecycle.add_observer(observer)
 
     def _build(self, service: ServiceConfig) -> ServiceLifecycle:
-        return ServiceLifecycle(service, self._build_backend(service), self.reactor, list(self.state_observers))
+        backend = self._build_backend(service)
+        if self.store is not None and IPersistentBackend.providedBy(backend):
+            backend.use_store(self.store)
+        return ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
 
-    def _add(self, service: ServiceConfig) -> ServiceLifecycle:
-        lifecycle = self._build(service)
-        self.services[service.name] = lifecycle
-        return lifecycle
+    # The state store, for backends that record facts of their own (remote VMs).
+    store: Any = None
+
+    def use_store(self, store: Any) -> None:
+        """Give every L{IPersistentBackend}, present and future, the state store."""
+        self.store = store
+        for lifecycle in self.services.values():
+            if IPersistentBackend.providedBy(lifecycle.backend):
+                lifecycle.backend.use_store(store)
+
+    def _add(self, service: ServiceConfig) -> Any:
+        if service.backend in ("instances", "route"):
+            from hestia.routing import build_route
+
+            route = build_route(service, self.config.routing, self._build, self.lifecycle, self.reactor.seconds)
+        else:
+            route = self._build(service)
+        self.services[service.name] = route
+        return route
+
+    def host_route(self, host: bytes | None) -> str | None:
+        """The service whose C{hosts:} list C{host} (a C{Host} header value), if any."""
+        routing = self.config.routing
+        if not host or routing is None or not routing.hosts:
+            return None
+        name = host.decode("ascii", "replace").lower()
+        if not name.startswith("["):
+            name = name.rsplit(":", 1)[0]
+        service: str | None = routing.hosts.get(name.rstrip("."))
+        return service if service in self.services else None
+
+    def add_service(self, service: ServiceConfig) -> bool:
+        """
+        Add (or replace) a service found at run time, such as a labelled container.
+
+        An unchanged one is left alone; a changed one is stopped and rebuilt,
+        as on reload.  The configuration file's own services are never touched.
+
+        @return: C{True} when something was added or replaced.
+        """
+        current = self.services.get(service.name)
+        if self._shutting_down or (current is not None and service.name not in self.discovered):
+            return False
+        if current is not None:
+            if current.config == service:
+                return False
+            current.stop("reload")
+            self._proxies.pop(service.name, None)
+        self.discovered.add(service.name)
+        self._add(service)
+        self.adopt_running([service.name])
+        return True
+
+    def remove_service(self, name: str) -> None:
+        """Stop and forget a service added by L{add_service}."""
+        if name in self.discovered:
+            self.discovered.discard(name)
+            self.services.pop(name).stop("removed")
+            self._proxies.pop(name, None)
+
+    def adopt_running(self, names: list[str] | None = None) -> None:
+        """
+        Take services that already run (started outside Hestia) as ready.
+
+        Asks each L{IAdoptableBackend} whether its service runs; if so it is
+        "started" through the lifecycle (which probes it), then idle-stopped
+        like any other.
+        """
+        for name in list(self.services) if names is None else names:
+            lifecycle = self.services.get(name)
+            if lifecycle is None or not IAdoptableBackend.providedBy(lifecycle.backend):
+                continue
+            if lifecycle.state is not State.STOPPED:
+                continue
+
+            def adopt(running: bool, lifecycle: ServiceLifecycle = lifecycle) -> None:
+                if running and lifecycle.state is State.STOPPED and self.services.get(lifecycle.name) is lifecycle:
+                    log.info("{service} is already running: adopting it", service=lifecycle.name)
+                    lifecycle.start("adopted").addErrback(lambda failure: None)
+
+            maybeDeferred(lifecycle.backend.running_already).addCallback(adopt).addErrback(
+                lambda failure: log.failure("checking whether a service already runs", failure)
+            )
 
     def start_keep_warm(self) -> None:
         """Start every C{keep_warm} service now: they are wanted before any request."""
@@ -171,13 +277,23 @@ class Gateway:
         @return: the names added, removed, changed and kept, for the log.
         """
         summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        self._coordinator.detach()
+        Coordinator.unwrap(self.services)
+        self.config = config  # composite routes are built from the new routing plan
         for name in list(self.services):
-            if name not in config.services:
+            if name not in config.services and name not in self.discovered:
                 self.services.pop(name).stop("reload")
                 self._proxies.pop(name, None)
                 summary["removed"].append(name)
         for name, service in config.services.items():
             current = self.services.get(name)
+            if name in self.discovered:
+                # The file now defines it: the file wins over a container label.
+                self.discovered.discard(name)
+                if current is not None:
+                    current.stop("reload")
+                    self._proxies.pop(name, None)
+                current = None
             if current is None:
                 self._add(service)
                 summary["added"].append(name)
@@ -189,7 +305,10 @@ class Gateway:
             else:
                 summary["unchanged"].append(name)
         self.config = config
+        self._coordinator = Coordinator(config.routing, self.reactor)
+        self._coordinator.attach(self.services)
         self.start_keep_warm()
+        self.adopt_running(summary["added"] + summary["changed"])
         return summary
 
     # -- requests ----------------------------------------------------------------------
@@ -237,8 +356,9 @@ class Gateway:
 
     def shutdown(self) -> Deferred[Any]:
         """Stop every service Hestia started, and close the pool."""
-        stops = [lifecycle.shutdown() for lifecycle in self.services.values()]
-        done = DeferredList(stops, consumeErrors=True)
+        self._shutting_down = True
+        # Dependents first, then what they depend on (hestia.groups).
+        done = self._coordinator.shutdown(self.services)
         if self.pool is not None:
             pool = self.pool
             done.addBoth(lambda result: pool.closeCachedConnections())

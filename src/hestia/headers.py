@@ -100,7 +100,8 @@ def headers_for_backend(
     kept.append((b"X-Forwarded-Proto", [scheme]))
     if host:
         kept.append((b"X-Forwarded-Host", [host]))
-    kept.append((b"X-Forwarded-Prefix", [prefix]))
+    if prefix:  # Empty for host-routed requests (issue 7): the service is at /.
+        kept.append((b"X-Forwarded-Prefix", [prefix]))
     kept.append((b"X-Request-ID", [request_id]))
     return kept
 

@@ -68,6 +68,44 @@ class IBackend(Interface):
         """The last lines the service wrote, newest last (may be empty)."""
 
 
+class IAdoptableBackend(IBackend):
+    """
+    A backend whose service may already run when Hestia starts (a container
+    started by hand or by Compose): the gateway asks, and adopts it as ready.
+    """
+
+    def running_already() -> Any:
+        """
+        @return: a L{Deferred} firing C{True} when the service runs now and
+            should be adopted (taken as started, then idle-stopped like the
+            rest); C{False} otherwise, including when that cannot be told.
+        """
+
+
+class IPersistentBackend(IBackend):
+    """
+    A backend whose service outlives the gateway (a remote VM): it records what
+    it launched in the state store before acting on it, and a restarted gateway
+    takes it up again (L{hestia.reconcile}).
+    """
+
+    survives_gateway = Attribute(
+        "C{True}: a gateway shutdown leaves the service running (see L{detach})."
+    )
+
+    def use_store(store: Any) -> None:
+        """Record into (and recall from) this L{hestia.state.StateStore}."""
+
+    def detach() -> None:
+        """The gateway is going away: stop following anything, write nothing more."""
+
+    def recorded_up() -> Any:
+        """
+        @return: a L{Deferred} firing C{True} when the store says the service
+            was up and it still answers its health check at the recorded url.
+        """
+
+
 class IBackendFactory(Interface):
     """
     Builds the backend for services whose configuration asks for it.

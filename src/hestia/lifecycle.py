@@ -155,6 +155,10 @@ class ServiceLifecycle:
         self._failures: deque[float] = deque(maxlen=self.CRASH_LOOP_FAILURES)
         self.cooldown_until: float | None = None
         self._shutting_down = False
+        # Called with this lifecycle before each launch; the start waits for
+        # the Deferred it returns.  Exclusive groups and depends_on (see
+        # hestia.groups) use it to stop a rival or start a dependency first.
+        self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -166,9 +170,12 @@ class ServiceLifecycle:
 
     # -- what the proxy and the API call -------------------------------------
 
-    def acquire(self) -> Deferred[Lease]:
+    def acquire(self, request: object = None) -> Deferred[Lease]:
         """
         Claim the service for one request, starting it if needed.
+
+        @param request: what is being routed (L{hestia.routing.RouteRequest});
+            a single lifecycle has nothing to choose, so it is ignored here.
 
         @return: a L{Deferred} firing with a L{Lease} once the service is ready,
             or failing with a L{GatewayError}.  Cancel it when the client leaves
@@ -239,7 +246,40 @@ class ServiceLifecycle:
             if call is not None and call.active():
                 call.cancel()
         self._fail_waiters(ServiceUnavailable("the gateway is shutting down", **self._describe()))
+        if getattr(self.backend, "survives_gateway", False) and self.state is not State.STOPPED:
+            # A remote machine outlives the gateway: its state is on disk and the
+            # next gateway resumes it (hestia.reconcile).  Nothing is stopped and
+            # no transition is recorded; the backend just goes quiet.
+            self._cancel_start_timer()
+            if self._probe_call is not None and self._probe_call.active():
+                self._probe_call.cancel()
+            self.backend.detach()  # type: ignore[attr-defined]
+            return succeed(None)
         return self.stop("shutdown")
+
+    def resume(self, state: State, reason: str, last_request_at: float | None = None) -> None:
+        """
+        Take up the state a previous gateway recorded (see L{hestia.reconcile}).
+
+        Only a fresh (C{stopped}) lifecycle resumes.  C{ready} keeps the idle
+        clock running from C{last_request_at}, so an idle remote machine is
+        still torn down; C{starting} starts (the backend follows the task it
+        recorded instead of launching another); C{stopping} finishes the stop.
+        """
+        if self.state is not State.STOPPED or self._shutting_down or not self.backend.has_lifecycle:
+            return
+        if state is State.READY:
+            now = self._reactor.seconds()
+            self.last_request_at = last_request_at
+            elapsed = max(0.0, now - last_request_at) if last_request_at is not None else 0.0
+            self._set_state(State.READY, reason)
+            self._arm_idle_timer(max(0.0, self.config.idle_timeout - elapsed))
+        elif state is State.STARTING:
+            self._begin_start(reason)
+        elif state is State.STOPPING:
+            self._begin_stop(reason)
+        else:
+            raise ValueError(f"cannot resume into {state.value}")
 
     def status(self) -> dict[str, Any]:
         """The service's state as the C{/v1} API shows it."""
@@ -288,7 +328,22 @@ class ServiceLifecycle:
                 self.config.start_timeout, self._start_timed_out, generation
             )
         # A failed start's clean-up (the half-started process) must end first.
-        self._cleanup_done().addCallback(lambda _: self._launch(generation))
+        cleaned = self._cleanup_done()
+        if self.start_gate is None:
+            cleaned.addCallback(lambda _: self._launch(generation))
+        else:
+            cleaned.addCallback(lambda _: self._pass_gate(generation)).addCallbacks(
+                lambda _: self._launch(generation),
+                lambda failure: self._start_failed(generation, failure),
+            )
+
+    def _pass_gate(self, generation: int) -> Deferred[Any] | None:
+        """Wait for the start gate; an abandoned start cancels the wait."""
+        if generation != self._generation or self.start_gate is None:
+            return None
+        gate = self.start_gate(self)
+        self._pending = gate
+        return gate
 
     def _launch(self, generation: int) -> None:
         if generation != self._generation:
@@ -436,7 +491,7 @@ class ServiceLifecycle:
         if self.in_flight == 0:
             self._arm_idle_timer()
 
-    def _arm_idle_timer(self) -> None:
+    def _arm_idle_timer(self, delay: float | None = None) -> None:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
@@ -448,7 +503,9 @@ class ServiceLifecycle:
             and self.backend.has_lifecycle
             and not self._shutting_down
         ):
-            self._idle_call = self._reactor.callLater(self.config.idle_timeout, self._idle_expired)
+            self._idle_call = self._reactor.callLater(
+                self.config.idle_timeout if delay is None else delay, self._idle_expired
+            )
 
     def _idle_expired(self) -> None:
         self._idle_call = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from hestia.auth import authorize_service
 from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
 from hestia.headers import (
     PathEscape,
@@ -45,6 +46,8 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
+from hestia.routing import RouteRequest
+from hestia.ui import serve_waiting_page, wants_waiting_page
 from hestia.tunnel import is_upgrade, open_tunnel
 
 if TYPE_CHECKING:
@@ -94,6 +97,10 @@ class RequestRecord:
     duration: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+    # The request got its lease (it left the queue for the backend): only
+    # then is C{queued} its queue wait and C{queued + upstream} its time to
+    # the response headers.
+    leased: bool = False
 
 
 class _BodyRelay(Protocol):
@@ -124,17 +131,26 @@ class Exchange:
         request: Request,
         rest: bytes,
         request_id: bytes,
+        prefix: bytes | None = None,
     ) -> None:
+        """
+        @param lifecycle: the service's route (L{hestia.routing.Route}): its
+            lifecycle, or a route that picks an instance or target per request.
+        @param prefix: sent as C{X-Forwarded-Prefix}; by default
+            C{/services/<name>}, empty for a host-routed request.
+        """
         self.gateway = gateway
         self.lifecycle = lifecycle
         self.request = request
         self.rest = rest
         self.request_id = request_id
+        self.prefix = b"/services/" + lifecycle.name.encode("ascii") if prefix is None else prefix
         self._pending: Deferred[Any] | None = None
         self._relay: _BodyRelay | None = None
         self._lease: Lease | None = None
         self._gone = False
         self._tunnelled = False
+        self._slots: DeferredSemaphore | None = None
         self._forwarded_at = 0.0
         now = gateway.reactor.seconds()
         self.record = RequestRecord(
@@ -149,7 +165,7 @@ class Exchange:
     def begin(self) -> None:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
-        waiting = self.lifecycle.acquire()
+        waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
         self._pending = waiting
         waiting.addCallbacks(self._forward, self._failed)
 
@@ -160,6 +176,7 @@ class Exchange:
         self._lease = lease
         now = self.gateway.reactor.seconds()
         self.record.queued = now - self.record.began
+        self.record.leased = True
         if self._gone:
             lease.release()
             return
@@ -169,7 +186,7 @@ class Exchange:
             client_ip=self.record.client,
             scheme=b"https" if request.isSecure() else b"http",
             host=request.getHeader(b"host"),
-            prefix=b"/services/" + self.lifecycle.name.encode("ascii"),
+            prefix=self.prefix,
             request_id=self.request_id,
             drop=getattr(request, "hestia_consumed_headers", frozenset()),
         )
@@ -182,11 +199,33 @@ class Exchange:
             assert request.content is not None  # Twisted buffers every request body.
             request.content.seek(0)
             body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
+        slots = self.gateway.backend_slots(lease.url)
+        turn = slots.acquire()
+        self._pending = turn
+        turn.addCallbacks(lambda _: self._send(slots, lease.url, headers, body), self._failed)
+
+    def _send(
+        self,
+        slots: DeferredSemaphore,
+        url: str,
+        headers: list[tuple[bytes, list[bytes]]],
+        body: FileBodyProducer | None,
+    ) -> None:
+        self._slots = slots
+        if self._gone:
+            self._release_slot()
+            return
+        self._forwarded_at = self.gateway.reactor.seconds()
         sending = self.gateway.agent.request(
-            request.method, join_url(lease.url, self.rest), Headers(dict(headers)), body
+            self.request.method, join_url(url, self.rest), Headers(dict(headers)), body
         )
         self._pending = sending
         sending.addCallbacks(self._respond, self._failed)
+
+    def _release_slot(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
 
     def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
@@ -221,6 +260,7 @@ class Exchange:
         request = self.request
         if self._gone:
             response.deliverBody(Protocol())  # Read nothing; drops the connection.
+            self._release_slot()
             return
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders.removeHeader(b"server")
@@ -246,6 +286,7 @@ class Exchange:
 
     def body_ended(self, reason: Failure) -> None:
         self._relay = None
+        self._release_slot()
         if self._gone:
             return
         self.request.unregisterProducer()
@@ -262,6 +303,7 @@ class Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
+        self._release_slot()
         if self._gone or failure.check(CancelledError):
             return
         error = failure.value
@@ -296,6 +338,7 @@ class Exchange:
                 cast(Any, self._relay.transport).stopProducing()
             self.record.error = self.record.error or "client went away"
             self.record.error_kind = self.record.error_kind or "client_gone"
+        self._release_slot()
         if self._lease is not None:
             self._lease.release()
         self.record.duration = self.gateway.reactor.seconds() - self.record.began
@@ -332,7 +375,11 @@ class ServiceProxyResource(ReverseProxyResource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, name: str) -> None:
+    def __init__(self, gateway: Gateway, name: str, host_routed: bool = False) -> None:
+        """
+        @param host_routed: the request's C{Host} is one of the service's
+            C{hosts:} (issue 7): the whole path goes to the service, unprefixed.
+        """
         lifecycle = gateway.lifecycle(name)
         target = urlsplit(lifecycle.backend.url)
         super().__init__(
@@ -343,6 +390,7 @@ class ServiceProxyResource(ReverseProxyResource):
         )
         self.gateway = gateway
         self.name = name
+        self.host_routed = host_routed
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self
@@ -350,19 +398,36 @@ class ServiceProxyResource(ReverseProxyResource):
     def render(self, request: Request) -> int:
         request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
         try:
-            routed = split_service_path(request.uri)
+            if self.host_routed:
+                if not request.uri.startswith(b"/"):  # absolute-form: never an open proxy
+                    write_error(request, BadRequest("expected an origin-form request target"), request_id)
+                    return NOT_DONE_YET
+                routed = split_service_path(b"/services/" + self.name.encode("ascii") + request.uri)
+            else:
+                routed = split_service_path(request.uri)
         except PathEscape as escape:
             write_error(request, BadRequest(str(escape)), request_id)
             return NOT_DONE_YET
         if routed is None or routed[0] != self.name:
             write_error(request, UnknownService("no such service", service=self.name), request_id)
             return NOT_DONE_YET
+        if not authorize_service(request, self.name):  # Before anything can start (hestia.auth).
+            return NOT_DONE_YET
         try:
             lifecycle = self.gateway.lifecycle(self.name)
         except UnknownService as unknown:
             write_error(request, unknown, request_id)
             return NOT_DONE_YET
-        Exchange(self.gateway, lifecycle, request, routed[1], request_id).begin()
+        if wants_waiting_page(lifecycle, request):
+            # A person's browser: a page that says what is happening beats a
+            # blank tab spinning for the whole cold start (hestia.ui).
+            serve_waiting_page(self.gateway, lifecycle, request)
+            return NOT_DONE_YET
+        intercept = getattr(lifecycle, "intercept", None)
+        if intercept is not None and intercept(request, routed[1]):
+            return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
+        prefix = b"" if self.host_routed else None
+        Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix).begin()
         return NOT_DONE_YET
 
 
@@ -409,8 +474,16 @@ class GatewayRoot(Resource):
 
     def __init__(self, gateway: Gateway, api: IResource) -> None:
         super().__init__()
+        self.gateway = gateway
         self.putChild(b"services", ServicesResource(gateway))
         self.putChild(b"v1", api)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        # A Host listed in a service's hosts: goes to that service at / (issue 7).
+        name = self.gateway.host_route(request.getHeader(b"host"))
+        if name is not None:
+            return ServiceProxyResource(self.gateway, name, host_routed=True)
+        return super().getChildWithDefault(path, request)  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return ErrorResource(UnknownService("not found: Hestia serves /services/<name>/ and /v1/"))

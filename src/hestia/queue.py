@@ -73,10 +73,23 @@ class WaitQueue:
         self._waiters[deferred] = _Waiter(deferred, timer, self._reactor.seconds())
         return deferred
 
+    # How many waiters one reactor turn lets through.  Each released request
+    # starts its forwarding at once; thousands in one turn would freeze the
+    # gateway (the API, other services) for seconds.
+    RELEASE_BATCH = 256
+
     def release_all(self) -> None:
         """The service is ready: let every waiter through, oldest first."""
-        for waiter in self._take_all():
-            waiter.deferred.callback(None)
+        self._release(self._take_all())
+
+    def _release(self, waiters: list[_Waiter]) -> None:
+        batch, rest = waiters[: self.RELEASE_BATCH], waiters[self.RELEASE_BATCH :]
+        for waiter in batch:
+            # A client that left after being taken has its Deferred cancelled.
+            if not waiter.deferred.called:
+                waiter.deferred.callback(None)
+        if rest:
+            self._reactor.callLater(0, self._release, rest)
 
     def fail_all(self, error: GatewayError) -> None:
         """The start failed: every waiter gets the same error."""

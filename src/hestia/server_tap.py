@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
@@ -21,10 +22,17 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
+from hestia.auth import AdminGuard, Authenticator, parse_auth
 from hestia.config import Config, ConfigError, load_config
+from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
+from hestia.guard import GuardedSite, Limits, raise_open_file_limit
+from hestia.logs import ServiceOutput, access_log, install_log_observer
+from hestia.metrics import HestiaMetrics
 from hestia.proxy import GatewayRoot
+from hestia.reconcile import reconcile, request_time_recorder
 from hestia.state import StateStore, state_recorder
+from hestia.tls import CertificateError, CertificateStore, RedirectToHTTPS, https_port, is_tls_listen, parse_listen
 
 log = Logger(namespace="hestia.server")
 
@@ -45,6 +53,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self["loaded"] = load_config(self["config"])
+            parse_auth(self["loaded"])  # Token files and variables must be there now.
         except ConfigError as error:
             # One line and a non-zero exit: no traceback, no usage text.
             sys.stderr.write(f"hestia: config error: {error}\n")
@@ -54,11 +63,34 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
-class HestiaSite(Site):
-    """A Site without the stock access log: Hestia writes its own, structured."""
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """
+    C{tcp:8080} with a listen backlog of L{DEFAULT_BACKLOG} unless one is given.
+
+    Twisted's default of 50 makes a burst of new connections (everyone opening
+    the page at once, a batch job fanning out) overflow the kernel's accept
+    queue and wait for SYN retransmits, seconds each.
+    """
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return description + ":backlog=" + str(DEFAULT_BACKLOG)
+    return description
+
+
+class HestiaSite(GuardedSite):
+    """
+    A Site without the stock access log: Hestia writes its own, structured.
+
+    Its connections are guarded (L{hestia.guard}), and it carries the
+    L{Authenticator} that the proxy asks about every request for a service.
+    """
 
     displayTracebacks = False
     noisy = False
+    authenticator: Authenticator | None = None
 
     def log(self, request: Any) -> None:
         pass
@@ -67,8 +99,14 @@ class HestiaSite(Site):
 class HestiaService(MultiService):
     """The whole gateway: its listening port plus the services it manages."""
 
-    def __init__(self, config: Config, listen: str | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self, config: Config, listen: str | None = None, reactor: Any = None, log_format: str | None = None
+    ) -> None:
+        """
+        @param log_format: C{text} or C{json}, overriding C{server.log_format}.
+        """
         super().__init__()
+        self.log_format = log_format or config.server.log_format
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -78,17 +116,58 @@ class HestiaService(MultiService):
         self.gateway = Gateway(config, reactor)
         self.store = StateStore(config.server.state_path)
         self.gateway.add_state_observer(state_recorder(self.store, reactor.seconds))
-        self.api = ManagementAPI(self.gateway, reload=self.reload, store=self.store)
-        self.site = HestiaSite(GatewayRoot(self.gateway, self.api.resource()))
+        # Remote machines record their own facts and are taken up again on start.
+        self.gateway.use_store(self.store)
+        self.gateway.request_observers.append(request_time_recorder(self.gateway, self.store, reactor.seconds))
+        self.metrics = HestiaMetrics(self.gateway)
+        self.gateway.add_state_observer(self.metrics.state_changed)
+        self.gateway.request_observers.append(self.metrics.request_finished)
+        self.gateway.request_observers.append(access_log)
+        self.output = ServiceOutput(self.gateway)
+        self.gateway.add_state_observer(self.output.state_changed)
+        self.output.attach_all()
+        self.api = ManagementAPI(
+            self.gateway, reload=self.reload, store=self.store, metrics=self.metrics, output=self.output
+        )
+        self.authenticator = Authenticator(parse_auth(config), reactor.seconds)
+        self.site = HestiaSite(
+            GatewayRoot(self.gateway, AdminGuard(self.api.resource(), self.authenticator)),
+            Limits.from_server(config.server),
+        )
+        self.site.authenticator = self.authenticator
         self.listen = listen or config.server.listen
-        self.port_service: IService = strports.service(self.listen, self.site, reactor=reactor)
+        self.certificates: CertificateStore | None = None
+        self.port_service: IService
+        if is_tls_listen(self.listen):
+            endpoint, self.certificates = parse_listen(reactor, self.listen)
+            self.port_service = StreamServerEndpointService(endpoint, self.site)
+        else:
+            self.port_service = strports.service(with_backlog(self.listen), self.site, reactor=reactor)
         self.port_service.setServiceParent(self)
+        if config.server.redirect_listen:
+            redirect = Site(RedirectToHTTPS(https_port(self.listen)))
+            redirect.noisy = False
+            strports.service(config.server.redirect_listen, redirect, reactor=reactor).setServiceParent(self)
+        # Container label discovery (docker: {discover: true}) runs as a child service.
+        self.discovery = discovery_service(self.gateway, config, reactor)
+        if self.discovery is not None:
+            self.discovery.setServiceParent(self)
         self._previous_sighup: Any = None
 
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd adds this service to its application, then starts logging
+        # with the application's log observer: the moment to choose JSON.
+        install_log_observer(self, parent, self.log_format)
+        return super().setServiceParent(parent)
+
     def startService(self) -> None:
+        raise_open_file_limit()
         super().startService()
         self.store.open().addErrback(
             lambda failure: log.failure("cannot open the state database {path}", failure, path=self.store.path)
+        )
+        reconcile(self.gateway, self.store).addErrback(
+            lambda failure: log.failure("cannot take up the recorded services", failure)
         )
         log.info(
             "Hestia listening on {listen} with {count} services from {source}",
@@ -97,6 +176,7 @@ class HestiaService(MultiService):
             source=self.config.source,
         )
         self.gateway.start_keep_warm()
+        self.gateway.adopt_running()
         if hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._reload_logged)
@@ -112,7 +192,15 @@ class HestiaService(MultiService):
         config = load_config(source)
         if config.server.listen != self.config.server.listen:
             log.warn("server.listen changed: it takes effect on restart")
+        auth = parse_auth(config)  # Before anything changes: a bad auth section keeps the old one.
         summary = self.gateway.apply(config)
+        self.authenticator.update(auth)
+        self.site.set_limits(Limits.from_server(config.server))
+        if self.certificates is not None:
+            try:
+                summary["certificates"] = self.certificates.reload()
+            except CertificateError as error:
+                log.error("certificates not reloaded, keeping the loaded ones: {error}", error=str(error))
         self.config = config
         log.info("reloaded {source}: {summary}", source=config.source, summary=summary)
         return summary
@@ -142,4 +230,8 @@ class HestiaService(MultiService):
 
 def makeService(options: Options) -> HestiaService:
     config: Config = options["loaded"]
-    return HestiaService(config, listen=options["listen"])
+    try:
+        return HestiaService(config, listen=options["listen"], log_format=options["log-format"])
+    except CertificateError as error:
+        sys.stderr.write(f"hestia: TLS error: {error}\n")
+        raise SystemExit(2) from None

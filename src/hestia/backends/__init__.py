@@ -15,7 +15,9 @@ from typing import Any
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
+from hestia.backends.docker import DockerBackendFactory
 from hestia.backends.process import ProcessBackendFactory
+from hestia.backends.semaphore import SemaphoreBackendFactory
 from hestia.backends.static import StaticBackendFactory
 from hestia.interfaces import IBackendFactory
 
@@ -25,6 +27,8 @@ ENTRY_POINT_GROUP = "hestia.backends"
 BUILT_IN: dict[str, Any] = {
     "process": ProcessBackendFactory,
     "static": StaticBackendFactory,
+    "docker": DockerBackendFactory,
+    "semaphore": SemaphoreBackendFactory,
 }
 
 

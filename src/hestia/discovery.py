@@ -1,0 +1,267 @@
+"""
+Label discovery: containers that ask to be services, with no YAML.
+
+::
+
+    docker:                 # top level of hestia_config.yml
+      discover: true
+      host: unix:///var/run/docker.sock   # default: $DOCKER_HOST, else this socket
+      adopt: true           # running labelled containers are adopted as ready
+      stop_mode: stop       # or pause, for every discovered service
+
+A container labelled C{hestia.enable=true} and C{hestia.url=http://...} (or
+C{hestia.port=8096}, meaning C{http://127.0.0.1:8096}) becomes a service named
+after the container (or C{hestia.name}), with optional C{hestia.idle_timeout},
+C{hestia.health_path} and C{hestia.stop_mode}.  The rest comes from
+C{defaults:}.
+
+The engine's C{/events} stream says when containers come and go; rather than
+apply each event (Docker and Podman name them differently, and an event may be
+missed while the engine restarts), any container event triggers one coalesced
+re-list of the labelled containers, and the gateway is brought in line with
+that list.  A lost stream is re-subscribed with backoff, followed by a re-list.
+A name the YAML already defines belongs to the YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from hestia.backends.docker import DockerSettings, parse_host, parse_stop_mode, shared_engine
+from hestia.config import (
+    SERVICE_NAME,
+    Config,
+    ConfigError,
+    HealthCheck,
+    ServiceConfig,
+    Tunables,
+    _check_url,
+    _Reader,
+)
+from hestia.docker_engine import ContainerEngineError, DockerEngine, EventStream
+
+if TYPE_CHECKING:
+    from hestia.gateway import Gateway
+
+T = TypeVar("T")
+log = Logger(namespace="hestia.discovery")
+
+DISCOVERY_KEYS = {"discover", "host", "adopt", "stop_mode"}
+ENABLE_LABEL = "hestia.enable=true"
+RECONNECT_FIRST = 0.25
+RECONNECT_MAX = 10.0
+# Container events after which the labelled set may have changed.
+_RELEVANT = {"create", "destroy", "remove", "rename", "update"}
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """The top-level C{docker:} section."""
+
+    discover: bool = False
+    host: str | None = None
+    adopt: bool = True
+    stop_mode: str = "stop"
+
+
+def parse_discovery_section(reader: _Reader, raw: Any, key: str) -> DiscoverySettings:
+    """Validate the top-level C{docker:} mapping (called by L{hestia.config})."""
+    section = reader.mapping(raw, key)
+    reader.check_keys(section, DISCOVERY_KEYS, key)
+    return DiscoverySettings(
+        discover=reader.boolean(section.get("discover", False), f"{key}.discover"),
+        host=parse_host(reader, section["host"], f"{key}.host") if "host" in section else None,
+        adopt=reader.boolean(section.get("adopt", True), f"{key}.adopt"),
+        stop_mode=parse_stop_mode(reader, section.get("stop_mode", "stop"), f"{key}.stop_mode"),
+    )
+
+
+def container_name(container: Mapping[str, Any]) -> str:
+    names = container.get("Names") or []
+    return str(names[0]).lstrip("/") if names else str(container.get("Id", ""))[:12]
+
+
+def service_from_labels(
+    container: Mapping[str, Any], settings: DiscoverySettings, defaults: Tunables
+) -> ServiceConfig:
+    """
+    The service a labelled container (an entry of C{GET /containers/json}) asks for.
+
+    @raise ConfigError: naming the container and the label, when a label is bad.
+    """
+    name = container_name(container)
+    labels: Mapping[str, str] = container.get("Labels") or {}
+    reader = _Reader(f"container {name}")
+    service_name = labels.get("hestia.name", name)
+    if not SERVICE_NAME.match(service_name):
+        raise reader.fail("hestia.name", f"service names must match [a-z0-9][a-z0-9_-]*, got {service_name!r}"
+                          " (set the hestia.name label)")
+    if "hestia.url" in labels:
+        url = _check_url(reader, labels["hestia.url"], "hestia.url")
+    elif "hestia.port" in labels:
+        port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1)
+        if port > 65535:
+            raise reader.fail("hestia.port", f"not a port: {port}")
+        url = f"http://127.0.0.1:{port}"
+    else:
+        raise reader.fail("hestia.url", "missing (give hestia.url or hestia.port)")
+    tunables = defaults
+    if "hestia.idle_timeout" in labels:
+        tunables = replace(tunables, idle_timeout=reader.duration(labels["hestia.idle_timeout"], "hestia.idle_timeout"))
+    check = HealthCheck()
+    if "hestia.health_path" in labels:
+        path = reader.string(labels["hestia.health_path"], "hestia.health_path")
+        if not path.startswith("/"):
+            raise reader.fail("hestia.health_path", f"must start with '/', got {path!r}")
+        check = replace(check, path=path, tcp=False)
+    stop_mode = settings.stop_mode
+    if "hestia.stop_mode" in labels:
+        stop_mode = parse_stop_mode(reader, labels["hestia.stop_mode"], "hestia.stop_mode")
+    # By id: a container re-created under the same name is another container.
+    docker = DockerSettings(container=str(container.get("Id") or name), host=settings.host,
+                            stop_mode=stop_mode, adopt=settings.adopt, shown_as=name)
+    return ServiceConfig(name=service_name, url=url, backend="docker", tunables=tunables, health=check,
+                         sections={"docker": docker})
+
+
+class DockerDiscovery(Service):
+    """Keeps the gateway's discovered services in line with the labelled containers."""
+
+    name = "docker-discovery"
+
+    def __init__(self, gateway: Gateway, settings: DiscoverySettings, reactor: Any,
+                 engine: DockerEngine | None = None) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.reactor = reactor
+        self.engine = engine or shared_engine(reactor, settings.host)
+        self.owned: set[str] = set()
+        self.last_error: str | None = None
+        self._stream: EventStream | None = None
+        self._retry: IDelayedCall | None = None
+        self._delay = RECONNECT_FIRST
+        self._syncing = False
+        self._dirty = False
+        self._warned: set[str] = set()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+        return Deferred.fromCoroutine(coroutine)
+
+    def startService(self) -> None:
+        super().startService()
+        self._run(self._connect())
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            return stream.stop()
+        return Deferred.fromCoroutine(_nothing())
+
+    async def _connect(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        try:
+            stream = await self.engine.events({"type": ["container"]}, self._event)
+        except ContainerEngineError as error:
+            self._lost(str(error))
+            return
+        if not self.running:
+            await stream.stop()
+            return
+        self._stream = stream
+
+        def lost(failure: Any) -> None:
+            if stream is self._stream:
+                self._lost(failure.getErrorMessage())
+
+        stream.done.addErrback(lost)
+        await self.sync()
+
+    def _lost(self, error: str) -> None:
+        self._stream = None
+        if not self.running:
+            return
+        if error != self.last_error:
+            log.warn("container discovery: {error}; retrying", error=error)
+        self.last_error = error
+        self._retry = self.reactor.callLater(self._delay, lambda: self._run(self._connect()))
+        self._delay = min(self._delay * 2, RECONNECT_MAX)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        if str(event.get("Action") or event.get("status") or "") in _RELEVANT:
+            self._run(self.sync())
+
+    async def sync(self) -> None:
+        """Re-list the labelled containers and add, change or remove services to match."""
+        if self._syncing:
+            self._dirty = True
+            return
+        self._syncing = True
+        try:
+            while True:
+                self._dirty = False
+                try:
+                    containers = await self.engine.list_containers({"label": [ENABLE_LABEL]})
+                except ContainerEngineError as error:
+                    self._lost(str(error))
+                    if self._stream is not None:
+                        await self._stream.stop()
+                    return
+                self.last_error = None
+                self._delay = RECONNECT_FIRST
+                self._apply(containers)
+                if not self._dirty:
+                    return
+        finally:
+            self._syncing = False
+
+    def _apply(self, containers: list[dict[str, Any]]) -> None:
+        wanted: dict[str, ServiceConfig] = {}
+        for container in containers:
+            try:
+                service = service_from_labels(container, self.settings, self.gateway.config.defaults)
+            except ConfigError as error:
+                if str(error) not in self._warned:
+                    self._warned.add(str(error))
+                    log.warn("not a service: {error}", error=str(error))
+                continue
+            if service.name in self.gateway.config.services or service.name in wanted:
+                key = f"duplicate:{service.name}:{container_name(container)}"
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warn("container {container} is not used: service {name} is already defined",
+                             container=container_name(container), name=service.name)
+                continue
+            wanted[service.name] = service
+        for name in sorted(self.owned - set(wanted)):
+            log.info("container of service {name} is gone: removing it", name=name)
+            self.gateway.remove_service(name)
+            self.owned.discard(name)
+        for name, service in wanted.items():
+            if self.gateway.add_service(service):
+                log.info("discovered service {name} ({url})", name=name, url=service.url)
+            self.owned.add(name)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def discovery_service(gateway: Gateway, config: Config, reactor: Any) -> DockerDiscovery | None:
+    """The discovery service when C{docker: {discover: true}} asks for it."""
+    settings = config.sections.get("docker")
+    if isinstance(settings, DiscoverySettings) and settings.discover:
+        return DockerDiscovery(gateway, settings, reactor)
+    return None

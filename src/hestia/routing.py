@@ -1,0 +1,663 @@
+"""
+Routes: what a service name in C{/services/<name>/} leads to (issue 7).
+
+The proxy and the API talk to one I{route} per service name (the L{Route}
+surface: C{acquire()}, C{status()}, C{start()}, C{stop()}, ...).  For a plain
+service the route I{is} its L{ServiceLifecycle}: nothing is added on the hot
+path.  Two other kinds share that surface:
+
+  - L{MultiInstanceRoute} (C{instances:}): several lifecycles, each with its
+    own backend, idle clock and status, and an L{IRoutingStrategy} that picks
+    one per request (the instance's own queue holds the request if it is cold);
+  - L{ModelRoute} (C{route_by: model}): one endpoint for many models; each
+    request goes to the target service that lists the request's model.
+    C{/api/tags} and C{/v1/models} are answered from configuration, without
+    starting anything, and an unknown model gets the client API's own error.
+
+Host routing (C{hosts: [ollama.home.lan]}) sends a request with that C{Host}
+straight to the service at C{/} (see L{hestia.proxy.GatewayRoot}).
+
+This module also parses the routing keys (L{parse_routing}) into a
+L{RoutingPlan} that the gateway builds routes from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence, Sized
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from hestia.config import (
+    BACKEND_SECTIONS,
+    ROUTING_KEYS,
+    SERVICE_KEYS,
+    ConfigError,
+    ServiceConfig,
+    _Reader,
+    _service,
+)
+from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut
+from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
+from hestia.strategies import InstanceView, StrategyError, load_strategy
+
+# -- configuration ---------------------------------------------------------------
+
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS) | BACKEND_SECTIONS | {"cost"}
+# Paths whose request names a model, per client API.
+OLLAMA_MODEL_PATHS = frozenset(
+    {"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull", "/api/push",
+     "/api/create", "/api/copy", "/api/delete"}
+)
+OPENAI_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One entry of C{instances:}: a complete service configuration of its own, and its cost."""
+
+    service: ServiceConfig
+    cost: float
+
+
+@dataclass(frozen=True)
+class MultiInstancePlan:
+    name: str
+    strategy: str
+    strategy_options: Mapping[str, Any]
+    instances: tuple[InstanceConfig, ...]
+
+
+@dataclass(frozen=True)
+class ModelRoutePlan:
+    name: str
+    targets: tuple[str, ...]
+    # model -> target service, in the targets' order.
+    models: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """
+    Everything the routing keys of a configuration say, validated.
+
+    @ivar hosts: C{Host} name (lower case) -> service.
+    @ivar groups: L{hestia.groups.GroupConfig} by group name.
+    @ivar membership: service -> its group.
+    @ivar depends_on: service -> the services it needs running first.
+    """
+
+    multi: Mapping[str, MultiInstancePlan] = field(default_factory=dict)
+    model_routes: Mapping[str, ModelRoutePlan] = field(default_factory=dict)
+    models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    groups: Mapping[str, Any] = field(default_factory=dict)
+    membership: Mapping[str, str] = field(default_factory=dict)
+    depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _names(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise reader.fail(key, "expected a list of names")
+    if len(set(value)) != len(value):
+        raise reader.fail(key, "lists a name twice")
+    return tuple(value)
+
+
+def _strategy(reader: _Reader, raw: Any, key: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(raw, str):
+        name, options = raw, {}
+    elif isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        options = {k: v for k, v in raw.items() if k != "name"}
+        name = raw["name"]
+    else:
+        raise reader.fail(key, "expected a strategy name, or a mapping with name: and its options")
+    try:
+        load_strategy(name, options)  # Loaded now so that a broken plugin stops start-up.
+    except StrategyError as error:
+        raise reader.fail(key, str(error)) from None
+    return name, options
+
+
+def _instances(
+    reader: _Reader, parent: ServiceConfig, raw: Any, environ: Mapping[str, str]
+) -> tuple[InstanceConfig, ...]:
+    key = f"services.{parent.name}.instances"
+    if not isinstance(raw, list) or not raw:
+        raise reader.fail(key, "expected a non-empty list of instances ({url: ..., command: ..., cost: ...})")
+    instances = []
+    for index, item in enumerate(raw):
+        where = f"{key}[{index}]"
+        section = dict(reader.mapping(item, where))
+        if not section:
+            raise reader.fail(where, "an instance needs at least a url")
+        reader.check_keys(section, INSTANCE_KEYS, where)
+        cost = section.pop("cost", 1)
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0:
+            raise reader.fail(f"{where}.cost", f"expected a number >= 0, got {cost!r}")
+        try:
+            # An instance is parsed like a service of its own, inheriting the
+            # parent's settings (tunables, health, env, cwd) unless it sets them.
+            service = _service(reader, parent.name, section, parent.tunables, {})
+        except ConfigError as error:
+            sub = error.key.replace(f"services.{parent.name}", where, 1)
+            raise ConfigError(error.source, sub, error.message) from None
+        inherited: dict[str, Any] = {"name": f"{parent.name}.{index}", "keep_warm": parent.keep_warm}
+        for name in ("health", "env", "cwd"):
+            if name not in section:
+                inherited[name] = getattr(parent, name)
+        instances.append(InstanceConfig(service=replace(service, **inherited), cost=float(cost)))
+    return tuple(instances)
+
+
+def parse_routing(
+    source: str, services: Mapping[str, ServiceConfig], groups_raw: Any, environ: Mapping[str, str]
+) -> RoutingPlan:
+    """
+    Validate the routing keys of every service and the top-level C{groups:}.
+
+    @raise ConfigError: naming file, service and key, like every config error.
+    """
+    from hestia.groups import check_dependencies, parse_groups
+
+    reader = _Reader(source)
+    groups = parse_groups(reader, groups_raw)
+    multi: dict[str, MultiInstancePlan] = {}
+    models: dict[str, tuple[str, ...]] = {}
+    hosts: dict[str, str] = {}
+    membership: dict[str, str] = {}
+    depends_on: dict[str, tuple[str, ...]] = {}
+    routed: list[ServiceConfig] = []
+    for name, service in services.items():
+        raw = service.routing
+        key = f"services.{name}"
+        if "instances" in raw and "route_by" in raw:
+            raise reader.fail(key, "give either instances or route_by, not both")
+        if "instances" in raw:
+            strategy, options = _strategy(reader, raw.get("strategy", "prefer-warm"), f"{key}.strategy")
+            multi[name] = MultiInstancePlan(name, strategy, options, _instances(reader, service, raw["instances"],
+                                                                                environ))
+        elif "strategy" in raw:
+            raise reader.fail(f"{key}.strategy", "only a service with instances has a strategy")
+        if "route_by" in raw:
+            if raw["route_by"] != "model":
+                raise reader.fail(f"{key}.route_by", f"expected model, got {raw['route_by']!r}")
+            for forbidden in ("models", "group", "depends_on"):
+                if forbidden in raw:
+                    raise reader.fail(f"{key}.{forbidden}", "not for a route_by service (set it on its targets)")
+            routed.append(service)
+        elif "targets" in raw:
+            raise reader.fail(f"{key}.targets", "only a route_by: model service has targets")
+        if "models" in raw:
+            listed = _names(reader, raw["models"], f"{key}.models")
+            if not listed:
+                raise reader.fail(f"{key}.models", "lists no model")
+            models[name] = listed
+        if "hosts" in raw:
+            for host in _names(reader, raw["hosts"], f"{key}.hosts"):
+                host = host.lower().rstrip(".")
+                if host in hosts:
+                    raise reader.fail(f"{key}.hosts", f"{host} is already routed to {hosts[host]}")
+                hosts[host] = name
+        if "group" in raw:
+            group = raw["group"]
+            if not isinstance(group, str) or group not in groups:
+                known = ", ".join(sorted(groups)) or "none: add a top-level groups: section"
+                raise reader.fail(f"{key}.group", f"no group named {group!r} (groups: {known})")
+            if service.backend in ("instances", "route"):
+                raise reader.fail(f"{key}.group", "only a single-instance service can be in a group")
+            membership[name] = group
+        if "depends_on" in raw:
+            needed = _names(reader, raw["depends_on"], f"{key}.depends_on")
+            for other in needed:
+                if other == name:
+                    raise reader.fail(f"{key}.depends_on", "a service cannot depend on itself")
+                if other not in services or services[other].backend == "route":
+                    raise reader.fail(f"{key}.depends_on", f"no service named {other!r} to depend on")
+            depends_on[name] = needed
+    check_dependencies(reader, depends_on)
+    model_routes = {}
+    for service in routed:
+        key = f"services.{service.name}"
+        if "targets" in service.routing:
+            targets = _names(reader, service.routing["targets"], f"{key}.targets")
+            for target in targets:
+                if target not in models:
+                    why = "no such service" if target not in services else "it lists no models"
+                    raise reader.fail(f"{key}.targets", f"{target!r} cannot be a target: {why}")
+        else:
+            targets = tuple(models)
+            if not targets:
+                raise reader.fail(f"{key}.route_by", "no service lists models: give targets models: [...]")
+        owner: dict[str, str] = {}
+        for target in targets:
+            for model in models[target]:
+                if model in owner:
+                    raise reader.fail(
+                        f"{key}.targets", f"model {model!r} is listed by both {owner[model]} and {target}"
+                    )
+                owner[model] = target
+        model_routes[service.name] = ModelRoutePlan(service.name, targets, owner)
+    return RoutingPlan(multi, model_routes, models, hosts, groups, membership, depends_on)
+
+
+# -- the route surface -----------------------------------------------------------
+
+
+class Route(Protocol):
+    """
+    What the proxy and the API use of a service: a L{ServiceLifecycle} has it all.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> ServiceConfig: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def backend(self) -> Any: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def queue(self) -> Sized: ...
+
+    def acquire(self, request: object = None) -> Deferred[Lease]: ...
+
+    def start(self, reason: str = "api") -> Deferred[None]: ...
+
+    def stop(self, reason: str = "api") -> Deferred[None]: ...
+
+    def shutdown(self) -> Deferred[None]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def add_observer(self, observer: Observer) -> None: ...
+
+
+class RouteRequest:
+    """
+    The facts of one request a route may route on, computed only when asked.
+
+    @ivar rest: the path below the service (with its query), as forwarded.
+    @ivar now: reactor seconds when it arrived (strategies use it, not the wall clock).
+    """
+
+    __slots__ = ("_model", "now", "request", "rest")
+
+    def __init__(self, request: Request, rest: bytes, now: float) -> None:
+        self.request = request
+        self.rest = rest
+        self.now = now
+        self._model: str | bool | None = False
+
+    @property
+    def method(self) -> str:
+        return self.request.method.decode("ascii", "replace")
+
+    @property
+    def path(self) -> str:
+        return self.rest.split(b"?", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def model(self) -> str | None:
+        """The C{model} of a JSON body, else C{?model=}; C{None} when neither names one."""
+        if self._model is False:
+            self._model = _model_of(self.request, self.rest)
+        return self._model  # type: ignore[return-value]
+
+
+def _model_of(request: Request, rest: bytes) -> str | None:
+    content = request.content
+    if content is not None:
+        content.seek(0)
+        body = content.read()
+        content.seek(0)
+        if body[:1].strip() in (b"{", b"") and body.strip():
+            try:
+                document = json.loads(body)
+            except ValueError:
+                document = None
+            if isinstance(document, dict) and isinstance(document.get("model"), str) and document["model"]:
+                return str(document["model"])
+    query = urlsplit(rest.decode("utf-8", "replace")).query
+    values = parse_qs(query).get("model")
+    return values[0] if values else None
+
+
+class _QueueView:
+    """C{len()} of several queues together: what the status and metrics read."""
+
+    def __init__(self, queues: Callable[[], Sequence[Sized]]) -> None:
+        self._queues = queues
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._queues())
+
+
+class _CompositeBackend:
+    """What a route with no backend of its own shows where a lifecycle shows its backend."""
+
+    has_lifecycle = True
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.url = ""
+
+    def recent_output(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+def aggregate_state(states: Sequence[State]) -> State:
+    """One state for several: ready if any is ready, else the most hopeful."""
+    for state in (State.READY, State.STARTING, State.STOPPING, State.STOPPED):
+        if state in states:
+            return state
+    return State.FAILED if states else State.STOPPED
+
+
+_RETRYABLE = (StartFailed, StartTimedOut, ServiceUnavailable)
+
+
+class MultiInstanceRoute:
+    """
+    A service with several instances, each its own L{ServiceLifecycle}.
+
+    The strategy chooses per request; a strategy with C{retries} (failover,
+    prefer-warm) is asked again, without the instance that failed, when the
+    chosen one cannot start, so the request is lost only when every instance failed.
+    """
+
+    def __init__(
+        self, config: ServiceConfig, plan: MultiInstancePlan, lifecycles: Sequence[ServiceLifecycle],
+        strategy: Any, now: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.instances = list(lifecycles)
+        self.strategy = strategy
+        self._now = now
+        self.backend = _CompositeBackend("instances")
+        self.queue = _QueueView(lambda: [lifecycle.queue for lifecycle in self.instances])
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> State:
+        return aggregate_state([lifecycle.state for lifecycle in self.instances])
+
+    @property
+    def in_flight(self) -> int:
+        return sum(lifecycle.in_flight for lifecycle in self.instances)
+
+    def views(self, exclude: set[int] = frozenset()) -> list[InstanceView]:  # type: ignore[assignment]
+        return [
+            InstanceView(
+                index=index,
+                name=lifecycle.name,
+                url=lifecycle.backend.url,
+                state=lifecycle.state.value,
+                queued=len(lifecycle.queue),
+                in_flight=lifecycle.in_flight,
+                cost=self.plan.instances[index].cost,
+                cooling_down=bool(lifecycle.cooldown_until and lifecycle.cooldown_until > self._now()),
+                last_request_at=lifecycle.last_request_at,
+            )
+            for index, lifecycle in enumerate(self.instances)
+            if index not in exclude
+        ]
+
+    def choose(self, request: object, exclude: set[int] = frozenset()) -> ServiceLifecycle:  # type: ignore[assignment]
+        views = self.views(exclude)
+        chosen = self.strategy.choose(views, request)
+        if chosen not in views:
+            raise StartFailed(f"strategy {self.plan.strategy} chose no instance of this service",
+                              service=self.name, state=self.state.value)
+        return self.instances[chosen.index]
+
+    def acquire(self, request: object = None) -> Deferred[Lease]:
+        tried: set[int] = set()
+        current: list[Deferred[Lease]] = []
+
+        def cancel(outer: Deferred[Lease]) -> None:
+            if current:
+                current[-1].cancel()
+
+        outer: Deferred[Lease] = Deferred(cancel)
+
+        def attempt() -> None:
+            try:
+                lifecycle = self.choose(request, tried)
+            except GatewayError as error:
+                outer.errback(error)
+                return
+            tried.add(self.instances.index(lifecycle))
+            waiting = lifecycle.acquire(request)
+            current.append(waiting)
+            waiting.addCallbacks(outer.callback, failed)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError) or outer.called:
+                return
+            if self.strategy.retries and failure.check(*_RETRYABLE) and len(tried) < len(self.instances):
+                attempt()
+            else:
+                outer.errback(failure)
+
+        attempt()
+        return outer
+
+    def start(self, reason: str = "api") -> Deferred[None]:
+        return self.choose(None).start(reason)
+
+    def stop(self, reason: str = "api") -> Deferred[None]:
+        stops = [lifecycle.stop(reason) for lifecycle in self.instances]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    def shutdown(self) -> Deferred[None]:
+        stops = [lifecycle.shutdown() for lifecycle in self.instances]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    def add_observer(self, observer: Observer) -> None:
+        for lifecycle in self.instances:
+            lifecycle.add_observer(observer)
+
+    def status(self) -> dict[str, Any]:
+        instances = []
+        for index, lifecycle in enumerate(self.instances):
+            instances.append({"index": index, "cost": self.plan.instances[index].cost, **lifecycle.status()})
+        last = [lifecycle.last_request_at for lifecycle in self.instances if lifecycle.last_request_at]
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "backend": "instances",
+            "url": None,
+            "strategy": self.plan.strategy,
+            "in_flight": self.in_flight,
+            "queued": len(self.queue),
+            "keep_warm": self.config.keep_warm,
+            "idle_timeout": self.config.idle_timeout,
+            "state_since": max((i["state_since"] for i in instances if i["state_since"]), default=None),
+            "last_request_at": iso_time(max(last)) if last else None,
+            "last_error": next((i["last_error"] for i in instances if i["last_error"]), None),
+            "instances": instances,
+        }
+
+
+class ModelRoute:
+    """
+    C{route_by: model}: one endpoint in front of the services that serve each model.
+
+    It holds no lifecycle: every request is handed to the target's own route,
+    so the target's queue, idle clock and group rules apply unchanged.
+    """
+
+    def __init__(self, config: ServiceConfig, plan: ModelRoutePlan, lookup: Callable[[str], Route],
+                 models: Mapping[str, tuple[str, ...]]) -> None:
+        self.config = config
+        self.plan = plan
+        self._lookup = lookup
+        self._models = models
+        self.backend = _CompositeBackend("route")
+        self.queue = _QueueView(lambda: [self._lookup(target).queue for target in self.plan.targets])
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def targets(self) -> list[Route]:
+        return [self._lookup(target) for target in self.plan.targets]
+
+    @property
+    def state(self) -> State:
+        return aggregate_state([target.state for target in self.targets()])
+
+    @property
+    def in_flight(self) -> int:
+        return sum(target.in_flight for target in self.targets())
+
+    def models(self) -> list[str]:
+        return list(self.plan.models)
+
+    def target_for(self, model: str | None) -> Route | None:
+        target = self.plan.models.get(model or "")
+        if target is None and model and ":" not in model:
+            # Ollama's own rule: a bare name means its ":latest" tag.
+            target = self.plan.models.get(f"{model}:latest")
+        return None if target is None else self._lookup(target)
+
+    def acquire(self, request: object = None) -> Deferred[Lease]:
+        model = getattr(request, "model", None)
+        target = self.target_for(model)
+        if target is None:
+            # intercept() answers these before any acquire; this is for other callers.
+            return fail(GatewayError(f"no target serves model {model!r}", service=self.name, state=self.state.value))
+        return target.acquire(request)
+
+    def start(self, reason: str = "api") -> Deferred[None]:
+        # Which model is wanted is not known: targets start on their first request.
+        return succeed(None)
+
+    def stop(self, reason: str = "api") -> Deferred[None]:
+        stops = [target.stop(reason) for target in self.targets()]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    def shutdown(self) -> Deferred[None]:
+        return succeed(None)  # The targets are services of their own, shut down as such.
+
+    def add_observer(self, observer: Observer) -> None:
+        pass  # The targets' transitions reach observers as the targets' own.
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "backend": "route",
+            "route_by": "model",
+            "url": None,
+            "in_flight": self.in_flight,
+            "queued": len(self.queue),
+            "keep_warm": False,
+            "idle_timeout": self.config.idle_timeout,
+            "state_since": None,
+            "last_request_at": None,
+            "last_error": None,
+            "targets": [
+                {"name": name, "state": self._lookup(name).state.value, "models": list(self._models.get(name, ()))}
+                for name in self.plan.targets
+            ],
+        }
+
+    # -- answering without a backend --------------------------------------------
+
+    def intercept(self, request: Request, rest: bytes) -> bool:
+        """
+        Answer what needs no backend: model lists, and requests no target can serve.
+
+        @return: C{True} when C{request} was answered here.
+        """
+        path = rest.split(b"?", 1)[0].rstrip(b"/").decode("utf-8", "replace") or "/"
+        method = request.method
+        if path == "/api/tags" and method in (b"GET", b"HEAD"):
+            _write_json(request, 200, {"models": [_ollama_model(name) for name in self.models()]})
+            return True
+        if path == "/v1/models" and method in (b"GET", b"HEAD"):
+            _write_json(request, 200, {
+                "object": "list",
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": self.plan.models[name]}
+                         for name in self.models()],
+            })
+            return True
+        openai = path.startswith("/v1/")
+        model = _model_of(request, rest)
+        if model is not None and self.target_for(model) is not None:
+            return False
+        if model is None and path not in OLLAMA_MODEL_PATHS and path not in OPENAI_MODEL_PATHS:
+            message = f"{path} names no model: {self.name} routes by model (JSON body 'model' or ?model=)"
+            status = 404
+        elif model is None:
+            message, status = "model is required", 400
+        else:
+            message = f"model '{model}' not found"
+            status = 404
+        if openai:
+            _write_json(request, status, {"error": {
+                "message": message, "type": "invalid_request_error", "param": "model",
+                "code": "model_not_found" if status == 404 else None,
+            }})
+        else:
+            _write_json(request, status, {"error": message})
+        return True
+
+
+def _ollama_model(name: str) -> dict[str, Any]:
+    return {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+            "details": {}}
+
+
+def _write_json(request: Request, status: int, document: Any) -> None:
+    body = json.dumps(document).encode("utf-8") + b"\n"
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.responseHeaders.removeHeader(b"server")
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def build_route(
+    service: ServiceConfig, plan: RoutingPlan | None, build_lifecycle: Callable[[ServiceConfig], ServiceLifecycle],
+    lookup: Callable[[str], Route], now: Callable[[], float],
+) -> Route:
+    """
+    The composite route of an C{instances:} or C{route_by:} service.
+
+    @param build_lifecycle: makes each instance's lifecycle (with its backend
+        plugin and the gateway's state observers).
+    @param lookup: finds a target's route by name when a request needs it, so
+        that a target rebuilt on reload is used from then on.
+    """
+    if plan is not None and service.name in plan.multi:
+        multi = plan.multi[service.name]
+        strategy = load_strategy(multi.strategy, multi.strategy_options)
+        instances = [build_lifecycle(instance.service) for instance in multi.instances]
+        return MultiInstanceRoute(service, multi, instances, strategy, now)
+    if plan is not None and service.name in plan.model_routes:
+        return ModelRoute(service, plan.model_routes[service.name], lookup, plan.models)
+    raise ValueError(f"{service.name} is not a composite service of this configuration")
