@@ -3,7 +3,7 @@
 #
 #   ./scripts/dev.sh setup        virtualenv + Hestia installed in it (editable)
 #   ./scripts/dev.sh run          setup, then run Hestia on hestia_config.yml (foreground)
-#   ./scripts/dev.sh test [SUITE] every test, lint and type check (SUITE: unit, integration,
+#   ./scripts/dev.sh test [SUITE] every test, lint and type check (SUITE: unit, integration, browser,
 #                                 container, semaphore, lint, or a pytest -k expression)
 #   ./scripts/dev.sh status       what the running Hestia says about its services
 #   ./scripts/dev.sh stop         stop a Hestia started by `run` and the test engines
@@ -47,6 +47,12 @@ run() {
   exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "$@"
 }
 
+# A test run that hangs (a stuck process, a thread keeping Python alive) must fail, not stall CI:
+# the whole pytest run gets HESTIA_TEST_TIMEOUT seconds (default 25 minutes).
+pytest_bounded() {
+  timeout --signal=TERM --kill-after=30 "${HESTIA_TEST_TIMEOUT:-1500}" "$PY" -m pytest "$@"
+}
+
 test_suite() {
   setup
   system_deps
@@ -59,13 +65,13 @@ test_suite() {
   local status=0
   case "$suite" in
     all)
-      "$PY" -m pytest tests "$@" || status=$?
+      pytest_bounded tests "$@" || status=$?
       lint || status=$?
       ;;
     lint) lint || status=$? ;;
-    unit|integration|container|semaphore)
-      "$PY" -m pytest tests -m "$suite" "$@" || status=$? ;;
-    *) "$PY" -m pytest tests -k "$suite" "$@" || status=$? ;;
+    unit|integration|container|semaphore|browser)
+      pytest_bounded tests -m "$suite" "$@" || status=$? ;;
+    *) pytest_bounded tests -k "$suite" "$@" || status=$? ;;
   esac
   return $status
 }

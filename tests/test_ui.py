@@ -261,3 +261,36 @@ def test_openapi_is_served(gw: Gw) -> None:
     response = gw.http.get("/v1/openapi.yaml")
     assert response.status_code == 200
     assert response.content == (ROOT / "docs" / "openapi.yaml").read_bytes()
+
+
+@pytest.mark.unit
+def test_event_hub_streams_changes_beats_and_forgets_closed_streams() -> None:
+    from twisted.internet.task import Clock
+
+    from hestia.config import parse_config
+    from hestia.events_stream import EventHub
+    from hestia.gateway import Gateway
+    from hestia.testing import FakeBackend
+
+    clock = Clock()
+    config = parse_config({"services": {"svc": {"url": "http://127.0.0.1:9", "command": "true"}}},
+                          "test.yml", environ={})
+    gateway = Gateway(config, clock, agent=object(),  # type: ignore[arg-type]
+                      build_backend=lambda service: FakeBackend(service.url))
+    hub = EventHub(gateway)
+    request = DummyRequest([b""])
+    stream = hub.stream(request, "svc")
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/event-stream; charset=utf-8"]
+    assert b"event: status" in b"".join(request.written)
+    gateway.lifecycle("svc").start("api")
+    text = b"".join(request.written).decode()
+    assert "event: state" in text and '"new":"starting"' in text
+    clock.advance(EventHub.HEARTBEAT)
+    assert request.written[-1] == b": keep-alive\n\n"
+    assert hub.subscriber_count("svc") == 1
+    stream.cancel()  # what Klein does when the client goes away
+    assert hub.subscriber_count("svc") == 0
+    assert not clock.getDelayedCalls() or all(
+        call.func.__name__ != "beat" for call in clock.getDelayedCalls()  # type: ignore[attr-defined]
+    )
+    stream.addErrback(lambda failure: None)

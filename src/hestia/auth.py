@@ -395,7 +395,7 @@ class AdminGuard(Resource):
         self.authenticator = authenticator
 
     def render(self, request: Request) -> Any:
-        if not is_open_route(request.method, list(request.postpath)):
+        if not is_open_route(request.method, list(request.postpath or [])):
             denied = self.authenticator.check_admin(request)
             if denied is not None:
                 write_denied(request, denied)

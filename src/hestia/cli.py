@@ -22,14 +22,13 @@ import argparse
 import enum
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import IO, Any, NoReturn
 
 DEFAULT_URL = "http://localhost:8080"
@@ -59,6 +58,8 @@ class Client:
     """A tiny JSON client of C{/v1}; every failure becomes a L{CommandError}."""
 
     def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise CommandError(f"HESTIA_URL must be an http:// or https:// URL, not {url!r}", Exit.USAGE)
         self.base = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -66,7 +67,8 @@ class Client:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def open(self, method: str, path: str, timeout: float | None = None) -> Any:
-        request = urllib.request.Request(self.base + path, method=method)
+        # The scheme was checked in __init__: only http(s) is ever opened.
+        request = urllib.request.Request(self.base + path, method=method)  # noqa: S310
         request.add_header("Accept", "application/json")
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
@@ -260,7 +262,7 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
                     line = _log_line(line.strip()) + "\n"
                 out.write(line)
                 out.flush()
-        except (KeyboardInterrupt, socket.timeout):
+        except (KeyboardInterrupt, TimeoutError):
             pass
     return Exit.OK
 

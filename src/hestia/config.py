@@ -171,8 +171,9 @@ class Config:
 # Keys each level accepts.  A feature that adds a key registers it here, so
 # that a typo anywhere is still an error.
 TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
-SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections", "max_body_size", "max_header_size",
-               "header_timeout", "connection_idle_timeout", "redirect_listen"}
+SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
+               "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
+               "redirect_listen"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -154,18 +155,20 @@ class EventHub:
             payload = {**change_to_json(change), "status": status}
             request.write(sse_message("state", payload, self._next_id()))
 
-        unsubscribe = self.subscribe(name, send)
-        heartbeat = self.reactor.callLater(self.HEARTBEAT, lambda: beat())
+        heartbeat: list[IDelayedCall] = []
 
         def beat() -> None:
-            nonlocal heartbeat
             request.write(b": keep-alive\n\n")
-            heartbeat = self.reactor.callLater(self.HEARTBEAT, beat)
+            heartbeat[:] = [self.reactor.callLater(self.HEARTBEAT, beat)]
+
+        unsubscribe = self.subscribe(name, send)
+        heartbeat.append(self.reactor.callLater(self.HEARTBEAT, beat))
 
         def cancel(deferred: Deferred[None]) -> None:
             unsubscribe()
-            if heartbeat.active():
-                heartbeat.cancel()
+            for call in heartbeat:
+                if call.active():
+                    call.cancel()
 
         done: Deferred[None] = Deferred(cancel)
         return done

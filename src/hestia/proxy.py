@@ -47,8 +47,8 @@ from hestia.headers import (
     split_service_path,
 )
 from hestia.routing import RouteRequest
-from hestia.ui import serve_waiting_page, wants_waiting_page
 from hestia.tunnel import is_upgrade, open_tunnel
+from hestia.ui import serve_waiting_page, wants_waiting_page
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
