@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from hestiaproc import BackendSpec, HestiaProcess, read_request_log, wait_for
-from test_metrics import Traffic, traffic  # noqa: F401  (the module fixture, shared)
+from test_metrics import START_DELAY, Traffic, traffic  # noqa: F401  (the module fixture, shared)
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.web.test.requesthelper import DummyRequest
@@ -81,7 +81,7 @@ def test_one_access_line_per_proxied_request(traffic: Traffic) -> None:  # noqa:
     held = [line for line in requests if line["path"] == "/services/echo/echo/held"]
     assert len(held) == 2
     for line in held:
-        assert line["queued_ms"] >= 500  # Held for the 0.6 s cold start.
+        assert line["queued_ms"] >= 900 * START_DELAY  # Held for the cold start.
         assert line["upstream_ms"] is not None and line["upstream_ms"] < line["duration_ms"]
         assert line["bytes"] > 0
     failed = next(line for line in requests if line["service"] == "broken")
@@ -117,7 +117,7 @@ def test_lifecycle_events_carry_the_change_reason_and_start_duration(traffic: Tr
         ("stopped", "starting", "request"),
     ]
     ready = [c for c in changes if c["service"] == "echo" and c["new"] == "ready"]
-    assert all(c["duration"] >= 0.6 for c in ready)
+    assert all(c["duration"] >= START_DELAY for c in ready)
     idler = [(c["new"], c["reason"]) for c in changes if c["service"] == "idler"]
     assert ("stopping", "idle") in idler
     broken = next(c for c in changes if c["service"] == "broken" and c["new"] == "failed")
@@ -177,7 +177,7 @@ def test_events_api_lists_history_with_durations(traffic: Traffic) -> None:  # n
     events = traffic.http.get("/v1/services/echo/events").json()["events"]
     kinds = [event["kind"] for event in reversed(events)]
     assert kinds[:5] == ["start", "ready", "stop", "stopped", "start"]
-    assert all(event["duration"] >= 0.6 for event in events if event["kind"] == "ready")
+    assert all(event["duration"] >= START_DELAY for event in events if event["kind"] == "ready")
 
 
 @pytest.mark.integration

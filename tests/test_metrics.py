@@ -5,7 +5,7 @@ One gateway for the module, run with C{--log-format json} (its log is checked
 by C{test_logging.py}'s twin tests below and in that module), and real
 C{tests/backend.py} processes:
 
-  - C{echo} starts in 0.6 s with a queue of 2: two requests are held during
+  - C{echo} starts in 1 s (slow enough to queue requests on a busy machine) with a queue of 2: two requests are held during
     its cold start, a third is refused (503 queue full); two more are served
     warm; an API stop and one more request make a second cold start;
   - C{idler} is stopped by its 0.3 s idle timeout after one request;
@@ -34,7 +34,7 @@ from conftest import IN_CI, require
 from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, reap_leftovers
 from prometheus_client.parser import text_string_to_metric_families
 
-START_DELAY = 0.6
+START_DELAY = 1.0
 
 
 class Traffic:
@@ -248,7 +248,7 @@ def test_metrics_answer_head_and_refuse_other_methods(traffic: Traffic) -> None:
 class Unit:
     """A gateway of FakeBackends on a MemoryReactorClock, its metrics, and a client."""
 
-    def __init__(self, services: dict[str, Any] | None = None) -> None:
+    def __init__(self, services: dict[str, Any] | None = None, groups: dict[str, Any] | None = None) -> None:
         from treq.testing import RequestTraversalAgent, StubTreq
         from twisted.internet.testing import MemoryReactorClock
         from twisted.web.resource import Resource
@@ -275,7 +275,10 @@ class Unit:
             return fake
 
         self.services = services or {"svc": {"url": "http://backend:1", "command": ["x"], "idle_timeout": 10}}
-        self.config = parse_config({"services": self.services}, "test.yml", environ={})
+        document: dict[str, Any] = {"services": self.services}
+        if groups:
+            document["groups"] = groups
+        self.config = parse_config(document, "test.yml", environ={})
         self.agent = RequestTraversalAgent(Ok())
         self.gateway = Gateway(self.config, self.reactor, agent=self.agent, build_backend=build)
         self.metrics = HestiaMetrics(self.gateway)
@@ -389,3 +392,21 @@ def test_unit_start_results_and_the_exposition() -> None:
         "hestia_service_starts", "hestia_service_start_duration_seconds", "hestia_service_stops",
         "hestia_upstream_errors",
     } <= names
+
+
+
+@pytest.mark.unit
+def test_unit_exclusive_group_stop_reason() -> None:
+    """A member stopped to make room in its exclusive group counts as C{exclusive}."""
+    services = {
+        name: {"url": f"http://backend:{port}", "command": ["x"], "idle_timeout": 0, "group": "gpu0"}
+        for name, port in (("a", 1), ("b", 2))
+    }
+    unit = Unit(services, groups={"gpu0": {"exclusive": True, "min_residency": 0}})
+    unit.gateway.lifecycle("a").start("api")
+    unit.ready("a")
+    unit.gateway.lifecycle("b").start("api").addErrback(lambda failure: None)
+    unit.reactor.advance(0)
+    assert unit.gateway.lifecycle("a").state.value == "stopping"
+    assert unit.sample("hestia_service_stops_total", service="a", reason="exclusive") == 1
+    assert unit.sample("hestia_service_stops_total", service="a", reason="api") == 0
