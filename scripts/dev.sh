@@ -30,6 +30,8 @@ setup() {
     say "installing Hestia and its test tools into .venv"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -e ".[test,lint]"
+    # The example third-party routing strategy: the tests show Hestia finding it.
+    "$PY" -m pip install -q -e strategies/hestia-time-window
     touch "$stamp"
   fi
 }

@@ -27,12 +27,18 @@ import httpx
 import pytest
 from hestiaproc import HestiaProcess, wait_for
 from test_docker_engine import IMAGE, IN_CI, SANDBOX_HOST_CONFIG, SOCK, engine_problem, free_port
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from hestia.backends.docker import DockerSettings, parse_docker_section
 from hestia.config import ConfigError, Tunables, _Reader, parse_config
 from hestia.discovery import DiscoverySettings, service_from_labels
 from hestia.docker_engine import DockerEngine, NoSuchContainer
+from hestia.gateway import Gateway
+from hestia.interfaces import IAdoptableBackend
+from hestia.testing import FakeBackend
 
 ENGINE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "podman-engine.sh"
 HTTPD = "echo hestia-ready; exec httpd -f -p 8080 -h /www"
@@ -402,3 +408,66 @@ class ConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 service_from_labels({**container, "Labels": labels}, settings, Tunables())
             self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+
+
+@implementer(IAdoptableBackend)
+class _AdoptableFake(FakeBackend):
+    """A FakeBackend that says it already runs (as a running container would)."""
+
+    running = True
+
+    def running_already(self) -> Deferred[bool]:
+        return succeed(self.running)
+
+
+@pytest.mark.unit
+class GatewayRuntimeServicesTests(unittest.SynchronousTestCase):
+    """Gateway.add_service / remove_service / adopt_running, with a Clock and fakes."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backends: dict[str, _AdoptableFake] = {}
+        self.config = parse_config({"services": {"file": {"url": "http://127.0.0.1:1", "command": "x"}}}, "f", {})
+
+        def build(service: Any) -> FakeBackend:
+            backend = self.backends[service.name] = _AdoptableFake(service.url)
+            backend.running = service.name.startswith("up")
+            return backend
+
+        self.gateway = Gateway(self.config, self.clock, agent=object(), build_backend=build)  # type: ignore[arg-type]
+
+    def discovered(self, name: str, port: int = 2) -> Any:
+        return service_from_labels(
+            {"Id": f"id-{name}", "Names": [f"/{name}"], "Labels": {"hestia.port": str(port)}},
+            DiscoverySettings(discover=True), Tunables())
+
+    def test_add_remove_and_reload_keeps_discovered(self) -> None:
+        self.assertTrue(self.gateway.add_service(self.discovered("web")))
+        self.assertFalse(self.gateway.add_service(self.discovered("web")))  # unchanged: kept as is
+        first = self.gateway.services["web"]
+        self.assertTrue(self.gateway.add_service(self.discovered("web", port=3)))  # changed: rebuilt
+        self.assertIsNot(self.gateway.services["web"], first)
+        # A name the file defines is never taken over by a container.
+        self.assertFalse(self.gateway.add_service(self.discovered("file")))
+        self.assertEqual(self.gateway.services["file"].config.backend, "process")
+        summary = self.gateway.apply(self.config)
+        self.assertIn("web", self.gateway.services)
+        self.assertEqual(summary["removed"], [])
+        self.gateway.remove_service("web")
+        self.assertNotIn("web", self.gateway.services)
+        self.gateway.remove_service("file")  # not discovered: left alone
+        self.assertIn("file", self.gateway.services)
+
+    def test_running_service_is_adopted(self) -> None:
+        self.gateway.add_service(self.discovered("up-one"))
+        self.gateway.add_service(self.discovered("down-one"))
+        adopted, cold = self.gateway.services["up-one"], self.gateway.services["down-one"]
+        self.assertEqual((adopted.state.value, adopted.state_reason), ("starting", "adopted"))
+        self.assertEqual(cold.state.value, "stopped")
+        self.backends["up-one"].finish_start()
+        self.clock.advance(0)
+        self.backends["up-one"].answer_probe(True)
+        self.assertEqual(adopted.state.value, "ready")
+        # ...and idle-stopped like the rest.
+        self.clock.advance(adopted.config.idle_timeout)
+        self.assertEqual((adopted.state.value, adopted.state_reason), ("stopping", "idle"))

@@ -23,6 +23,7 @@ from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
 from hestia.groups import Coordinator
+from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
@@ -43,6 +44,12 @@ class _ClientProtocol(HTTP11ClientProtocol):
     C{response.headers} never shows C{Connection}: it is set on the response as
     C{connection_headers} (a L{Headers}) instead.
     """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A request's head and its body may go out in separate writes: with
+        # Nagle's algorithm the second would wait for the first's ACK.
+        set_no_delay(self.transport)
 
     def request(self, request: Any) -> Deferred[Any]:
         finished: Deferred[Any] = super().request(request)

@@ -103,6 +103,13 @@ class GuardedChannel(HTTPChannel):
         self._head_timer: IDelayedCall | None = None
         self._rejected = False
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Responses are written as they arrive (streams, Server-Sent Events):
+        # Nagle's algorithm would hold a small write back until the previous
+        # one is acknowledged, adding up to a delayed-ACK timeout per event.
+        set_no_delay(self.transport)
+
     # -- refusing --------------------------------------------------------------
 
     def reject(self, status: int, reason: str) -> None:
@@ -247,6 +254,16 @@ class GuardedSite(Site):
         """New limits for connections accepted from now on (a reload)."""
         self.limits = limits
         self.timeOut = limits.idle_timeout
+
+
+def set_no_delay(transport: Any) -> None:
+    """Turn on C{TCP_NODELAY} on C{transport} if it is a TCP one (not TLS's, not a pipe)."""
+    set_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_delay is not None:
+        try:
+            set_delay(True)
+        except OSError:
+            pass  # A UNIX socket, or a connection already gone.
 
 
 def raise_open_file_limit() -> int:

@@ -8,8 +8,8 @@ paths reach which service.
 
 from __future__ import annotations
 
+import random
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -39,6 +39,8 @@ _RECOMPUTED = frozenset({b"host", b"content-length", b"expect"})
 _FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix", b"x-request-id"})
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# A generator of Hestia's own, seeded from os.urandom once.
+_random_bits = random.Random().getrandbits
 
 RawHeaders = Iterable[tuple[bytes, Sequence[bytes]]]
 
@@ -63,10 +65,17 @@ def end_to_end(headers: RawHeaders, also_drop: frozenset[bytes] = frozenset()) -
 
 
 def request_id_from(values: Sequence[bytes] | None) -> bytes:
-    """The client's C{X-Request-ID} if it is sane, else a new one."""
+    """
+    The client's C{X-Request-ID} if it is sane, else a new one.
+
+    A new one is 128 random bits as 32 hex digits (the shape of a uuid4's
+    hex).  It has to be unique, not secret, so it comes from the C{random}
+    module rather than from C{uuid4}'s C{os.urandom}: one system call fewer
+    per request.
+    """
     if values and _REQUEST_ID.match(values[0]):
         return values[0]
-    return uuid.uuid4().hex.encode("ascii")
+    return b"%032x" % _random_bits(128)
 
 
 def headers_for_backend(

@@ -24,7 +24,7 @@ a race to lose.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -167,6 +167,12 @@ class HestiaMetrics:
         )
         registry.register(GatewayCollector(gateway))
         self._known: set[str] = set()
+        # Labelled children by label values: labels() validates and looks up
+        # under a lock on every call, which the per-request observer would
+        # pay for three or four times per request.  The label sets are small
+        # (services x methods x statuses), so the caches stay small too.
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._per_service: dict[str, tuple[Any, Any]] = {}
         self.sync_services()
 
     def sync_services(self) -> None:
@@ -193,18 +199,29 @@ class HestiaMetrics:
     def request_finished(self, exchange: Exchange) -> None:
         """A request observer: count one finished proxied request."""
         record = exchange.record
+        service = record.service
         method = record.method if record.method in KNOWN_METHODS else "other"
         status = record.status if record.status is not None else CLIENT_CLOSED
-        self.requests.labels(record.service, method, str(status)).inc()
+        key = (service, method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(service, method, str(status))
+        counter.inc()
+        histograms = self._per_service.get(service)
+        if histograms is None:
+            histograms = self._per_service[service] = (
+                self.request_duration.labels(service),
+                self.queue_wait.labels(service),
+            )
         if record.status is not None:
             # The upstream answered: its headers came after the queue wait
             # plus the upstream's own time.  Otherwise the gateway's error
             # was the answer, written as the request ended.
             answered = record.leased and record.error_kind not in ("connect", "upstream")
             to_headers = record.queued + record.upstream if answered else record.duration
-            self.request_duration.labels(record.service).observe(to_headers)
+            histograms[0].observe(to_headers)
         if record.leased:
-            self.queue_wait.labels(record.service).observe(record.queued)
+            histograms[1].observe(record.queued)
         if record.error_kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(record.service, record.error_kind).inc()
 

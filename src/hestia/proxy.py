@@ -50,9 +50,11 @@ from hestia.routing import RouteRequest
 from hestia.tunnel import is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
 
+from hestia.lifecycle import Lease
+
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.lifecycle import Lease, ServiceLifecycle
+    from hestia.lifecycle import ServiceLifecycle
 
 log = Logger(namespace="hestia.proxy")
 
@@ -166,6 +168,10 @@ class Exchange:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
         waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
+        if waiting.called and isinstance(waiting.result, Lease):
+            # A ready service leases at once (the warm path): go straight on.
+            self._forward(waiting.result)
+            return
         self._pending = waiting
         waiting.addCallbacks(self._forward, self._failed)
 
@@ -200,6 +206,12 @@ class Exchange:
             request.content.seek(0)
             body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
         slots = self.gateway.backend_slots(lease.url)
+        if slots.tokens:
+            # A free slot: take it directly, without a Deferred that would
+            # fire at once anyway (what acquire() does in this case).
+            slots.tokens -= 1
+            self._send(slots, lease.url, headers, body)
+            return
         turn = slots.acquire()
         self._pending = turn
         turn.addCallbacks(lambda _: self._send(slots, lease.url, headers, body), self._failed)
@@ -290,7 +302,7 @@ class Exchange:
         if self._gone:
             return
         self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # cheaper than Failure.check
             self.request.finish()
         else:
             # The backend broke off mid-body: cut the client off too, so that it
@@ -418,14 +430,14 @@ class ServiceProxyResource(ReverseProxyResource):
         except UnknownService as unknown:
             write_error(request, unknown, request_id)
             return NOT_DONE_YET
+        intercept = getattr(lifecycle, "intercept", None)
+        if intercept is not None and intercept(request, routed[1]):
+            return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
         if wants_waiting_page(lifecycle, request):
             # A person's browser: a page that says what is happening beats a
             # blank tab spinning for the whole cold start (hestia.ui).
             serve_waiting_page(self.gateway, lifecycle, request)
             return NOT_DONE_YET
-        intercept = getattr(lifecycle, "intercept", None)
-        if intercept is not None and intercept(request, routed[1]):
-            return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
         prefix = b"" if self.host_routed else None
         Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix).begin()
         return NOT_DONE_YET

@@ -405,6 +405,10 @@ class MultiInstanceRoute:
     def in_flight(self) -> int:
         return sum(lifecycle.in_flight for lifecycle in self.instances)
 
+    @property
+    def state_since(self) -> float:
+        return max(lifecycle.state_since for lifecycle in self.instances)
+
     def views(self, exclude: set[int] = frozenset()) -> list[InstanceView]:  # type: ignore[assignment]
         return [
             InstanceView(
@@ -530,6 +534,10 @@ class ModelRoute:
     @property
     def in_flight(self) -> int:
         return sum(target.in_flight for target in self.targets())
+
+    @property
+    def state_since(self) -> float:
+        return max((target.state_since for target in self.targets()), default=0.0)
 
     def models(self) -> list[str]:
         return list(self.plan.models)

@@ -9,6 +9,7 @@ up to C{server.shutdown_timeout}, then stop every service Hestia started.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 from typing import Any
@@ -80,6 +81,10 @@ def with_backlog(description: str) -> str:
     return description
 
 
+# Twisted's Site takes parsePOSTFormSubmission since 24.7.
+_SITE_CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
+
+
 class HestiaSite(GuardedSite):
     """
     A Site without the stock access log: Hestia writes its own, structured.
@@ -91,6 +96,15 @@ class HestiaSite(GuardedSite):
     displayTracebacks = False
     noisy = False
     authenticator: Authenticator | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A proxy forwards bodies, it does not read them: by default Twisted
+        # parses every form POST into request.args, reading a multipart
+        # upload whole into memory (several copies of it) and answering 400
+        # itself to one it cannot parse, which the backend should judge.
+        if _SITE_CAN_SKIP_FORMS:
+            kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
 
     def log(self, request: Any) -> None:
         pass
