@@ -87,3 +87,19 @@ def hestia(tmp_path: Path) -> Iterator[StartHestia]:
 
 
 # ---- integration: real Hestia processes ------------------------------------ end ----
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """
+    Close any SQLite pool a failed test left open.
+
+    adbapi's worker thread is not a daemon: one pool left running keeps the
+    interpreter alive after the last test, and the run hangs instead of ending.
+    """
+    import gc
+
+    from twisted.enterprise import adbapi
+
+    for pool in [obj for obj in gc.get_objects() if isinstance(obj, adbapi.ConnectionPool)]:
+        if pool.running:
+            pool.close()

@@ -40,7 +40,7 @@ _FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # A generator of Hestia's own, seeded from os.urandom once.
-_random_bits = random.Random().getrandbits
+_random_bits = random.Random().getrandbits  # noqa: S311 -- unique, not secret
 
 RawHeaders = Iterable[tuple[bytes, Sequence[bytes]]]
 

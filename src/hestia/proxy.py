@@ -46,11 +46,10 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
+from hestia.lifecycle import Lease
 from hestia.routing import RouteRequest
 from hestia.tunnel import is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
-
-from hestia.lifecycle import Lease
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway

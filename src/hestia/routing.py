@@ -270,6 +270,9 @@ class Route(Protocol):
     def in_flight(self) -> int: ...
 
     @property
+    def state_since(self) -> float: ...
+
+    @property
     def queue(self) -> Sized: ...
 
     def acquire(self, request: object = None) -> Deferred[Lease]: ...
@@ -408,6 +411,10 @@ class MultiInstanceRoute:
     @property
     def state_since(self) -> float:
         return max(lifecycle.state_since for lifecycle in self.instances)
+
+    @property
+    def last_request_at(self) -> float | None:
+        return max((lc.last_request_at for lc in self.instances if lc.last_request_at is not None), default=None)
 
     def views(self, exclude: set[int] = frozenset()) -> list[InstanceView]:  # type: ignore[assignment]
         return [

@@ -81,7 +81,7 @@ def with_backlog(description: str) -> str:
     return description
 
 
-# Twisted's Site takes parsePOSTFormSubmission since 24.7.
+# Recent Twisted releases let a Site skip form parsing (parsePOSTFormSubmission).
 _SITE_CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
 
 

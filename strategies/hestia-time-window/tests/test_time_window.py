@@ -5,9 +5,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
-from hestia.strategies import IRoutingStrategy, InstanceView, load_strategy
 from hestia_time_window import TimeWindow, in_window
 from zope.interface.verify import verifyObject
+
+from hestia.strategies import InstanceView, IRoutingStrategy, load_strategy
 
 NIGHT = 23 * 3600  # 23:00 UTC on 1 January 1970
 DAY = 12 * 3600
@@ -29,6 +30,7 @@ def test_window_wraps_past_midnight() -> None:
     start, end = 22 * 60, 6 * 60
     assert in_window(23 * 60, start, end) and in_window(5 * 60, start, end)
     assert not in_window(12 * 60, start, end) and not in_window(6 * 60, start, end)
+    assert in_window(0, 0, 0) and in_window(23 * 60, 12 * 60, 12 * 60)  # start == end: all day
     assert in_window(9 * 60, 9 * 60, 17 * 60) and not in_window(17 * 60, 9 * 60, 17 * 60)
 
 

@@ -21,8 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hestia.strategies import IRoutingStrategy, InstanceView, PreferWarm
 from zope.interface import implementer
+
+from hestia.strategies import InstanceView, IRoutingStrategy, PreferWarm
 
 __all__ = ["TimeWindow", "in_window"]
 
@@ -36,8 +37,13 @@ def _minutes(text: str) -> int:
 
 
 def in_window(minute_of_day: int, start: int, end: int) -> bool:
-    """C{start <= minute < end}, where a window may wrap past midnight (22:00-06:00)."""
-    if start <= end:
+    """
+    C{start <= minute < end}, where a window may wrap past midnight
+    (22:00-06:00); C{start == end} is the whole day.
+    """
+    if start == end:
+        return True
+    if start < end:
         return start <= minute_of_day < end
     return minute_of_day >= start or minute_of_day < end
 
