@@ -100,6 +100,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     from twisted.enterprise import adbapi
 
-    for pool in [obj for obj in gc.get_objects() if isinstance(obj, adbapi.ConnectionPool)]:
-        if pool.running:
-            pool.close()
+    for candidate in gc.get_objects():
+        try:
+            if isinstance(candidate, adbapi.ConnectionPool) and candidate.running:
+                candidate.close()
+        except ReferenceError:  # A dead weak proxy: nothing to close.
+            continue

@@ -47,22 +47,11 @@ class BackendEndpointFactory:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    # Endpoints hold no connection state, so one per backend address serves
-    # every request: the Agent asks for one per request, pooled or not.
-    _CACHED = 256
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = endpoint_for(self._reactor, uri.host.decode("ascii"), uri.port, self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-            if len(self._endpoints) >= self._CACHED:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
+        endpoint = endpoint_for(self._reactor, uri.host.decode("ascii"), uri.port, self._timeout)
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
 
 

@@ -171,6 +171,7 @@ class HestiaMetrics:
         # under a lock on every call, which the per-request observer would
         # pay for three or four times per request.  The label sets are small
         # (services x methods x statuses), so the caches stay small too.
+        # Whatever removes series (remove(), clear()) must empty these too.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._per_service: dict[str, tuple[Any, Any]] = {}
         self.sync_services()
