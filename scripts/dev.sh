@@ -62,6 +62,7 @@ test_suite() {
   shift || true
   mkdir -p "$ROOT/tests/artifacts"
   if [ "$suite" = "all" ] || [ "$suite" = "container" ]; then
+    "$ROOT/scripts/podman-engine.sh" install >&2
     "$ROOT/scripts/podman-engine.sh" start >/dev/null
   fi
   local status=0
