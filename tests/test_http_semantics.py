@@ -12,8 +12,8 @@ Covered: HEAD (no body, Content-Length kept), 204 and 304 (no body, no
 chunking), HTTP/1.0 clients (no chunked coding; close or keep-alive as asked),
 chunked responses of unknown length (streamed, not buffered), and
 C{Expect: 100-continue} uploads (the client gets 100 Continue before it sends
-the body; the backend gets the body and no C{Expect}).  Large bodies and slow
-readers are in C{test_large_bodies.py}.
+the body; the backend gets the body and no C{Expect}), and form uploads passed
+through unparsed.  Large bodies and slow readers are in C{test_large_bodies.py}.
 """
 
 from __future__ import annotations
@@ -331,3 +331,26 @@ def test_expect_100_continue_upload(gateway: Gateway) -> None:
     received = gateway.backend_requests("/echo/upload")
     assert len(received) == 1
     assert "expect" not in {name.lower() for name, _ in received[0]["headers"]}
+
+
+# -- form bodies are forwarded, not parsed ----------------------------------------------
+
+
+def test_a_form_upload_reaches_the_backend_unparsed(gateway: Gateway) -> None:
+    """
+    Twisted's Site parses form POSTs by default, reading a multipart body whole
+    into memory and answering 400 itself to one it cannot parse.  A proxy must
+    pass the body through, whatever it holds, and let the backend judge it.
+    """
+    body = b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nnot closed properly"
+    conn = gateway.connect()
+    try:
+        response = conn.request("POST", "/services/b/echo/form", headers={
+            # No boundary parameter: Twisted's own form parser would refuse it with a 400.
+            "Content-Type": "multipart/form-data", "Content-Length": str(len(body))}, body=body)
+        assert response.status == 200, response
+        echoed = json.loads(response.body)
+        assert echoed["body_len"] == len(body) and echoed["body"] == body.decode()
+        still_usable(conn)
+    finally:
+        conn.close()
