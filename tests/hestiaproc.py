@@ -457,3 +457,16 @@ __all__ = [
     "run_to_exit",
     "wait_for",
 ]
+
+
+def stop_cleanly(gateway: HestiaProcess, marker: Path) -> None:
+    """
+    Stop C{gateway} at the end of a shared fixture, and fail unless it stopped
+    gracefully and left no process whose command line names C{marker} behind.
+    """
+    status = gateway.stop()
+    # Orphans are reparented and die asynchronously: give them a moment.
+    wait_for(lambda: not processes_marked(str(marker)), 2.0)
+    leftovers = reap_leftovers(str(marker))
+    assert status in GRACEFUL, gateway.log_text()
+    assert not leftovers, f"left behind: {leftovers}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from backendproc import free_port, wait_for
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, clean_environ, reap_leftovers, run_to_exit
+from hestiaproc import BackendSpec, HestiaProcess, clean_environ, run_to_exit, stop_cleanly
 
 from hestia.cli import Exit, human_duration, status_table
 
@@ -126,10 +126,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     try:
         yield fixture
     finally:
-        status = fixture.gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, fixture.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(fixture.gw, tmp)
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from backendproc import free_port, pid_alive, wait_for
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, reap_leftovers
+from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +49,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         yield fixture
     finally:
         fixture.http.close()
-        status = fixture.gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, fixture.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(fixture.gw, tmp)
 
 
 def ok_json(response: httpx.Response, status: int = 200) -> Any:

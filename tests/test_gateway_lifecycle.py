@@ -29,7 +29,14 @@ import httpx
 import pytest
 from backendproc import pid_alive, port_open, wait_for
 from conftest import StartHestia
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, processes_marked, read_request_log, reap_leftovers
+from hestiaproc import (
+    GRACEFUL,
+    BackendSpec,
+    HestiaProcess,
+    processes_marked,
+    read_request_log,
+    stop_cleanly,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -86,11 +93,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     try:
         yield gateway
     finally:
-        status = gateway.gw.stop()
-        wait_for(lambda: not processes_marked(str(tmp)), 2.0)
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, gateway.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(gateway.gw, tmp)
 
 
 def error_body(response: httpx.Response, status: int) -> dict[str, Any]:

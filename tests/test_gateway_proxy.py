@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port, port_open, wait_for
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, raw_request, reap_leftovers
+from backendproc import free_port, port_open
+from hestiaproc import BackendSpec, HestiaProcess, raw_request, stop_cleanly
 
 pytestmark = pytest.mark.integration
 
@@ -121,12 +121,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gateway
     finally:
         gateway.http.close()
-        status = hestia.stop()
         raw.close()
-        wait_for(lambda: not echo.running(), 2.0)
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, hestia.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(hestia, tmp)
 
 
 def backend_headers(echoed: dict[str, Any]) -> list[tuple[str, str]]:

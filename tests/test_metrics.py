@@ -31,7 +31,7 @@ import httpx
 import pytest
 from backendproc import free_port
 from conftest import IN_CI, require
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, reap_leftovers
+from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 from prometheus_client.parser import text_string_to_metric_families
 
 START_DELAY = 1.0
@@ -111,10 +111,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         yield fixture
     finally:
         fixture.http.close()
-        status = fixture.gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, fixture.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(fixture.gw, tmp)
 
 
 def scrape(traffic: Traffic) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:

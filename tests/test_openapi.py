@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, reap_leftovers
+from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "docs" / "openapi.yaml"
@@ -60,10 +60,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HestiaProcess]
     try:
         yield gw
     finally:
-        status = gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, gw.log_text()
-        assert not leftovers
+        stop_cleanly(gw, tmp)
 
 
 CHECKS = [

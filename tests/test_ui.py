@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from backendproc import free_port
-from hestiaproc import GRACEFUL, PYTHON, BackendSpec, HestiaProcess, reap_leftovers
+from hestiaproc import PYTHON, BackendSpec, HestiaProcess, stop_cleanly
 from twisted.web.test.requesthelper import DummyRequest
 
 from hestia.events_stream import sse_message
@@ -107,10 +107,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
         yield fixture
     finally:
         fixture.http.close()
-        status = fixture.gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, fixture.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(fixture.gw, tmp)
 
 
 def page_data(html: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from backendproc import free_port
 from conftest import require
-from hestiaproc import GRACEFUL, PYTHON, BackendSpec, HestiaProcess, reap_leftovers
+from hestiaproc import PYTHON, BackendSpec, HestiaProcess, reap_leftovers, stop_cleanly
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -72,10 +72,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     try:
         yield fixture
     finally:
-        status = fixture.gw.stop()
-        leftovers = reap_leftovers(str(tmp))
-        assert status in GRACEFUL, fixture.gw.log_text()
-        assert not leftovers, f"left behind: {leftovers}"
+        stop_cleanly(fixture.gw, tmp)
 
 
 def until(driver: Any, condition: Callable[[Any], Any], timeout: float = 15.0) -> Any:
