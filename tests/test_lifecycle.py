@@ -38,12 +38,13 @@ def make(**overrides: Any) -> tuple[ServiceLifecycle, FakeBackend, Clock, list[S
     return lifecycle, backend, clock, events
 
 
-_outcomes: dict[int, list[Any]] = {}
+# Keyed by id(), holding the Deferred itself so that its id cannot be reused
+# by another one within the test.
+_outcomes: dict[int, tuple[Deferred[Any], list[Any]]] = {}
 
 
 @pytest.fixture(autouse=True)
 def _forget_outcomes() -> None:
-    # Keyed by id(): ids are reused once a test's Deferreds are collected.
     _outcomes.clear()
 
 
@@ -58,9 +59,9 @@ def results(deferreds: list[Deferred[Any]]) -> list[Any]:
     for deferred in deferreds:
         if id(deferred) not in _outcomes:
             box: list[Any] = [None]
-            _outcomes[id(deferred)] = box
+            _outcomes[id(deferred)] = (deferred, box)
             deferred.addBoth(lambda result, box=box: box.__setitem__(0, result))
-        seen.append(_outcomes[id(deferred)][0])
+        seen.append(_outcomes[id(deferred)][1][0])
     return seen
 
 
