@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from hestiaproc import HestiaProcess, wait_for
-from test_docker_engine import IMAGE, IN_CI, SANDBOX_HOST_CONFIG, SOCK, engine_problem, free_port
+from test_docker_engine import IMAGE, SANDBOX_HOST_CONFIG, SOCK, free_port, require_engine
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -57,12 +57,7 @@ class ContainerTestCase(unittest.TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        problem = engine_problem()
-        if problem:
-            message = f"{problem}; run: scripts/podman-engine.sh install && scripts/podman-engine.sh start"
-            if IN_CI:
-                self.fail(f"the real Podman engine is required under CI=true: {message}")
-            raise unittest.SkipTest(message)
+        require_engine(self)
         self.engine = DockerEngine(f"unix://{SOCK}")
         self.addCleanup(self.engine.close)
         self.tmp = Path(tempfile.mkdtemp(prefix="hestia-test-docker-"))

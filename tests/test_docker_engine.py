@@ -129,6 +129,16 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
     raise AssertionError(f"condition not met within {timeout} s (last error: {last_error})")
 
 
+def require_engine(case: unittest.TestCase) -> None:
+    """Skip C{case} without the real engine; under CI=true, fail it instead."""
+    problem = engine_problem()
+    if problem:
+        message = f"{problem}; run: scripts/podman-engine.sh install && scripts/podman-engine.sh start"
+        if IN_CI:
+            case.fail(f"the real Podman engine is required under CI=true: {message}")
+        raise unittest.SkipTest(message)
+
+
 @pytest.mark.container
 class RealEngineTests(unittest.TestCase):
     """The client against the Podman engine run by scripts/podman-engine.sh."""
@@ -136,12 +146,7 @@ class RealEngineTests(unittest.TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        problem = engine_problem()
-        if problem:
-            message = f"{problem}; run: scripts/podman-engine.sh install && scripts/podman-engine.sh start"
-            if IN_CI:
-                self.fail(f"the real Podman engine is required under CI=true: {message}")
-            raise unittest.SkipTest(message)
+        require_engine(self)
         self.engine = DockerEngine(f"unix://{SOCK}")
         self.addCleanup(self.engine.close)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
