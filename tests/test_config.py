@@ -64,7 +64,7 @@ def test_a_string_command_runs_under_the_shell() -> None:
     "document, expected",
     [
         ({"services": {"ollama": {"url": "http://h:1", "idle_timout": 3}}},
-         "hestia_config.yml: services.ollama.idle_timout: unknown key"),
+         "hestia_config.yml: services.ollama.idle_timout: unknown key (did you mean idle_timeout?)"),
         ({"services": {"ollama": {"url": "http://h:1", "idle_timeout": "soon"}}},
          "hestia_config.yml: services.ollama.idle_timeout: expected a number of seconds"),
         ({"services": {"Ollama": {"url": "http://h:1"}}},

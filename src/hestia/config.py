@@ -15,6 +15,7 @@ C{-} written as C{_}.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -209,6 +210,10 @@ class _Reader:
         for name in value:
             if name not in allowed:
                 where = f"{key}.{name}" if key else str(name)
+                # A misspelling is the usual cause: name the key that was meant.
+                close = difflib.get_close_matches(str(name), allowed, n=1)
+                if close:
+                    raise self.fail(where, f"unknown key (did you mean {close[0]}?)")
                 raise self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
     def duration(self, value: Any, key: str) -> float:
