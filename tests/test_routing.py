@@ -25,7 +25,7 @@ import ollama
 import openai
 import pytest
 from conftest import StartHestia, require
-from hestiaproc import BackendSpec, read_request_log
+from hestiaproc import BackendSpec, free_port, read_request_log
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,24 @@ def test_failover_moves_to_the_next_instance_when_one_cannot_start(hestia: Start
     assert answer.status_code == 200 and answer.json()["name"] == "spare"
     states = [i["state"] for i in gw.status("llm")["instances"]]
     assert states == ["failed", "ready"]
+
+
+def test_failover_moves_on_when_a_ready_instance_refuses_the_connection(
+    hestia: StartHestia, tmp_path: Path
+) -> None:
+    spare = BackendSpec("spare", tmp_path)
+    # The first instance is an always-on upstream that is down: "ready" as far
+    # as Hestia knows, but nothing listens.
+    gw = hestia({"services": {"llm": {
+        "strategy": "failover",
+        "instances": [{"url": f"http://127.0.0.1:{free_port()}"}, spare.service()],
+    }}})
+    for method in ("GET", "POST"):  # A refused connect is safe to resend, whatever the method.
+        answer = gw.http.request(method, "/services/llm/echo", content=b"payload")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["body"] == "payload"
+    assert [r["method"] for r in spare.requests("/echo")] == ["GET", "POST"]
+    assert gw.status("llm")["in_flight"] == 0
 
 
 def test_exclusive_group_under_alternating_concurrent_load(hestia: StartHestia, tmp_path: Path) -> None:

@@ -95,12 +95,15 @@ class Lease:
     L{release} is idempotent, so the proxy may call it from every exit path.
     """
 
-    __slots__ = ("_lifecycle", "_released", "url")
+    __slots__ = ("_lifecycle", "_released", "fallback", "url")
 
     def __init__(self, lifecycle: ServiceLifecycle, url: str) -> None:
         self._lifecycle = lifecycle
         self.url = url
         self._released = False
+        # Set by a multi-instance route whose strategy retries: a callable
+        # that acquires another instance when this one refuses the connection.
+        self.fallback: Callable[[], Deferred[Lease]] | None = None
 
     def release(self) -> None:
         if not self._released:

@@ -312,6 +312,8 @@ class Exchange:
         self._release_slot()
         if self._gone or failure.check(CancelledError):
             return
+        if self._fail_over(failure):
+            return
         error = failure.value
         if not isinstance(error, GatewayError):
             error = self._upstream_error(failure)
@@ -319,6 +321,28 @@ class Exchange:
         self.record.error = error.reason
         self.record.error_kind = self.record.error_kind or type(error).__name__
         write_error(self.request, error, self.request_id)
+
+    def _fail_over(self, failure: Failure) -> bool:
+        """
+        Try another instance when a ready one refused the connection.
+
+        Only for a connect failure: the request never reached the backend, so
+        sending it elsewhere is safe whatever its method.  Only the routes of
+        strategies that retry (failover, prefer-warm) offer a fallback.
+        """
+        lease = self._lease
+        fallback = lease.fallback if lease is not None else None
+        if fallback is None or self._tunnelled or not failure.check(ConnectError, TimeoutError):
+            return False
+        assert lease is not None
+        self._lease = None
+        lease.release()
+        log.info("{service}: {url} refused the connection, trying the next instance",
+                 service=self.lifecycle.name, url=lease.url)
+        waiting = fallback()
+        self._pending = waiting
+        waiting.addCallbacks(self._forward, self._failed)
+        return True
 
     def _upstream_error(self, failure: Failure) -> GatewayError:
         reason = _describe_upstream_failure(failure)

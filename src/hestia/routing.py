@@ -442,7 +442,16 @@ class MultiInstanceRoute:
         return self.instances[chosen.index]
 
     def acquire(self, request: object = None) -> Deferred[Lease]:
-        tried: set[int] = set()
+        return self._acquire(request, set())
+
+    def _acquire(self, request: object, tried: set[int]) -> Deferred[Lease]:
+        """
+        A lease on an instance not in C{tried}, moving on when a start fails.
+
+        With a retrying strategy the lease carries a C{fallback} that goes on
+        with the instances not tried yet, for when the chosen one, although
+        ready, refuses the connection (the proxy calls it).
+        """
         current: list[Deferred[Lease]] = []
 
         def cancel(outer: Deferred[Lease]) -> None:
@@ -460,7 +469,12 @@ class MultiInstanceRoute:
             tried.add(self.instances.index(lifecycle))
             waiting = lifecycle.acquire(request)
             current.append(waiting)
-            waiting.addCallbacks(outer.callback, failed)
+            waiting.addCallbacks(leased, failed)
+
+        def leased(lease: Lease) -> None:
+            if self.strategy.retries and len(tried) < len(self.instances):
+                lease.fallback = lambda: self._acquire(request, tried)
+            outer.callback(lease)
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError) or outer.called:
