@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from hestia.config import parse_config
 from hestia.errors import GatewayError, QueueFull, QueueTimedOut, ServiceUnavailable, StartFailed, StartTimedOut
-from hestia.lifecycle import Lease, ServiceLifecycle, State, StateChange
+from hestia.lifecycle import Lease, ServiceLifecycle, State, StateChange, iso_time
 from hestia.testing import FakeBackend
 
 pytestmark = pytest.mark.unit
@@ -336,3 +336,22 @@ def test_status_has_the_documented_fields() -> None:
                   "state_since", "last_request_at", "last_error"):
         assert field in status
     assert status["state"] == "stopped" and status["backend"] == "fake"
+
+
+def test_busy_services_do_not_churn_idle_timers() -> None:
+    lifecycle, backend, clock, _ = make(idle_timeout=10)
+    first = lifecycle.acquire()
+    become_ready(lifecycle, backend, clock)
+    results([first])[0].release()
+    armed = list(clock.getDelayedCalls())  # A copy: Clock returns its own list.
+    for _ in range(100):
+        clock.advance(0.05)
+        results([lifecycle.acquire()])[0].release()
+    # The one timer set when the service went idle is still the only one.
+    assert len(armed) == 1 and clock.getDelayedCalls() == armed and clock.getDelayedCalls()[0] is armed[0]
+    last = clock.seconds()
+    assert lifecycle.status()["idle_stop_at"] == iso_time(last + 10)
+    clock.advance(10 - 0.01)
+    assert lifecycle.state is State.READY
+    clock.advance(0.02)
+    assert lifecycle.state is State.STOPPING

@@ -76,15 +76,18 @@ class QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
-def make_agent(reactor: Any, connect_timeout: float = 5.0) -> tuple[IAgent, HTTPConnectionPool]:
+def make_agent(
+    reactor: Any, max_connections: int, connect_timeout: float = 5.0
+) -> tuple[IAgent, HTTPConnectionPool]:
     """
     An HTTP/1.1 client with keep-alive to the backends.
 
     The pool's default of two idle connections per backend would make every
-    burst above two open fresh connections; keep enough for real concurrency.
+    burst above two open fresh connections: it keeps as many as may be in use
+    at once (C{server.max_backend_connections}), so none is thrown away.
     """
     pool = QuietConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 128
+    pool.maxPersistentPerHost = max_connections
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = True
     return Agent.usingEndpointFactory(reactor, BackendEndpointFactory(reactor, connect_timeout), pool=pool), pool
@@ -115,7 +118,7 @@ class Gateway:
         self.config = config
         self.reactor = reactor
         if agent is None:
-            agent, pool = make_agent(reactor)
+            agent, pool = make_agent(reactor, config.server.max_backend_connections)
         self.agent = agent
         self.pool = pool
         self.cooperator = cooperator or task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
@@ -128,7 +131,7 @@ class Gateway:
         self.services: dict[str, Any] = {}
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
-        self._proxies: dict[str, ServiceProxyResource] = {}
+        self._proxies: dict[tuple[str, bool], ServiceProxyResource] = {}
         self._in_flight_requests = 0
         self._slots: dict[str, DeferredSemaphore] = {}
         self._drained: list[Deferred[None]] = []
@@ -162,13 +165,23 @@ class Gateway:
         except KeyError:
             raise UnknownService("no such service", service=name) from None
 
-    def proxy_resource(self, name: str) -> ServiceProxyResource:
+    def proxy_resource(self, name: str, host_routed: bool = False) -> ServiceProxyResource:
+        """
+        The proxy resource of service C{name}, built once per service (and per
+        routing mode: below C{/services/<name>/}, or by C{Host} at C{/}).
+        """
         from hestia.proxy import ServiceProxyResource
 
-        if name not in self._proxies:
+        key = (name, host_routed)
+        if key not in self._proxies:
             self.lifecycle(name)
-            self._proxies[name] = ServiceProxyResource(self, name)
-        return self._proxies[name]
+            self._proxies[key] = ServiceProxyResource(self, name, host_routed=host_routed)
+        return self._proxies[key]
+
+    def _forget_proxy(self, name: str) -> None:
+        """Drop the cached resources of a service that changed or went away."""
+        for host_routed in (False, True):
+            self._proxies.pop((name, host_routed), None)
 
     def add_state_observer(self, observer: Observer) -> None:
         """Tell C{observer} of every transition of every service, present and future."""
@@ -229,7 +242,7 @@ class Gateway:
             if current.config == service:
                 return False
             current.stop("reload")
-            self._proxies.pop(service.name, None)
+            self._forget_proxy(service.name)
         self.discovered.add(service.name)
         self._add(service)
         self.adopt_running([service.name])
@@ -240,7 +253,7 @@ class Gateway:
         if name in self.discovered:
             self.discovered.discard(name)
             self.services.pop(name).stop("removed")
-            self._proxies.pop(name, None)
+            self._forget_proxy(name)
 
     def adopt_running(self, names: list[str] | None = None) -> None:
         """
@@ -290,7 +303,7 @@ class Gateway:
         for name in list(self.services):
             if name not in config.services and name not in self.discovered:
                 self.services.pop(name).stop("reload")
-                self._proxies.pop(name, None)
+                self._forget_proxy(name)
                 summary["removed"].append(name)
         for name, service in config.services.items():
             current = self.services.get(name)
@@ -299,7 +312,7 @@ class Gateway:
                 self.discovered.discard(name)
                 if current is not None:
                     current.stop("reload")
-                    self._proxies.pop(name, None)
+                    self._forget_proxy(name)
                 current = None
             if current is None:
                 self._add(service)
@@ -307,7 +320,7 @@ class Gateway:
             elif current.config != service:
                 current.stop("reload")
                 self._add(service)
-                self._proxies.pop(name, None)
+                self._forget_proxy(name)
                 summary["changed"].append(name)
             else:
                 summary["unchanged"].append(name)

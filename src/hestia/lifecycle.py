@@ -287,8 +287,8 @@ class ServiceLifecycle:
     def status(self) -> dict[str, Any]:
         """The service's state as the C{/v1} API shows it."""
         idle_stop_at = None
-        if self._idle_call is not None and self._idle_call.active():
-            idle_stop_at = self._idle_call.getTime()
+        if self._idle_call is not None and self._idle_call.active() and self.in_flight == 0:
+            idle_stop_at = self._idle_deadline()
         cooldown = self._cooldown_remaining()
         return {
             "name": self.name,
@@ -481,17 +481,17 @@ class ServiceLifecycle:
     # -- requests in flight and idling ------------------------------------------
 
     def _lease(self) -> Lease:
+        # The idle timer stays armed: when it fires it looks at in_flight and
+        # last_request_at, which is cheaper than cancelling and scheduling a
+        # timer for every request of a busy service.
         self.in_flight += 1
         self.last_request_at = self._reactor.seconds()
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
         return Lease(self, self.backend.url)
 
     def _lease_released(self) -> None:
         self.in_flight -= 1
         self.last_request_at = self._reactor.seconds()
-        if self.in_flight == 0:
+        if self.in_flight == 0 and not (self._idle_call is not None and self._idle_call.active()):
             self._arm_idle_timer()
 
     def _arm_idle_timer(self, delay: float | None = None) -> None:
@@ -512,8 +512,26 @@ class ServiceLifecycle:
 
     def _idle_expired(self) -> None:
         self._idle_call = None
-        if self.state is State.READY and self.in_flight == 0 and not len(self.queue):
-            self._begin_stop("idle")
+        if self.state is not State.READY or self.in_flight or len(self.queue):
+            return  # The last lease's release arms the timer again.
+        remaining = self._idle_deadline() - self._reactor.seconds()
+        if remaining > 0:
+            # Requests came and went since the timer was set: wait out the rest.
+            self._idle_call = self._reactor.callLater(remaining, self._idle_expired)
+            return
+        self._begin_stop("idle")
+
+    def _idle_deadline(self) -> float:
+        """When an idle service is due to stop: idle_timeout after its last request."""
+        assert self._idle_call is None or self._idle_call.active()
+        last = self.last_request_at
+        if last is None:
+            # Never used since it was armed (an API start, a resume): the timer's own time.
+            return self._idle_call.getTime() if self._idle_call is not None else self._reactor.seconds()
+        deadline = last + self.config.idle_timeout
+        if self._idle_call is not None:
+            deadline = max(deadline, self._idle_call.getTime())
+        return deadline
 
     # -- stopping ----------------------------------------------------------------
 

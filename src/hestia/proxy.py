@@ -196,7 +196,6 @@ class Exchange:
             request_id=self.request_id,
             drop=getattr(request, "hestia_consumed_headers", frozenset()),
         )
-        self._forwarded_at = now
         if is_upgrade(request):
             self._open_tunnel(lease, headers)
             return
@@ -263,6 +262,7 @@ class Exchange:
             self._failed(failure)
 
         self._tunnelled = True
+        self._forwarded_at = self.gateway.reactor.seconds()
         open_tunnel(self.gateway.reactor, lease.url, self.request, self.rest, headers, closed, unreachable)
 
     def _respond(self, response: IResponse) -> None:
@@ -346,7 +346,7 @@ class Exchange:
 
     def _upstream_error(self, failure: Failure) -> GatewayError:
         reason = _describe_upstream_failure(failure)
-        self.record.error_kind = "connect" if "connect" in reason or "refused" in reason else "upstream"
+        self.record.error_kind = "connect" if _connect_failure(failure) else "upstream"
         return UpstreamUnreachable(
             f"backend unreachable: {reason}",
             service=self.lifecycle.name,
@@ -401,6 +401,13 @@ def _client_headers(gateway_set: Headers, backend: Headers, connection: Headers 
 
 
 _TWISTED_DEFAULTS = frozenset({b"server", b"date"})
+
+
+def _connect_failure(failure: Failure) -> bool:
+    """Whether the backend could not be reached at all (as opposed to failing a reply)."""
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(_connect_failure(reason) for reason in getattr(failure.value, "reasons", []))
+    return failure.check(ConnectError, TimeoutError) is not None
 
 
 def _describe_upstream_failure(failure: Failure) -> str:
@@ -540,7 +547,7 @@ class GatewayRoot(Resource):
         # A Host listed in a service's hosts: goes to that service at / (issue 7).
         name = self.gateway.host_route(request.getHeader(b"host"))
         if name is not None:
-            return ServiceProxyResource(self.gateway, name, host_routed=True)
+            return self.gateway.proxy_resource(name, host_routed=True)
         return super().getChildWithDefault(path, request)  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: Request) -> Resource:
