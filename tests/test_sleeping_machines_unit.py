@@ -7,7 +7,9 @@ reactor.  The live tests are in C{test_sleeping_machines.py}.
 
 from __future__ import annotations
 
+import re
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from hestia.backends.commands import KILL_GRACE, OUTPUT_GRACE, CommandResult, Co
 from hestia.backends.exec import ExecBackend
 from hestia.backends.machine import StopFailed
 from hestia.backends.wol import WakeOnLanBackend, magic_packet
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError, load_config, parse_config
 from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IBackendFactory, IPersistentBackend
 
@@ -469,3 +471,24 @@ def test_wol_stop_runs_the_stop_command_and_stops_the_packets() -> None:
     assert len(clock.datagrams) == 1
     spawned.end(0)
     assert _result(stopping) is None
+
+
+def test_exec_start_abandoned_stops_its_command() -> None:
+    """The lifecycle cancels a start that ran past start_timeout: the command must not go on."""
+    clock = ProcessClock()
+    backend = _exec_backend(clock)
+    starting = backend.start()
+    starting.cancel()
+    assert clock.signals == [(4000, signal.SIGTERM)]
+    assert _result(starting).check(Exception)
+
+
+def test_examples_in_the_sleeping_machines_page_are_valid(tmp_path: Path) -> None:
+    page = Path(__file__).resolve().parents[1] / "docs" / "sleeping-machines.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    backends = set()
+    for block in blocks:
+        path = tmp_path / "c.yml"
+        path.write_text(block)
+        backends |= {service.backend for service in load_config(str(path), environ={}).services.values()}
+    assert backends == {"wol", "exec"}
