@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import socket
@@ -250,7 +251,8 @@ def test_exec_service_started_and_stopped_by_its_commands(hestia: Any, tmp_path:
 def test_exec_failing_stop_is_the_last_error_and_recorded(hestia: Any, tmp_path: Path) -> None:
     port = free_port()
     failing = "echo 'error: not authorized to stop i-0hestia' >&2; exit 3"
-    gateway = hestia(_config(exec_service(tmp_path, port, stop=failing)))
+    state = {"server": {"state_path": str(tmp_path / "state.db")}}
+    gateway = hestia({**state, **_config(exec_service(tmp_path, port, stop=failing))})
     try:
         assert gateway.http.get("/services/vm/health", timeout=60).status_code == 200
         status = gateway.wait_state("vm", "failed", timeout=20)
@@ -259,11 +261,20 @@ def test_exec_failing_stop_is_the_last_error_and_recorded(hestia: Any, tmp_path:
         assert "may still be awake" in status["last_error"]
         assert status["details"]["machine"] == "may be awake (stop failed)"
         assert "not authorized to stop i-0hestia" in gateway.log_text()
-        with contextlib.closing(sqlite3.connect(gateway.dir / "hestia.db")) as db:
-            state, data = db.execute("SELECT state, data FROM services WHERE name = 'vm'").fetchone()
-        assert state == "failed" and json.loads(data)["phase"] == "sleep_failed"
+        with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
+            recorded, data = db.execute("SELECT state, data FROM services WHERE name = 'vm'").fetchone()
+        assert recorded == "failed" and json.loads(data)["phase"] == "sleep_failed"
+        # A gateway stopped now leaves it as it is; the next one (its stop command
+        # fixed) finds the machine that may be awake and stops it.
+        gateway.stop()
+        assert pid_alive(vm_pid(tmp_path))
+        fixed = hestia({**state, **_config(exec_service(tmp_path, port))})
+        assert wait_for(lambda: read_lines(tmp_path / "stops") == ["stopped"], 20), fixed.log_text()
+        assert wait_for(lambda: not pid_alive(vm_pid(tmp_path)), 10)
+        fixed.wait_state("vm", "stopped", timeout=10)
+        # Whichever comes first stops it: the recorded failed stop is resumed, or
+        # the status command adopts the running machine and it idles out.
+        assert events(fixed, "vm")[-1]["kind"] == "stopped"
     finally:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            import os
-
             os.kill(vm_pid(tmp_path), signal.SIGKILL)

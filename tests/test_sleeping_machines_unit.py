@@ -492,3 +492,21 @@ def test_examples_in_the_sleeping_machines_page_are_valid(tmp_path: Path) -> Non
         path.write_text(block)
         backends |= {service.backend for service in load_config(str(path), environ={}).services.values()}
     assert backends == {"wol", "exec"}
+
+
+def test_a_status_answer_that_a_stop_overtook_adopts_nothing() -> None:
+    """A stop (a resumed one) began while status was asked: the next start must really start."""
+    clock = ProcessClock()
+    backend = _exec_backend(clock, status=["vm-status"])
+    asking = backend.running_already()
+    backend.stop(10)  # nothing recorded: runs nothing
+    clock.spawned[0].end(0)  # status: running (it was, before the stop)
+    assert _result(asking) is True
+    backend.start()
+    assert clock.spawned[-1].args[-1] == "start-vm"
+
+
+def test_stop_on_shutdown_decides_whether_it_survives_the_gateway() -> None:
+    assert _exec_backend(ProcessClock()).survives_gateway is True
+    assert _exec_backend(ProcessClock(), stop_on_shutdown=True).survives_gateway is False
+    assert _wol_backend(ProcessClock(), stop_on_shutdown=True).survives_gateway is False

@@ -95,6 +95,7 @@ class MachineBackend:
         self.adopted = False
         self.last_stop_error: str | None = None
         self._adopting = False
+        self._stops_begun = 0
         self._store: Any = None
         self._recall: Deferred[None] | None = None
         self._detached = False
@@ -152,9 +153,11 @@ class MachineBackend:
     def running_already(self):  # type: ignore[no-untyped-def]
         if not self._adopt:
             return False
+        stops = self._stops_begun
         running = bool((yield self._check_running()))
-        if running:
-            # The start that the gateway now asks for takes it as it is.
+        if running and stops == self._stops_begun:
+            # The start that the gateway now asks for takes it as it is.  (Had a
+            # stop begun meanwhile, the answer would be stale: the next start wakes it.)
             self._adopting = True
         return running
 
@@ -198,8 +201,9 @@ class MachineBackend:
 
     @inlineCallbacks
     def _stop(self):  # type: ignore[no-untyped-def]
-        yield self._recalled()
+        self._stops_begun += 1
         self._adopting = False
+        yield self._recalled()
         self._woken()
         if self.phase is None:
             return  # Hestia did not wake it: not Hestia's to put to sleep.
