@@ -185,6 +185,28 @@ def test_gateway_sigkilled_while_a_woken_machine_is_up_still_puts_it_to_sleep(he
         assert datagrams_now(sock) == []
 
 
+def test_a_woken_instance_is_found_again_after_a_sigkill(hestia: Any, tmp_path: Path) -> None:
+    """The same for one instance of a multi-instance service (recorded as llm.0)."""
+    pidfile, slept = tmp_path / "machine.pid", tmp_path / "slept"
+    with udp_listener() as sock, BackendProcess() as machine:
+        instance = wol_service(machine, sock, stop_command=sleep_command(pidfile, slept), adopt=False)
+        instance.pop("idle_timeout")
+        config = {"server": {"state_path": str(tmp_path / "state.db")},
+                  "services": {"llm": {"idle_timeout": 6, "instances": [instance]}}}
+        first = hestia(config)
+        thread, answer = get_in_background(first, "/services/llm/health")
+        wake_on_packet(sock, machine, pidfile)
+        thread.join(60)
+        assert answer.get("status") == 200, answer
+        first.signal(signal.SIGKILL)
+        first.wait_exit()
+        assert machine.proc is not None and machine.proc.poll() is None
+        second = hestia(config)
+        assert wait_for(lambda: read_lines(slept) == ["slept"], 30), second.log_text()
+        assert machine.proc.wait(10) is not None
+        assert "reconciled llm.0: ready" in second.log_text()
+
+
 # ------------------------------------------------------------------ exec
 
 
