@@ -71,7 +71,7 @@ def sleep_command(pidfile: Path, marker: Path) -> str:
 
 def wol_service(machine: BackendProcess, sock: socket.socket, **wol: Any) -> dict[str, Any]:
     return {
-        "url": machine.url, "health": {"path": "/health"}, "idle_timeout": 1.5, "start_timeout": 30,
+        "url": machine.url, "health": {"path": "/health"}, "idle_timeout": 3, "start_timeout": 30,
         "wol": {"mac": MAC, "address": "127.0.0.1", "port": sock.getsockname()[1], "packets": 3,
                 "packet_interval": 0.3, **wol},
     }
@@ -168,7 +168,9 @@ def test_gateway_sigkilled_while_a_woken_machine_is_up_still_puts_it_to_sleep(he
         thread.join(60)
         assert answer.get("status") == 200, answer
         first.wait_state("box", "ready")
-        assert wait_for(lambda: first.status("box")["details"]["packets_sent"] == 1 + len(datagrams_now(sock)), 5)
+        received = [MAGIC]
+        assert wait_for(lambda: received.extend(datagrams_now(sock)) or
+                        first.status("box")["details"]["packets_sent"] == len(received), 5)
         first.signal(signal.SIGKILL)
         first.wait_exit()
         assert machine.proc is not None and machine.proc.poll() is None  # still awake
@@ -204,7 +206,9 @@ def test_a_woken_instance_is_found_again_after_a_sigkill(hestia: Any, tmp_path: 
         second = hestia(config)
         assert wait_for(lambda: read_lines(slept) == ["slept"], 30), second.log_text()
         assert machine.proc.wait(10) is not None
-        assert "reconciled llm.0: ready" in second.log_text()
+        # Killed as it became ready, it may have been recorded as starting: then
+        # the start resumes (one packet more to an awake machine), and it sleeps all the same.
+        assert "reconciled llm.0: " in second.log_text()
 
 
 # ------------------------------------------------------------------ exec
@@ -217,7 +221,7 @@ def exec_service(tmp_path: Path, port: int, stop: str | None = None) -> dict[str
     launch = (f"nohup {shlex.quote(PYTHON)} {shlex.quote(str(BACKEND))} --port {port} --request-log {request_log}"
               f" > /dev/null 2>&1 & echo $! > {pidfile}")
     return {
-        "url": f"http://127.0.0.1:{port}", "health": {"path": "/health"}, "idle_timeout": 1.5, "start_timeout": 30,
+        "url": f"http://127.0.0.1:{port}", "health": {"path": "/health"}, "idle_timeout": 3, "start_timeout": 30,
         "exec": {
             "start": f"echo 'starting instance i-0hestia'; echo started >> {starts}; {launch}",
             "stop": stop or f"kill $(cat {pidfile}) && echo stopped >> {stops} && echo 'stopping instance i-0hestia'",
@@ -283,9 +287,14 @@ def test_exec_failing_stop_is_the_last_error_and_recorded(hestia: Any, tmp_path:
         assert "may still be awake" in status["last_error"]
         assert status["details"]["machine"] == "may be awake (stop failed)"
         assert "not authorized to stop i-0hestia" in gateway.log_text()
-        with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
-            recorded, data = db.execute("SELECT state, data FROM services WHERE name = 'vm'").fetchone()
-        assert recorded == "failed" and json.loads(data)["phase"] == "sleep_failed"
+
+        def recorded() -> tuple[str, str]:
+            with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
+                return db.execute("SELECT state, data FROM services WHERE name = 'vm'").fetchone()  # type: ignore
+
+        # The transitions are written in order, shortly after they happen.
+        assert wait_for(lambda: recorded()[0] == "failed", 5), recorded()
+        assert json.loads(recorded()[1])["phase"] == "sleep_failed"
         # A gateway stopped now leaves it as it is; the next one (its stop command
         # fixed) finds the machine that may be awake and stops it.
         gateway.stop()

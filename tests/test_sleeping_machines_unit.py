@@ -232,6 +232,7 @@ class ProcessClock(Clock):
         self.spawned: list[Spawned] = []
         self.signals: list[tuple[int, int]] = []
         self.datagrams: list[tuple[bytes, tuple[str, int]]] = []
+        self.udp_ports: list[FakeUDPPort] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None, path: Any = None,
                      uid: Any = None, gid: Any = None, usePTY: Any = 0, childFDs: Any = None) -> FakeProcess:
@@ -241,7 +242,8 @@ class ProcessClock(Clock):
         return transport
 
     def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakeUDPPort:
-        return FakeUDPPort(self.datagrams)
+        self.udp_ports.append(FakeUDPPort(self.datagrams))
+        return self.udp_ports[-1]
 
     def signal_group(self, pid: int, signum: int) -> None:
         self.signals.append((pid, signum))
@@ -438,7 +440,10 @@ def test_wol_start_sends_packets_until_woken() -> None:
     assert clock.datagrams == [expected]
     clock.advance(0.5)
     assert clock.datagrams == [expected] * 2
+    [port] = clock.udp_ports
+    assert port.listening
     backend._woken()  # what a probe answering True does
+    assert not port.listening
     clock.advance(10)
     assert clock.datagrams == [expected] * 2
     assert backend.describe()["packets_sent"] == 2
@@ -450,6 +455,7 @@ def test_wol_sends_at_most_packets() -> None:
     backend.start()
     clock.pump([1] * 10)
     assert len(clock.datagrams) == 3
+    assert [port.listening for port in clock.udp_ports] == [False]  # one port per start, closed after the last
 
 
 def test_wol_without_stop_command_only_marks_it_stopped() -> None:

@@ -164,19 +164,21 @@ def settings_of(service: ServiceConfig) -> WakeOnLanSettings:
     return parse_wol_section(_Reader("<service>"), dict(section or {}), f"services.{service.name}.wol", service.name)
 
 
-def send_datagram(reactor: IReactorUDP, payload: bytes, address: str, port: int) -> None:
-    """
-    Send one UDP datagram from an ephemeral port.
+class _Sender(DatagramProtocol):
+    noisy = False
 
-    @raise OSError: the network refused it (no route, broadcast not allowed...).
+
+def open_sender(reactor: IReactorUDP, address: str) -> Any:
     """
-    listening = reactor.listenUDP(0, DatagramProtocol(), interface="::" if ":" in address else "", maxPacketSize=8192)
-    try:
-        if ":" not in address:
-            listening.setBroadcastAllowed(True)  # type: ignore[attr-defined]
-        listening.write(payload, (address, port))  # type: ignore[attr-defined]
-    finally:
-        listening.stopListening()
+    An ephemeral UDP port to send magic packets to C{address} from (broadcast allowed).
+
+    @raise OSError: no socket could be had.
+    """
+    ipv6 = ":" in address
+    port = reactor.listenUDP(0, _Sender(), interface="::" if ipv6 else "", maxPacketSize=8192)
+    if not ipv6:
+        port.setBroadcastAllowed(True)  # type: ignore[attr-defined]
+    return port
 
 
 class WakeOnLanBackend(MachineBackend):
@@ -192,28 +194,33 @@ class WakeOnLanBackend(MachineBackend):
         self.packet = magic_packet(self.settings.mac)
         self.packets_sent = 0
         self._repeat: IDelayedCall | None = None
+        self._sender: Any = None  # the UDP port of the packets in progress
         self._left = 0
 
     def __repr__(self) -> str:
         return f"<WakeOnLanBackend {self.service.name} {format_mac(self.settings.mac)}>"
 
     def _wake(self) -> Deferred[None]:
+        self._woken()
         self._left = self.settings.packets
         try:
+            # One port for this start's packets, closed once they are sent or the machine answers.
+            self._sender = open_sender(self._reactor, self.settings.address)
             self._send()
         except OSError as error:
-            self._left = 0
+            self._woken()
             raise StartFailed(
                 f"cannot send the magic packet to {self.settings.address} port {self.settings.port}: {error}"
             ) from None
         return succeed(None)
 
     def _send(self) -> None:
+        """Send one packet now, and schedule the next one, if any are left."""
         self._repeat = None
-        if self._left <= 0:
+        if self._left <= 0 or self._sender is None:
             return
         self._left -= 1
-        send_datagram(self._reactor, self.packet, self.settings.address, self.settings.port)
+        self._sender.write(self.packet, (self.settings.address, self.settings.port))
         self.packets_sent += 1
         self._log.info(
             "sent a magic packet for {mac} to {address} port {port} ({left} more to come)",
@@ -222,12 +229,14 @@ class WakeOnLanBackend(MachineBackend):
         )
         if self._left > 0:
             self._repeat = self._reactor.callLater(self.settings.packet_interval, self._send_logged)
+        else:
+            self._close_sender()
 
     def _send_logged(self) -> None:
         try:
             self._send()
         except OSError as error:
-            self._left = 0
+            self._woken()
             self._log.warn("cannot send a magic packet: {error}", error=str(error), service=self.service.name)
 
     def _woken(self) -> None:
@@ -235,6 +244,12 @@ class WakeOnLanBackend(MachineBackend):
         if self._repeat is not None and self._repeat.active():
             self._repeat.cancel()
         self._repeat = None
+        self._close_sender()
+
+    def _close_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.stopListening()
 
     def _sleep(self) -> Deferred[Any]:
         if self.settings.stop_command is None:
