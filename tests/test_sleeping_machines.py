@@ -108,6 +108,24 @@ def events(gateway: HestiaProcess, name: str) -> list[dict[str, Any]]:
     return list(reversed(gateway.http.get(f"/v1/services/{name}/events").json()["events"]))
 
 
+@pytest.mark.parametrize(("family", "address"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_magic_packet_over_ipv4_and_ipv6_loopback(family: int, address: str) -> None:
+    """The sending half alone, on both families (the reactor writes synchronously)."""
+    from twisted.internet import reactor
+
+    from hestia.backends.wol import magic_packet, open_sender
+
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((address, 0))
+        sender = open_sender(reactor, address)  # type: ignore[arg-type]
+        try:
+            sender.write(magic_packet(bytes.fromhex("525400abcdef")), (address, sock.getsockname()[1]))
+        finally:
+            sender.stopListening()
+        sock.settimeout(5)
+        assert sock.recv(4096) == MAGIC
+
+
 def test_wol_wakes_the_machine_serves_it_and_puts_it_to_sleep(hestia: Any, tmp_path: Path) -> None:
     pidfile, slept = tmp_path / "machine.pid", tmp_path / "slept"
     with udp_listener() as sock, BackendProcess() as machine:
@@ -262,7 +280,7 @@ def test_exec_service_started_and_stopped_by_its_commands(hestia: Any, tmp_path:
     gateway.stop()
 
     # Started outside Hestia: the status command finds it, and it is adopted.
-    subprocess.run(["/bin/sh", "-c", service["_launch"]], check=True, timeout=20)
+    subprocess.run(["/bin/sh", "-c", service["_launch"]], check=True, timeout=20, start_new_session=True)
     assert wait_for(lambda: port_open(port), 10)
     adopter = hestia(_config(service))
     status = adopter.wait_state("vm", "ready", timeout=15)
