@@ -121,7 +121,9 @@ def test_bad_address(address: Any) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("port", 0), ("port", 65536), ("port", "nine"), ("packets", 0),
-                                            ("packet_interval", 0), ("command_timeout", "soon"),
+                                            ("packet_interval", 0), ("packet_interval", float("nan")),
+                                            ("command_timeout", "soon"), ("command_timeout", float("inf")),
+                                            ("command_timeout", float("nan")), ("command_timeout", 0),
                                             ("adopt", "maybe"), ("macc", "x")])
 def test_other_wol_keys(key: str, value: Any) -> None:
     text = _error({"mac": "52:54:00:ab:cd:ef", key: value})
@@ -145,6 +147,8 @@ def test_empty_stop_command(command: Any) -> None:
     ({"start": [["nested"]], "stop": "true"}, "start", "expected a list of arguments"),
     ({"start": 7, "stop": "true"}, "start", "expected a list of arguments"),
     ({"start": "true", "stop": "true", "command_timeout": -1}, "command_timeout", "negative"),
+    ({"start": "true", "stop": "true", "command_timeout": "2d"}, "command_timeout", "expected a number"),
+    ({"start": "true", "stop": "true", "command_timeout": 1e300}, "command_timeout", "at most 24h"),
     ({"start": "true", "stop": "true", "statuss": "true"}, "statuss", "did you mean status"),
 ])
 def test_bad_exec_section(section: dict[str, Any], key: str, says: str) -> None:

@@ -59,6 +59,17 @@ def parse_command(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
     raise reader.fail(key, f"expected a list of arguments or a shell command string, got {_describe(value)}")
 
 
+MAX_COMMAND_TIMEOUT = 86400.0
+
+
+def parse_command_timeout(reader: _Reader, value: Any, key: str) -> float:
+    """A command's timeout: more than 0, at most a day (so never NaN or infinite)."""
+    seconds = reader.duration(value, key)
+    if not 0 < seconds <= MAX_COMMAND_TIMEOUT:
+        raise reader.fail(key, f"must be more than 0 and at most 24h, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """

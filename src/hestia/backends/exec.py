@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 from zope.interface import provider
 
-from hestia.backends.commands import CommandResult, parse_command
+from hestia.backends.commands import CommandResult, parse_command, parse_command_timeout
 from hestia.backends.machine import MachineBackend, start_failed
 from hestia.config import ServiceConfig, _Reader, describe_command
 from hestia.errors import StartFailed
@@ -59,7 +59,7 @@ def parse_exec_section(reader: _Reader, raw: Mapping[str, Any], key: str, servic
     if raw.get("status") is not None:
         values["status"] = parse_command(reader, raw["status"], f"{key}.status")
     if "command_timeout" in raw:
-        values["command_timeout"] = reader.duration(raw["command_timeout"], f"{key}.command_timeout")
+        values["command_timeout"] = parse_command_timeout(reader, raw["command_timeout"], f"{key}.command_timeout")
     if "stop_on_shutdown" in raw:
         values["stop_on_shutdown"] = reader.boolean(raw["stop_on_shutdown"], f"{key}.stop_on_shutdown")
     return ExecSettings(**values)

@@ -29,7 +29,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import provider
 
 from hestia import health
-from hestia.backends.commands import parse_command
+from hestia.backends.commands import parse_command, parse_command_timeout
 from hestia.backends.machine import MachineBackend
 from hestia.config import ServiceConfig, _describe, _Reader, describe_command
 from hestia.errors import StartFailed
@@ -143,13 +143,13 @@ def parse_wol_section(reader: _Reader, raw: Mapping[str, Any], key: str, service
             raise reader.fail(f"{key}.packets", "must be at most 100")
     if "packet_interval" in raw:
         interval = reader.duration(raw["packet_interval"], f"{key}.packet_interval")
-        if not 0 < interval <= 3600:
+        if not 0 < interval <= 3600:  # also refuses NaN
             raise reader.fail(f"{key}.packet_interval", "must be more than 0 and at most 1h")
         values["packet_interval"] = interval
     if raw.get("stop_command") is not None:
         values["stop_command"] = parse_command(reader, raw["stop_command"], f"{key}.stop_command")
     if "command_timeout" in raw:
-        values["command_timeout"] = reader.duration(raw["command_timeout"], f"{key}.command_timeout")
+        values["command_timeout"] = parse_command_timeout(reader, raw["command_timeout"], f"{key}.command_timeout")
     for flag in ("adopt", "stop_on_shutdown"):
         if flag in raw:
             values[flag] = reader.boolean(raw[flag], f"{key}.{flag}")
