@@ -5,7 +5,9 @@ Start coverage.py in every Python process of a coverage run.
 sets ``COVERAGE_PROCESS_START`` to the repository's ``.coveragerc``; both are
 inherited by every process the tests start (twistd gateways, backends, the
 Semaphore double), so each one measures itself and writes its own data file
-(``parallel = True``), which ``coverage combine`` merges.
+(``parallel = True``), which ``coverage combine`` merges.  (coverage 7.10+
+installs an ``a1_coverage.pth`` that starts it from that variable too; this
+file then only adds what follows.)
 
 A twistd stopped by SIGTERM shuts down cleanly and then ends itself with that
 same signal (``twisted.application.app._exitWithSignal``: default handler,
@@ -29,7 +31,8 @@ def _start() -> None:
         import coverage
     except ImportError:  # a Python without coverage (the system's python3 running a demo backend)
         return
-    measuring = coverage.process_startup()
+    coverage.process_startup()  # a no-op when coverage's own a1_coverage.pth has started it already
+    measuring = getattr(coverage.process_startup, "coverage", None)  # the instance it started
     if measuring is None:
         return
     kill = os.kill
