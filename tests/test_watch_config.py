@@ -199,6 +199,31 @@ def test_inotify_events_count_only_for_the_file_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_inotify_follows_a_configmap_style_symlink_swap(tmp_path: Path) -> None:
+    """Kubernetes: hestia_config.yml -> ..data/hestia_config.yml, and ..data is swapped by a rename."""
+    from twisted.internet import inotify
+
+    for version, timeout in (("v1", 5), ("v2", 7)):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "hestia_config.yml").write_text(f"defaults: {{idle_timeout: {timeout}}}\n")
+    (tmp_path / "..data").symlink_to("v1")
+    path = tmp_path / "hestia_config.yml"
+    path.symlink_to(Path("..data") / "hestia_config.yml")
+    source = InotifySource(path)
+    seen = Counter()
+    source._changed = seen
+    directory = FilePath(str(tmp_path)).asBytesMode()
+    source.notice(None, directory.child(b"hestia.db-journal"), inotify.IN_CREATE)
+    assert seen.calls == 0, "an unrelated file beside it"
+    (tmp_path / "..data_tmp").symlink_to("v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    source.notice(None, directory.child(b"..data"), inotify.IN_MOVED_TO)
+    assert seen.calls == 1, "the name is not the file's, but what the path leads to changed"
+    source.notice(None, directory.child(b"v1"), inotify.IN_DELETE)
+    assert seen.calls == 1
+
+
+@pytest.mark.unit
 def test_polling_where_inotify_is_not_available(tmp_path: Path) -> None:
     assert isinstance(change_source(tmp_path / "c.yml", Clock(), use_inotify=False), PollingSource)
 
@@ -336,6 +361,27 @@ def test_edits_are_applied_without_a_signal_and_a_broken_one_is_refused(
     gw.write_config(config)
     gw.wait_status("echo", "idle_timeout", 9, timeout=APPLIED_WITHIN)
     assert len(reload_failures(gw)) == 2
+
+
+@pytest.mark.integration
+def test_a_symlinked_config_is_watched_where_the_file_is(hestia: StartHestia, tmp_path: Path) -> None:
+    """A config kept elsewhere (a dotfiles checkout) and linked into place: editing the real file counts."""
+    gw = hestia({"server": {"watch_config": True}, "services": {"web": {"url": "http://127.0.0.1:9"}}})
+    assert gw.config_path is not None
+    elsewhere = tmp_path / "dotfiles"
+    elsewhere.mkdir()
+    real = elsewhere / "hestia.yml"
+    real.write_text(gw.config_path.read_text())
+    # Linking it into place is itself a change (a rename over the name): it is applied, unchanged.
+    link = gw.config_path.with_name(".link")
+    link.symlink_to(real)
+    os.replace(link, gw.config_path)
+    assert wait_for(lambda: "reloaded" in gw.log_text(), 10), gw.log_text()
+    edit_in_place(real, {
+        "server": {"listen": gw.listen, "watch_config": True},
+        "services": {"web": {"url": "http://127.0.0.1:9", "idle_timeout": 13}},
+    })
+    gw.wait_status("web", "idle_timeout", 13, timeout=APPLIED_WITHIN)
 
 
 @pytest.mark.integration

@@ -131,6 +131,12 @@ class InotifySource:
     """
     inotify on the file's directory, keeping the events that name the file.
 
+    A configuration that is a symlink is followed too: the directory of the
+    file it points to (now: the link may be replaced) is watched as well (a
+    dotfiles checkout), and an event that names neither file counts when what
+    the path leads to has changed (a Kubernetes ConfigMap swaps a C{..data}
+    symlink beside the file).
+
     The mask leaves out C{IN_MODIFY}: it fires on every write, and the
     directory usually also holds the SQLite state database (C{state_path} is
     relative to the config file), written on every request.  A writer that is
@@ -145,13 +151,15 @@ class InotifySource:
 
         self._inotify_module = inotify
         self.path = path
-        self.name = os.fsencode(path.name)
+        self.names = {os.fsencode(path.name)}
+        self._unwatchable: set[Path] = set()  # said once, not on every event
         self.reactor = reactor
         self.mask = 0
         for name in self.MASK_NAMES:
             self.mask |= getattr(inotify, name)
         self._notifier: Any = None
         self._changed: Callable[[], None] | None = None
+        self._last = file_signature(path)
 
     def start(self, changed: Callable[[], None]) -> None:
         """
@@ -160,20 +168,45 @@ class InotifySource:
         """
         notifier = self._inotify_module.INotify(reactor=self.reactor)
         try:
-            notifier.watch(FilePath(str(self.path.parent)), mask=self.mask, callbacks=[self.notice])
+            self._watch(notifier, self.path.parent)
+            self._follow(notifier)
         except BaseException:
             notifier.loseConnection()
             raise
         notifier.startReading()
         self._changed = changed
         self._notifier = notifier
+        self._last = file_signature(self.path)
+
+    def _watch(self, notifier: Any, directory: Path) -> None:
+        notifier.watch(FilePath(str(directory)), mask=self.mask, callbacks=[self.notice])  # once per path
+
+    def _follow(self, notifier: Any) -> None:
+        """Watch where the path leads now, if that is another directory or name."""
+        target = Path(os.path.realpath(self.path))
+        self.names.add(os.fsencode(target.name))
+        if target.parent != self.path.parent and target.parent not in self._unwatchable:
+            try:
+                self._watch(notifier, target.parent)
+            except Exception as error:  # inotify.INotifyError: gone, or out of watches
+                self._unwatchable.add(target.parent)
+                log.warn("cannot watch {directory}: {error}", directory=str(target.parent), error=str(error))
 
     def notice(self, ignored: Any, filepath: FilePath[Any], mask: int) -> None:
         """The inotify callback: one event in the directory."""
         if mask & (self._inotify_module.IN_DELETE_SELF | self._inotify_module.IN_MOVE_SELF):
-            log.warn("the directory of {path} was removed or moved: no longer watching it", path=str(self.path))
+            # A followed link's old directory going away is routine (a ConfigMap update).
+            if filepath.asBytesMode() == FilePath(str(self.path.parent)).asBytesMode():
+                log.warn("the directory of {path} was removed or moved: no longer watching it",
+                         path=str(self.path))
             return
-        if filepath.asBytesMode().basename() == self.name and self._changed is not None:
+        if self._changed is None:
+            return
+        if self._notifier is not None:
+            self._follow(self._notifier)
+        signature = file_signature(self.path)
+        different, self._last = signature != self._last, signature
+        if different or filepath.asBytesMode().basename() in self.names:
             self._changed()
 
     def stop(self) -> None:
