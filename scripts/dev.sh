@@ -6,7 +6,8 @@
 #   ./scripts/dev.sh run          setup, then run Hestia on hestia_config.yml (foreground), applying
 #                                 every saved change of the file (--watch-config)
 #   ./scripts/dev.sh test [SUITE] every test, lint and type check (SUITE: unit, integration, browser,
-#                                 container, semaphore, contract, coverage, lint, or a pytest -k expression)
+#                                 container, semaphore, contract, coverage, lint, mutation [MODULE],
+#                                 or a pytest -k expression)
 #   ./scripts/dev.sh status       the running Hestia's services as a table (`hestia status`)
 #   ./scripts/dev.sh stop         stop a Hestia started by `run` and the test engines
 #
@@ -79,11 +80,23 @@ test_suite() {
       ;;
     lint) lint || status=$? ;;
     coverage) coverage_suite "$@" || status=$? ;;
+    mutation) mutation_suite "$@" || status=$? ;;
     unit|integration|container|semaphore|browser|contract)
       pytest_bounded tests -m "$suite" "$@" || status=$? ;;
     *) pytest_bounded tests -k "$suite" "$@" || status=$? ;;
   esac
   return $status
+}
+
+# Mutation testing of the core modules (issue 21): scripts/mutation.py drives mutmut over the fast
+# unit tests; MODULE... narrows it, --sample N takes N mutants per module.  Not part of `test`:
+# every mutant of every module takes hours on two cores (DEV_ENVIRONMENT.md has the times).
+mutation_suite() {
+  if [ ! -x "$VENV/bin/mutmut" ]; then
+    say "installing the mutation extra (mutmut) into .venv"
+    "$PY" -m pip install -q -e ".[mutation]"
+  fi
+  "$PY" "$ROOT/scripts/mutation.py" "$@"
 }
 
 lint() {

@@ -1,0 +1,419 @@
+"""
+Lifecycle rules that mutation testing (issue 21) found unpinned: resume(), the start gate, the
+crash-loop window, a failed stop, keep_warm's retry after a failed start, a backend raising a
+plain exception, stop()'s Deferred, state_since/state_reason and the Retry-After floor.
+
+Everything goes through the public entry points (acquire, start, stop, shutdown, resume, status,
+the observers) with a Clock and a FakeBackend: no processes, no sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from hestia.config import parse_config
+from hestia.errors import QueueFull, StartFailed
+from hestia.lifecycle import Lease, ServiceLifecycle, State, StateChange, iso_time
+from hestia.testing import FakeBackend
+
+pytestmark = pytest.mark.unit
+
+
+def make(
+    *, has_lifecycle: bool = True, start_at: float = 1000.0, **overrides: Any
+) -> tuple[ServiceLifecycle, FakeBackend, Clock, list[StateChange]]:
+    service = {
+        "url": "http://127.0.0.1:9",
+        "command": ["true"],
+        "idle_timeout": 60,
+        "start_timeout": 0,
+        "queue_limit": 5,
+        "queue_timeout": 0,
+        "stop_timeout": 3,
+        **overrides,
+    }
+    config = parse_config({"services": {"svc": service}}, "test.yml", environ={})
+    clock = Clock()
+    clock.advance(start_at)
+    backend = FakeBackend(has_lifecycle=has_lifecycle)
+    events: list[StateChange] = []
+    lifecycle = ServiceLifecycle(config.services["svc"], backend, clock, [events.append])
+    return lifecycle, backend, clock, events
+
+
+def outcome(deferred: Deferred[Any]) -> list[Any]:
+    """A box that gets what the Deferred fires with (failures included, then swallowed)."""
+    box: list[Any] = []
+    deferred.addBoth(box.append)
+    return box
+
+
+def become_ready(lifecycle: ServiceLifecycle, backend: FakeBackend, clock: Clock) -> None:
+    backend.finish_start()
+    clock.advance(0)
+    backend.answer_probe(True)
+    assert lifecycle.state is State.READY
+
+
+def fail_one_start(lifecycle: ServiceLifecycle, backend: FakeBackend) -> Any:
+    waiting = outcome(lifecycle.acquire())
+    backend.starts[-1].errback(StartFailed("exit status 1"))
+    backend.finish_stop()  # the clean-up of the half-started service
+    return waiting[0].value
+
+
+# -- resume() -------------------------------------------------------------------
+
+
+def test_resume_ready_keeps_the_idle_clock_of_the_last_request() -> None:
+    lifecycle, backend, clock, events = make(idle_timeout=60)
+    lifecycle.resume(State.READY, "resumed", last_request_at=clock.seconds() - 50)
+    assert lifecycle.state is State.READY and lifecycle.state_reason == "resumed"
+    assert backend.starts == []
+    assert [(e.old, e.new, e.reason) for e in events] == [(State.STOPPED, State.READY, "resumed")]
+    assert lifecycle.status()["idle_stop_at"] == iso_time(clock.seconds() + 10)
+    clock.advance(9.9)
+    assert lifecycle.state is State.READY
+    clock.advance(0.1)
+    assert lifecycle.state is State.STOPPING and lifecycle.state_reason == "idle"
+    assert len(backend.stops) == 1
+
+
+def test_resume_ready_long_idle_stops_at_once_and_unknown_last_request_waits_a_full_timeout() -> None:
+    overdue, backend, clock, _ = make(idle_timeout=60)
+    overdue.resume(State.READY, "resumed", last_request_at=clock.seconds() - 500)
+    clock.advance(0)
+    assert overdue.state is State.STOPPING
+
+    fresh, backend, clock, _ = make(idle_timeout=60)
+    fresh.resume(State.READY, "resumed", last_request_at=None)
+    clock.advance(59)
+    assert fresh.state is State.READY
+    clock.advance(1)
+    assert fresh.state is State.STOPPING
+
+
+def test_resume_starting_starts_and_stopping_stops() -> None:
+    starting, backend, clock, _ = make()
+    starting.resume(State.STARTING, "resumed")
+    assert starting.state is State.STARTING and len(backend.starts) == 1
+    become_ready(starting, backend, clock)
+
+    stopping, backend, clock, _ = make()
+    stopping.resume(State.STOPPING, "resumed")
+    assert stopping.state is State.STOPPING and len(backend.stops) == 1
+    backend.finish_stop()
+    assert stopping.state is State.STOPPED
+
+
+def test_resume_refuses_states_it_cannot_take_up() -> None:
+    lifecycle, backend, clock, _ = make()
+    with pytest.raises(ValueError, match="cannot resume into failed"):
+        lifecycle.resume(State.FAILED, "resumed")
+    with pytest.raises(ValueError, match="cannot resume into stopped"):
+        lifecycle.resume(State.STOPPED, "resumed")
+
+
+def test_only_a_fresh_stopped_lifecycle_resumes() -> None:
+    # Already starting: the recorded state of a previous gateway is ignored.
+    lifecycle, backend, clock, events = make()
+    lifecycle.acquire()
+    lifecycle.resume(State.READY, "resumed", last_request_at=clock.seconds())
+    assert lifecycle.state is State.STARTING and len(events) == 1
+
+    # Shutting down: nothing is resumed.
+    lifecycle, backend, clock, events = make()
+    lifecycle.shutdown()
+    lifecycle.resume(State.STARTING, "resumed")
+    assert lifecycle.state is State.STOPPED and backend.starts == []
+
+    # A backend without a lifecycle (static) is always ready, resume or not.
+    lifecycle, backend, clock, events = make(has_lifecycle=False)
+    lifecycle.resume(State.STOPPING, "resumed")
+    assert lifecycle.state is State.READY and backend.stops == [] and events == []
+
+
+# -- the start gate (depends_on, exclusive groups) ---------------------------------
+
+
+def test_start_gate_is_passed_before_the_launch() -> None:
+    lifecycle, backend, clock, _ = make()
+    gate: Deferred[None] = Deferred()
+    asked: list[ServiceLifecycle] = []
+
+    def start_gate(which: ServiceLifecycle) -> Deferred[None]:
+        asked.append(which)
+        return gate
+
+    lifecycle.start_gate = start_gate
+    waiting = outcome(lifecycle.acquire())
+    assert asked == [lifecycle] and backend.starts == []
+    gate.callback(None)
+    assert len(backend.starts) == 1
+    become_ready(lifecycle, backend, clock)
+    assert isinstance(waiting[0], Lease)
+
+
+def test_a_failing_start_gate_fails_the_start() -> None:
+    lifecycle, backend, clock, _ = make()
+    gate: Deferred[None] = Deferred()
+    lifecycle.start_gate = lambda _: gate
+    waiting = outcome(lifecycle.acquire())
+    gate.errback(StartFailed("dependency db failed to start"))
+    assert backend.starts == []
+    assert isinstance(waiting[0].value, StartFailed)
+    assert waiting[0].value.reason == "dependency db failed to start"
+    assert lifecycle.state is State.FAILED
+
+
+def test_stopping_during_the_gate_cancels_the_wait_and_never_launches() -> None:
+    lifecycle, backend, clock, _ = make()
+    gate: Deferred[None] = Deferred()
+    lifecycle.start_gate = lambda _: gate
+    outcome(lifecycle.acquire())
+    lifecycle.stop("api")
+    assert gate.called  # cancelled
+    backend.finish_stop()
+    assert backend.starts == [] and lifecycle.state is State.STOPPED
+
+
+# -- the crash-loop window -------------------------------------------------------
+
+
+def test_three_failures_spread_over_more_than_the_window_are_no_crash_loop() -> None:
+    lifecycle, backend, clock, _ = make()
+    for _ in range(3):
+        fail_one_start(lifecycle, backend)
+        clock.advance(31)  # the third failure is 62 s after the first
+    assert lifecycle.status()["cooldown_until"] is None
+    outcome(lifecycle.acquire())
+    assert len(backend.starts) == 4 and lifecycle.state is State.STARTING
+
+
+def test_three_failures_within_the_window_cool_down_for_the_cooldown() -> None:
+    lifecycle, backend, clock, _ = make()
+    first = clock.seconds()
+    for attempt in range(3):
+        fail_one_start(lifecycle, backend)
+        if attempt < 2:
+            clock.advance(30)  # the third failure is exactly 60 s after the first
+    third = first + 60
+    assert lifecycle.status()["cooldown_until"] == iso_time(third + ServiceLifecycle.COOLDOWN)
+    refused = outcome(lifecycle.acquire())[0].value
+    assert isinstance(refused, StartFailed)
+    assert "failed 3 times in 60s" in refused.reason
+    assert refused.retry_after == pytest.approx(third + ServiceLifecycle.COOLDOWN - clock.seconds())
+    assert len(backend.starts) == 3
+
+
+def test_cooldown_refusal_says_how_long_and_keeps_the_last_error() -> None:
+    lifecycle, backend, clock, _ = make()
+    for _ in range(3):
+        fail_one_start(lifecycle, backend)
+        clock.advance(1)
+    refused = outcome(lifecycle.acquire())[0].value
+    assert refused.reason == "exit status 1 (failed 3 times in 60s; not retrying for 29s)"
+    assert refused.retry_after == pytest.approx(29)  # cooldown from the third failure, 1 s ago
+    assert refused.status == 502
+
+
+# -- failed starts -----------------------------------------------------------------
+
+
+def test_a_backend_raising_a_plain_exception_is_a_start_failure() -> None:
+    lifecycle, backend, clock, events = make()
+
+    def broken_start() -> Deferred[None]:
+        raise OSError("no such file: ./serve")
+
+    backend.start = broken_start  # type: ignore[method-assign]
+    waiting = outcome(lifecycle.acquire())
+    error = waiting[0].value
+    assert isinstance(error, StartFailed) and error.status == 502
+    assert error.reason == "start failed: no such file: ./serve"
+    assert error.service == "svc" and error.state == "failed"
+    assert lifecycle.state is State.FAILED and lifecycle.last_error == "start failed: no such file: ./serve"
+    assert events[-1].error == "start failed: no such file: ./serve"
+
+
+def test_keep_warm_retries_after_a_failed_start() -> None:
+    lifecycle, backend, clock, _ = make(keep_warm=True)
+    started = outcome(lifecycle.start("keep_warm"))
+    backend.starts[-1].errback(StartFailed("exit status 1"))
+    backend.finish_stop()
+    assert isinstance(started[0].value, StartFailed)
+    clock.advance(ServiceLifecycle.KEEP_WARM_RETRY - 0.1)
+    assert lifecycle.state is State.FAILED and len(backend.starts) == 1
+    clock.advance(0.1)
+    assert lifecycle.state is State.STARTING and lifecycle.state_reason == "keep_warm"
+    assert len(backend.starts) == 2
+
+
+def test_keep_warm_retry_waits_out_a_cooldown() -> None:
+    lifecycle, backend, clock, _ = make(keep_warm=True)
+    for _ in range(3):
+        outcome(lifecycle.start("keep_warm"))
+        backend.starts[-1].errback(StartFailed("exit status 1"))
+        backend.finish_stop()
+        clock.advance(1)  # less than KEEP_WARM_RETRY: start() restarts before the retry does
+    # The third failure (at +2 s) began a cooldown of 30 s: no retry before it ends.
+    starts = len(backend.starts)
+    clock.advance(28.9)
+    assert len(backend.starts) == starts
+    clock.advance(0.2)
+    assert len(backend.starts) == starts + 1
+
+
+def test_no_keep_warm_retry_without_keep_warm_or_after_shutdown() -> None:
+    lifecycle, backend, clock, _ = make()
+    fail_one_start(lifecycle, backend)
+    clock.advance(100)
+    assert len(backend.starts) == 1 and lifecycle.state is State.FAILED
+
+    lifecycle, backend, clock, _ = make(keep_warm=True)
+    outcome(lifecycle.start("keep_warm"))
+    backend.starts[-1].errback(StartFailed("exit status 1"))
+    backend.finish_stop()
+    lifecycle.shutdown()
+    clock.advance(100)
+    assert len(backend.starts) == 1
+
+
+# -- stopping ----------------------------------------------------------------------
+
+
+def test_stop_fires_once_the_backend_has_stopped() -> None:
+    lifecycle, backend, clock, events = make()
+    outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    clock.advance(2)
+    stopped = outcome(lifecycle.stop("api"))
+    again = outcome(lifecycle.stop("api"))  # a second stop waits for the same one
+    assert stopped == [] and again == [] and lifecycle.state is State.STOPPING
+    assert backend.stop_timeouts == [3]
+    clock.advance(1.5)
+    backend.finish_stop()
+    assert stopped == [None] and again == [None]
+    assert lifecycle.state is State.STOPPED and lifecycle.state_reason == "api"
+    assert events[-1] == StateChange("svc", State.STOPPING, State.STOPPED, "api", clock.seconds(), 1.5)
+    assert outcome(lifecycle.stop("api")) == [None]  # stopped: at once
+    assert len(backend.stops) == 1
+
+
+def test_a_failed_stop_leaves_the_service_failed_with_the_reason() -> None:
+    lifecycle, backend, clock, events = make()
+    outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    stopped = outcome(lifecycle.stop("api"))
+    clock.advance(3)
+    backend.stops[-1].errback(RuntimeError("kill refused"))
+    assert stopped == [None]  # the caller is answered either way
+    assert lifecycle.state is State.FAILED and lifecycle.state_reason == "stop failed"
+    assert lifecycle.last_error == "stop failed: kill refused"
+    assert events[-1].error == "stop failed: kill refused" and events[-1].duration == 3
+    # The next request starts it again.
+    outcome(lifecycle.acquire())
+    assert lifecycle.state is State.STARTING and len(backend.starts) == 2
+
+
+def test_stop_of_a_static_backend_does_nothing() -> None:
+    lifecycle, backend, clock, events = make(has_lifecycle=False)
+    assert outcome(lifecycle.stop("api")) == [None]
+    assert backend.stops == [] and lifecycle.state is State.READY
+
+
+def test_stop_of_a_failed_service_waits_for_the_clean_up() -> None:
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    backend.starts[-1].errback(StartFailed("exit status 1"))
+    assert isinstance(waiting[0].value, StartFailed)
+    stopped = outcome(lifecycle.stop("api"))
+    assert stopped == []
+    backend.finish_stop()
+    assert stopped == [None] and lifecycle.state is State.FAILED
+
+
+# -- state_since / state_reason, Retry-After ---------------------------------------------
+
+
+def test_state_since_and_reason_follow_each_transition() -> None:
+    lifecycle, backend, clock, _ = make()
+    assert lifecycle.status()["state_since"] == iso_time(1000.0)
+    assert lifecycle.status()["state_reason"] == "configured"
+    clock.advance(5)
+    outcome(lifecycle.acquire())
+    assert lifecycle.status()["state_since"] == iso_time(1005.0)
+    assert lifecycle.status()["state_reason"] == "request"
+    clock.advance(2)
+    become_ready(lifecycle, backend, clock)
+    status = lifecycle.status()
+    assert status["state_since"] == iso_time(1007.0) and status["state_reason"] == "started"
+    assert status["last_start_duration"] == 2
+
+
+def test_retry_after_is_one_start_with_a_floor_of_one_second() -> None:
+    def refused_after_a_start_of(seconds: float | None) -> float | None:
+        lifecycle, backend, clock, _ = make(queue_limit=1, idle_timeout=1)
+        if seconds is not None:
+            first = outcome(lifecycle.acquire())
+            clock.advance(seconds)
+            become_ready(lifecycle, backend, clock)
+            first[0].release()
+            clock.advance(1)
+            backend.finish_stop()
+            assert lifecycle.state is State.STOPPED
+        outcome(lifecycle.acquire())
+        error = outcome(lifecycle.acquire())[0].value
+        assert isinstance(error, QueueFull)
+        return error.retry_after
+
+    assert refused_after_a_start_of(None) == 5.0  # never started: a guess
+    assert refused_after_a_start_of(0.2) == 1.0  # a fast start: at least a second
+    assert refused_after_a_start_of(7.5) == 7.5
+
+
+def test_observers_see_every_change_and_a_failing_observer_harms_no_one() -> None:
+    lifecycle, backend, clock, events = make()
+
+    def broken(event: StateChange) -> None:
+        raise RuntimeError("observer bug")
+
+    lifecycle.add_observer(broken)
+    seen: list[StateChange] = []
+    lifecycle.add_observer(seen.append)
+    outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    assert [e.new for e in seen] == [State.STARTING, State.READY]
+    assert seen == events
+
+
+def test_shutdown_of_a_machine_that_outlives_the_gateway_detaches() -> None:
+    lifecycle, backend, clock, events = make()
+    detached: list[bool] = []
+    backend.survives_gateway = True  # type: ignore[attr-defined]
+    backend.detach = lambda: detached.append(True)  # type: ignore[attr-defined]
+    outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    changes = len(events)
+    assert outcome(lifecycle.shutdown()) == [None]
+    assert detached == [True] and backend.stops == [] and len(events) == changes
+
+
+def test_api_start_of_a_ready_service_and_after_shutdown() -> None:
+    lifecycle, backend, clock, _ = make()
+    outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    assert outcome(lifecycle.start()) == [None]
+    assert len(backend.starts) == 1
+
+    lifecycle, backend, clock, _ = make()
+    lifecycle.shutdown()
+    refused = outcome(lifecycle.start())[0]
+    assert isinstance(refused, Failure) and refused.value.status == 503
+    assert outcome(lifecycle.acquire())[0].value.status == 503
+    assert backend.starts == []
