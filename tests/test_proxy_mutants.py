@@ -1,0 +1,217 @@
+"""
+The proxy's exchange in memory (StubTreq in front, a Resource or a failing agent behind, a
+MemoryReactorClock): the rules mutation testing (issue 21) found unpinned.  Error answers,
+response headers, an upstream that cannot be reached or breaks off, the 404s of the tree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from test_proxy import Harness
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from hestia.errors import QueueFull, StartFailed
+from hestia.proxy import write_error
+
+pytestmark = pytest.mark.unit
+
+
+def dummy() -> DummyRequest:
+    """A DummyRequest with the attributes of a real Request that write_error reads."""
+    request = DummyRequest([b""])
+    request.startedWriting = False
+    return request
+
+
+# -- write_error -------------------------------------------------------------------------
+
+
+def test_write_error_is_json_with_retry_after_and_the_request_id() -> None:
+    request = dummy()
+    request.responseHeaders.setRawHeaders(b"server", [b"TwistedWeb"])
+    write_error(request, QueueFull("queue full", service="app", state="starting", retry_after=2.4), b"rid-7")
+    data = b"".join(request.written)
+    assert request.responseCode == 503 and request.finished
+    assert json.loads(data)["error"] == "queue full" and json.loads(data)["service"] == "app"
+    headers = request.responseHeaders
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert headers.getRawHeaders(b"content-length") == [str(len(data)).encode()]
+    assert headers.getRawHeaders(b"retry-after") == [b"2"]
+    assert headers.getRawHeaders(b"x-request-id") == [b"rid-7"]
+    assert not headers.hasHeader(b"server")
+
+
+def test_write_error_retry_after_is_at_least_one_second_and_absent_without_one() -> None:
+    soon = dummy()
+    write_error(soon, QueueFull("full", retry_after=0.3))
+    assert soon.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    assert not soon.responseHeaders.hasHeader(b"x-request-id")
+    plain = dummy()
+    write_error(plain, StartFailed("boom"))
+    assert plain.responseCode == 502 and not plain.responseHeaders.hasHeader(b"retry-after")
+
+
+def test_write_error_after_the_headers_went_out_cuts_the_connection() -> None:
+    request = dummy()
+    cut: list[bool] = []
+    request.loseConnection = lambda: cut.append(True)  # type: ignore[method-assign]
+    request.startedWriting = True
+    write_error(request, StartFailed("boom"))
+    assert cut == [True] and request.written == [] and not request.finished
+
+
+def test_write_error_to_a_finished_or_gone_request_does_nothing() -> None:
+    finished = dummy()
+    finished.finished = True
+    write_error(finished, StartFailed("boom"))
+    assert finished.written == [] and finished.responseCode is None
+    gone = dummy()
+    gone._disconnected = True
+    write_error(gone, StartFailed("boom"))
+    assert gone.written == [] and gone.responseCode is None
+
+
+# -- through the gateway ------------------------------------------------------------------
+
+
+class Scripted(Resource):
+    """A backend whose response headers the test chooses."""
+
+    isLeaf = True
+
+    def __init__(self, headers: list[tuple[bytes, list[bytes]]], code: int = 200) -> None:
+        super().__init__()
+        self.headers = headers
+        self.code = code
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.code)
+        for name, values in self.headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        return b"body"
+
+
+def harness_with(backend: Resource) -> Harness:
+    harness = Harness({"web": {"url": "http://backend:8000/base"}})
+    harness.backend_agent = RequestTraversalAgent(backend)
+    harness.gateway.agent = harness.backend_agent
+    return harness
+
+
+def test_response_headers_keep_the_backends_own_and_drop_hop_by_hop_ones() -> None:
+    # (Headers named in the backend's Connection reach the exchange through the gateway's own
+    # HTTP client, which the test agent is not: test_client_headers.py covers that rule.)
+    harness = harness_with(Scripted([
+        (b"keep-alive", [b"timeout=5"]),
+        (b"x-private", [b"secret"]),
+        (b"x-public", [b"ok"]),
+        (b"server", [b"backend/1.0"]),
+    ], code=201))
+    response = harness.result(harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-1"}))
+    assert response.code == 201
+    headers = response.headers
+    assert not headers.hasHeader("keep-alive")
+    assert headers.getRawHeaders("x-public") == ["ok"] and headers.getRawHeaders("x-private") == ["secret"]
+    assert headers.getRawHeaders("server") == ["backend/1.0"]  # the backend's, not Twisted's
+    assert headers.getRawHeaders("x-request-id") == ["r-1"]
+    assert harness.result(response.content()) == b"body"
+
+
+def test_the_backend_sees_the_path_under_its_base_url() -> None:
+    seen: list[bytes] = []
+
+    class Recorder(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request.uri)
+            return b""
+
+    harness = harness_with(Recorder())
+    harness.result(harness.request("GET", "/services/web/a/b?c=1"))
+    assert seen == [b"/base/a/b?c=1"]
+
+
+class FailingAgent:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        return fail(self.error)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ConnectionRefusedError(), "backend unreachable: connection refused"),
+        (TimeoutError(), "backend unreachable: connect timed out"),
+        (ResponseFailed([Failure(ConnectionRefusedError())]), "backend unreachable: connection refused"),
+        (ValueError("weird"), "backend unreachable: weird"),
+    ],
+)
+def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reason: str) -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness.gateway.agent = FailingAgent(error)
+    response = harness.result(harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-2"}))
+    assert response.code == 502
+    body = harness.json(response)
+    assert body["error"] == reason and body["service"] == "web" and body["state"] == "ready"
+    assert response.headers.getRawHeaders("x-request-id") == ["r-2"]
+
+
+def test_unknown_paths_are_json_404s_that_name_what_is_served() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    for path, words in (("/", "Hestia serves /services/<name>/ and /v1/"),
+                        ("/other/x", "Hestia serves /services/<name>/ and /v1/"),
+                        ("/services", "no service named in the path"),
+                        ("/services/nope/x", "no such service")):
+        response = harness.result(harness.request("GET", path, headers={"X-Request-ID": "r-3"}))
+        assert response.code == 404, path
+        body = harness.json(response)
+        assert words in body["error"], path
+    response = harness.result(harness.request("GET", "/services/nope/x", headers={"X-Request-ID": "r-4"}))
+    assert response.headers.getRawHeaders("x-request-id") == ["r-4"]
+    assert harness.json(response)["service"] == "nope"
+
+
+def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
+    resource = harness.gateway.proxy_resource("web")
+    request = dummy()
+    request.uri = b"/services/api/x"
+    request.method = b"GET"
+    assert resource.render(request) is NOT_DONE_YET
+    assert request.responseCode == 404
+    assert json.loads(b"".join(request.written))["service"] == "web"
+
+
+def test_the_access_record_of_an_exchange() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    records: list[Any] = []
+    original = harness.gateway.request_ended
+
+    def ended(exchange: Any) -> None:
+        records.append(exchange.record)
+        original(exchange)
+
+    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    response = harness.result(harness.request("POST", "/services/web/p?q=1", data=b"12345",
+                                              headers={"X-Request-ID": "rec-1"}))
+    harness.result(response.content())
+    harness.settle()
+    [record] = records
+    assert (record.request_id, record.service, record.method, record.path) == (
+        "rec-1", "web", "POST", "/services/web/p?q=1")
+    assert record.status == 200 and record.bytes > 0 and record.leased and record.error is None
