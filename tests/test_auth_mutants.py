@@ -328,3 +328,31 @@ def test_good_auth_sections(tmp_path: Path) -> None:
     assert caught.value.key == "auth.tokens.a.token_env"
     admin = parse({"tokens": [{"name": "r", "token_sha256": "AB" * 32, "scopes": ["admin"]}]}).tokens[0]
     assert admin.admin and admin.may_reach("anything") and admin.digest == bytes.fromhex("ab" * 32)
+
+
+def test_the_auth_sections_messages() -> None:
+    def message(auth: Any) -> str:
+        with pytest.raises(ConfigError) as caught:
+            parse(auth)
+        return caught.value.message
+
+    assert message({"tokens": [{"scopes": ["admin"]}]}) == "every token needs a name (it is what the log shows)"
+    assert message({"tokens": [{"name": "a", "scopes": ["admin"]}]}) == (
+        "give exactly one of token_env, token_file, token_sha256")
+    assert message({"tokens": [{"name": "a", "token_env": "", "scopes": ["admin"]}]}) == "expected a non-empty string"
+    assert message({"tokens": [{"name": "a", "token_sha256": "a" * 64, "scopes": "admin"}]}) == (
+        "expected a list of names")
+
+
+def test_a_wrong_token_is_logged_with_the_client_and_never_the_token() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        Authenticator(auth_config(), Clock().seconds).check_admin(request(X_Hestia_Token="guess-123"))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    lines = [formatEvent(event) for event in logged]
+    assert "wrong token from 10.0.0.1 for the management API" in lines
+    assert not any("guess-123" in line for line in lines)

@@ -279,3 +279,45 @@ def test_semaphore_enabled_names_a_service_only_when_true() -> None:
     assert "ghost" not in parse({}, {"GHOST_SEMAPHORE_ENABLED": "0"}).services
     assert "ghost" not in parse({}, {"_SEMAPHORE_ENABLED": "true"}).services
     assert parse({}, {}).services == {}
+
+
+# -- found by the second mutation run -------------------------------------------------------
+
+
+def yaml_reader_error(tmp_path: Path) -> str:
+    """A control character: PyYAML's ReaderError, which has no problem_mark."""
+    file = tmp_path / "control.yml"
+    file.write_bytes(b"services:\x07\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(file), environ={})
+    assert str(caught.value).startswith(f"{file}: invalid YAML: unacceptable character #x0007")
+    return str(caught.value)
+
+
+def test_a_yaml_error_without_a_position_is_a_config_error(tmp_path: Path) -> None:
+    yaml_reader_error(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="found by issue 21: PyYAML's ReaderError text has a newline "
+                   "(' in \"<unicode string>\", position 9'); config.py is another helper's file now")
+def test_a_yaml_error_without_a_position_is_one_line(tmp_path: Path) -> None:
+    assert "\n" not in yaml_reader_error(tmp_path)
+
+
+def test_services_must_be_a_mapping_and_is_not_a_feature_section() -> None:
+    assert refused({"services": ["a"]}).key == "services"
+    config = parse({"services": {"svc": {"url": "http://127.0.0.1:9"}}, "groups": {}})
+    assert set(config.sections) == {"groups"}
+
+
+def test_without_a_file_hestia_fronts_a_local_ollama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, environ={"PATH": str(tmp_path)})
+    assert config.source == "<built-in defaults>"
+    ollama = config.services["ollama"]
+    assert ollama.url == "http://localhost:11434" and ollama.health.path == "/api/tags"
+    assert ollama.command is None  # no ollama binary on this PATH
+    (tmp_path / "ollama").write_text("#!/bin/sh\n")
+    (tmp_path / "ollama").chmod(0o755)
+    with_binary = load_config(None, environ={"PATH": str(tmp_path)}).services["ollama"]
+    assert with_binary.command == ("ollama", "serve") and with_binary.backend == "process"

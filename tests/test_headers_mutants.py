@@ -188,3 +188,8 @@ def test_dots_that_do_not_climb_are_allowed() -> None:
 def test_join_url_keeps_the_base_path() -> None:
     assert join_url("http://127.0.0.1:9/base/", b"/x?y=1") == b"http://127.0.0.1:9/base/x?y=1"
     assert join_url("http://127.0.0.1:9", b"/") == b"http://127.0.0.1:9/"
+
+
+def test_new_request_ids_are_lowercase_hex() -> None:
+    made = request_id_from(None)
+    assert made == made.lower() and bytes.fromhex(made.decode()) and len(made) == 32

@@ -417,3 +417,52 @@ def test_api_start_of_a_ready_service_and_after_shutdown() -> None:
     assert isinstance(refused, Failure) and refused.value.status == 503
     assert outcome(lifecycle.acquire())[0].value.status == 503
     assert backend.starts == []
+
+
+# -- found by the second mutation run -------------------------------------------------------
+
+
+def test_a_start_abandoned_while_waiting_for_the_clean_up_never_launches() -> None:
+    lifecycle, backend, clock, _ = make()
+    fail_cleanup_pending = outcome(lifecycle.acquire())
+    backend.starts[-1].errback(StartFailed("exit status 1"))  # clean-up: backend.stops[0], pending
+    assert isinstance(fail_cleanup_pending[0].value, StartFailed)
+    outcome(lifecycle.acquire())  # a new start waits for the clean-up
+    assert lifecycle.state is State.STARTING and len(backend.starts) == 1
+    outcome(lifecycle.stop("api"))  # abandoned before its launch
+    backend.stops[1].callback(None)
+    assert lifecycle.state is State.STOPPED
+    outcome(lifecycle.acquire())  # and a third start, also behind the clean-up
+    backend.stops[0].callback(None)  # the clean-up ends: only the live start launches
+    assert len(backend.starts) == 2
+
+
+def test_reasons_and_durations_of_transitions() -> None:
+    lifecycle, backend, clock, events = make()
+    lifecycle.start()
+    assert lifecycle.state_reason == "api"
+    backend.finish_start()
+    clock.advance(0.5)
+    backend.answer_probe(True)
+    assert events[-1].new is State.READY and events[-1].duration == 0.5
+    backend.exit("exit status 9")
+    assert lifecycle.state_reason == "exited" and events[-1].reason == "exited"
+    assert events[-1].error == "exited while serving: exit status 9"
+
+
+def test_a_failing_clean_up_is_logged_and_does_not_block_the_next_start() -> None:
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        lifecycle, backend, clock, _ = make()
+        outcome(lifecycle.acquire())
+        backend.starts[-1].errback(StartFailed("exit status 1"))
+        backend.stops[-1].errback(RuntimeError("cannot kill"))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any(event.get("log_format") == "cleaning up {service} after a failed start"
+               and event["log_failure"].check(RuntimeError) for event in logged)
+    outcome(lifecycle.acquire())
+    assert len(backend.starts) == 2
