@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyChannel
 
 from hestia.config import parse_config
@@ -282,8 +283,48 @@ def test_raise_open_file_limit_reaches_the_hard_limit() -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    now = raise_open_file_limit()
-    assert now >= soft
-    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
-    if hard != resource.RLIM_INFINITY:
-        assert now == hard
+    lowered = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        now = raise_open_file_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
+        expected = hard if hard != resource.RLIM_INFINITY else max(lowered, 1 << 20)
+        assert now == expected and now > lowered
+        assert raise_open_file_limit() == now  # already there: unchanged
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_http2_streams_take_the_sites_limits_or_the_defaults() -> None:
+    channel = DummyChannel()
+    channel.site = Site(Resource())  # DummyChannel's own site is shared by every DummyChannel
+    channel.site.limits = Limits(max_body_size=4)  # an H2 stream has no limits: its site has
+    request = GuardedRequest(channel)
+    request.method, request.uri, request.clientproto = b"POST", b"/x", b"HTTP/2"
+    request.gotLength(None)
+    request.handleContentChunk(b"12345")
+    request.process()
+    assert request.code == 413
+    written = channel.transport.written.getvalue()
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert json.loads(body) == {"error": "request body larger than 4 bytes", "service": None, "state": None}
+    assert b"content-type: application/json" in head.lower()
+
+    default = GuardedRequest(DummyChannel())
+    default.gotLength(None)
+    default.handleContentChunk(b"x" * 100_000)  # far below the default 4 GiB
+    default.content.seek(0)
+    assert len(default.content.read()) == 100_000
+
+
+def test_a_refusal_is_logged_with_the_peer_and_the_reason() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    logged: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        Connection().send(b"CONNECT x:443 HTTP/1.1\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert "refused a request from 10.0.0.1: 405 CONNECT is not served: Hestia is not a forward proxy" in [
+        formatEvent(event) for event in logged]

@@ -215,3 +215,83 @@ def test_the_access_record_of_an_exchange() -> None:
     assert (record.request_id, record.service, record.method, record.path) == (
         "rec-1", "web", "POST", "/services/web/p?q=1")
     assert record.status == 200 and record.bytes > 0 and record.leased and record.error is None
+
+
+# -- found by the second mutation run -------------------------------------------------------
+
+
+class PerHostAgent:
+    """Refuses the connection to the hosts in C{refuse}; the rest goes to a backend Resource."""
+
+    def __init__(self, backend: RequestTraversalAgent, refuse: set[bytes]) -> None:
+        self.backend = backend
+        self.refuse = refuse
+        self.asked: list[bytes] = []
+
+    def request(self, method: bytes, url: bytes, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.asked.append(url)
+        if any(url.startswith(host) for host in self.refuse):
+            return fail(ConnectionRefusedError())
+        return self.backend.request(method, url, *args, **kwargs)
+
+
+def failover_harness(refuse: set[bytes]) -> tuple[Harness, PerHostAgent]:
+    harness = Harness({"pool": {"strategy": "failover",
+                                "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}})
+    agent = PerHostAgent(harness.backend_agent, refuse)
+    harness.gateway.agent = agent
+    return harness, agent
+
+
+def test_a_refused_connection_fails_over_to_the_next_instance() -> None:
+    harness, agent = failover_harness({b"http://first:1"})
+    response = harness.result(harness.request("GET", "/services/pool/x"))
+    assert response.code == 200
+    assert agent.asked == [b"http://first:1/x", b"http://second:2/x"]
+    assert harness.json(response)["uri"] == "/x"
+
+
+def test_when_every_instance_refuses_the_client_gets_a_502() -> None:
+    harness, agent = failover_harness({b"http://first:1", b"http://second:2"})
+    response = harness.result(harness.request("GET", "/services/pool/x"))
+    assert response.code == 502
+    assert harness.json(response)["error"] == "backend unreachable: connection refused"
+    assert len(agent.asked) == 2
+
+
+def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness.fakes["web"].output = [f"line {number}" for number in range(25)]
+    harness.gateway.agent = FailingAgent(ConnectionRefusedError())
+    body = harness.json(harness.result(harness.request("GET", "/services/web/x")))
+    assert body["detail"] == [f"line {number}" for number in range(5, 25)]
+
+
+def test_an_absolute_form_target_to_a_host_routed_service_is_400() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "hosts": ["web.example"]}})
+    resource = harness.gateway.proxy_resource("web", host_routed=True)
+    request = dummy()
+    request.uri = b"http://evil.example/x"
+    request.method = b"GET"
+    assert resource.render(request) is NOT_DONE_YET
+    assert request.responseCode == 400
+    assert json.loads(b"".join(request.written))["error"] == "expected an origin-form request target"
+
+
+def test_a_service_name_that_is_not_ascii_is_a_404_naming_it_readably() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    response = harness.result(harness.request("GET", "/services/%C3%A9t%C3%A9/x"))
+    assert response.code == 404
+    assert harness.json(response)["service"] == "\ufffd\ufffdt\ufffd\ufffd"
+
+
+def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
+    harness = Harness({"svc": {"url": "http://backend:8000", "command": "serve"}})
+    waiting = harness.request("GET", "/services/svc/x")
+    harness.settle()
+    lifecycle = harness.gateway.lifecycle("svc")
+    assert len(lifecycle.queue) == 1
+    waiting.addErrback(lambda _: None)
+    waiting.cancel()
+    harness.settle()
+    assert len(lifecycle.queue) == 0
