@@ -1,0 +1,126 @@
+"""
+Exclusive groups and dependencies in memory: the rules mutation testing (issue 21) found
+unpinned.  A Gateway on a Clock with FakeBackends; through the routes' acquire/status and
+the gateway's reload, never the group's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_routing_mutants import Gw, outcome
+
+from hestia.config import ConfigError, parse_config
+from hestia.errors import StartFailed
+from hestia.lifecycle import State
+
+pytestmark = pytest.mark.unit
+
+
+def member(name: str, **keys: Any) -> dict[str, Any]:
+    return {"url": f"http://{name}:1", "command": [name], "group": "gpu", "idle_timeout": 0,
+            "start_timeout": 0, "queue_timeout": 0, **keys}
+
+
+def group_gw(**group: Any) -> Gw:
+    return Gw({"groups": {"gpu": {"exclusive": True, **group}},
+               "services": {"a": member("a"), "b": member("b")}})
+
+
+def test_groups_section_defaults_and_errors() -> None:
+    plan = parse_config({"groups": {"g": {}, "h": {"exclusive": "on", "min_residency": "1m"}}}, "t.yml", {}).routing
+    assert (plan.groups["g"].exclusive, plan.groups["g"].min_residency) == (False, 30.0)
+    assert (plan.groups["h"].exclusive, plan.groups["h"].min_residency) == (True, 60.0)
+    for groups, key in (({"G": {}}, "groups.G"), ({"g": {"exclusiv": True}}, "groups.g.exclusiv"),
+                        ({"g": {"min_residency": "x"}}, "groups.g.min_residency"), ({"g": 1}, "groups.g"),
+                        ({"g": {"exclusive": "maybe"}}, "groups.g.exclusive"), ([], "groups")):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"groups": groups}, "t.yml", {})
+        assert caught.value.key == key
+
+
+def test_a_dependency_cycle_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"services": {
+            "a": {"url": "http://a:1", "depends_on": ["b"]},
+            "b": {"url": "http://b:1", "depends_on": ["c"]},
+            "c": {"url": "http://c:1", "depends_on": ["a"]},
+        }}, "t.yml", {})
+    assert caught.value.key == "services.a.depends_on"
+    assert caught.value.message == "dependency cycle: a -> b -> c -> a"
+
+
+def test_the_group_status_names_the_holder_and_who_waits() -> None:
+    gw = group_gw(min_residency=100)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    assert a.status()["group"] == {"name": "gpu", "exclusive": True, "min_residency": 100.0, "holder": None,
+                                   "yielding": False, "waiting": [], "swaps": 0}
+    lease = outcome(a.acquire(None))
+    gw.up("a")
+    outcome(b.acquire(None))
+    status = b.status()
+    assert status["group"]["holder"] == "a" and status["group"]["waiting"] == ["b"]
+    assert status["state"] == "starting" and gw.fakes["b"].starts == []
+    # a keeps the group for its min_residency, counted from when it got it.
+    lease[0].release()
+    gw.clock.advance(99)
+    assert a.state is State.READY
+    gw.clock.advance(1.1)
+    assert a.state is State.STOPPING and a.state_reason == "exclusive"
+
+
+def test_a_held_request_counts_in_the_members_queue_and_is_bounded() -> None:
+    gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+             "services": {"a": member("a", queue_limit=1), "b": member("b")}})
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    first = outcome(a.acquire(None))
+    gw.up("a")
+    outcome(b.acquire(None))  # a must yield, but has a request in flight
+    held = outcome(a.acquire(None))
+    assert held == [] and a.status()["queued"] == 1
+    refused = outcome(a.acquire(None))[0].value
+    assert refused.status == 503 and refused.service == "a"
+    first[0].release()
+
+
+def test_a_member_already_running_at_reload_keeps_the_group() -> None:
+    raw = {"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+           "services": {"a": member("a"), "b": member("b")}}
+    gw = Gw(raw)
+    a = gw.gateway.lifecycle("a")
+    outcome(a.acquire(None))
+    gw.up("a")
+    gw.gateway.apply(parse_config(raw, "t.yml", {}))
+    assert gw.gateway.lifecycle("b").status()["group"]["holder"] == "a"
+    outcome(gw.gateway.lifecycle("b").acquire(None))
+    assert gw.fakes["b"].starts == []  # b waits for a
+
+
+def test_a_failed_dependency_fails_the_dependent_naming_it() -> None:
+    gw = Gw({"services": {
+        "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"]},
+        "db": {"url": "http://db:1", "command": ["db"]},
+    }})
+    got = outcome(gw.gateway.lifecycle("app").acquire(None))
+    gw.fakes["db"].starts[-1].errback(StartFailed("db exploded"))
+    error = got[0].value
+    assert isinstance(error, StartFailed)
+    assert error.reason == "dependency db did not start: db exploded"
+    assert gw.fakes["app"].starts == []
+
+
+def test_a_stopped_dependent_releases_its_dependency() -> None:
+    gw = Gw({"services": {
+        "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"], "idle_timeout": 10},
+        "db": {"url": "http://db:1", "command": ["db"], "idle_timeout": 10},
+    }})
+    app, db = gw.gateway.lifecycle("app"), gw.gateway.lifecycle("db")
+    lease = outcome(app.acquire(None))
+    gw.up("db")
+    gw.up("app")
+    assert db.in_flight == 1  # app holds db
+    lease[0].release()
+    gw.clock.advance(10)
+    gw.fakes["app"].finish_stop()
+    assert app.state is State.STOPPED and db.in_flight == 0

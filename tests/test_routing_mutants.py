@@ -1,0 +1,263 @@
+"""
+Routing (instances, route_by: model, hosts, groups, depends_on) in memory: the rules mutation
+testing (issue 21) found unpinned.  A Gateway on a Clock with FakeBackends, or the in-memory
+proxy harness; configuration errors judged by their key and message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_proxy import Harness
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from hestia.config import ConfigError, parse_config
+from hestia.gateway import Gateway
+from hestia.testing import FakeBackend
+
+pytestmark = pytest.mark.unit
+
+
+class Gw:
+    """A Gateway on a Clock whose backends are FakeBackends, by lifecycle name."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.fakes: dict[str, FakeBackend] = {}
+
+        def build(service: Any) -> FakeBackend:
+            fake = FakeBackend(url=service.url)
+            self.fakes[service.name] = fake
+            return fake
+
+        self.gateway = Gateway(parse_config(raw, "t.yml", {}), self.clock, agent=object(),  # type: ignore[arg-type]
+                               build_backend=build)
+
+    def up(self, name: str) -> None:
+        fake = self.fakes[name]
+        fake.finish_start()
+        self.clock.advance(0.01)
+        fake.answer_probe(True)
+
+
+def outcome(deferred: Deferred[Any]) -> list[Any]:
+    box: list[Any] = []
+    deferred.addBoth(box.append)
+    return box
+
+
+def refused(services: dict[str, Any], groups: Any = None) -> ConfigError:
+    raw: dict[str, Any] = {"services": services}
+    if groups is not None:
+        raw["groups"] = groups
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "t.yml", {})
+    return caught.value
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("services", "key", "message"),
+    [
+        ({"a": {"instances": [{"url": "http://a:1", "cost": -1}]}}, "services.a.instances[0].cost",
+         "expected a number >= 0, got -1"),
+        ({"a": {"instances": [{"url": "http://a:1", "cost": True}]}}, "services.a.instances[0].cost",
+         "expected a number >= 0, got True"),
+        ({"a": {"instances": [{}]}}, "services.a.instances[0]", "an instance needs at least a url"),
+        ({"a": {"url": "http://a:1", "models": ["m", "m"]}}, "services.a.models", "lists a name twice"),
+        ({"a": {"url": "http://a:1", "models": []}}, "services.a.models", "lists no model"),
+        ({"a": {"url": "http://a:1", "models": [""]}}, "services.a.models", "expected a list of names"),
+        ({"a": {"url": "http://a:1", "strategy": "failover"}}, "services.a.strategy",
+         "only a service with instances has a strategy"),
+        ({"a": {"instances": [{"url": "http://a:1"}], "strategy": {"options": 1}}}, "services.a.strategy",
+         "expected a strategy name, or a mapping with name: and its options"),
+        ({"a": {"instances": [{"url": "http://a:1"}], "strategy": 7}}, "services.a.strategy",
+         "expected a strategy name, or a mapping with name: and its options"),
+        ({"a": {"url": "http://a:1", "depends_on": ["a"]}}, "services.a.depends_on",
+         "a service cannot depend on itself"),
+        ({"a": {"url": "http://a:1", "depends_on": ["ghost"]}}, "services.a.depends_on",
+         "no service named 'ghost' to depend on"),
+        ({"r": {"route_by": "model", "group": "g"}, "m": {"url": "http://m:1", "models": ["x"]}},
+         "services.r.group", "not for a route_by service (set it on its targets)"),
+        ({"r": {"route_by": "model", "models": ["x"]}, "m": {"url": "http://m:1", "models": ["y"]}},
+         "services.r.models", "not for a route_by service (set it on its targets)"),
+        ({"r": {"route_by": "model", "depends_on": ["m"]}, "m": {"url": "http://m:1", "models": ["y"]}},
+         "services.r.depends_on", "not for a route_by service (set it on its targets)"),
+        ({"r": {"route_by": "host"}}, "services.r.route_by", "expected model, got 'host'"),
+        ({"r": {"route_by": "model"}}, "services.r.route_by", "no service lists models: give targets models: [...]"),
+        ({"r": {"route_by": "model", "targets": ["m"]}, "m": {"url": "http://m:1"}}, "services.r.targets",
+         "'m' cannot be a target: it lists no models"),
+        ({"r": {"route_by": "model", "targets": ["z"]}, "m": {"url": "http://m:1", "models": ["y"]}},
+         "services.r.targets", "'z' cannot be a target: no such service"),
+        ({"a": {"url": "http://a:1", "targets": ["b"]}}, "services.a.targets",
+         "only a route_by: model service has targets"),
+        ({"a": {"url": "http://a:1", "hosts": ["A.lan."]}, "b": {"url": "http://b:1", "hosts": ["a.lan"]}},
+         "services.b.hosts", "a.lan is already routed to a"),
+        ({"a": {"instances": [{"url": "http://a:1"}], "route_by": "model"}}, "services.a",
+         "give either instances or route_by, not both"),
+        ({"a": {"url": "http://a:1", "group": "none"}}, "services.a.group",
+         "no group named 'none' (groups: none: add a top-level groups: section)"),
+    ],
+)
+def test_routing_errors(services: dict[str, Any], key: str, message: str) -> None:
+    error = refused(services)
+    assert (error.key, error.message) == (key, message)
+
+
+def test_model_listed_by_two_targets_and_groups_for_composites() -> None:
+    error = refused({"r": {"route_by": "model"}, "m": {"url": "http://m:1", "models": ["x"]},
+                     "n": {"url": "http://n:1", "models": ["x"]}})
+    assert (error.key, error.message) == ("services.r.targets", "model 'x' is listed by both m and n")
+    error = refused({"a": {"instances": [{"url": "http://a:1"}], "group": "g"}}, {"g": {"exclusive": True}})
+    assert (error.key, error.message) == ("services.a.group", "only a single-instance service can be in a group")
+    error = refused({"a": {"url": "http://a:1", "group": "x"}}, {"g": {}, "h": {}})
+    assert error.message == "no group named 'x' (groups: g, h)"
+
+
+def test_a_strategy_given_as_a_mapping_with_options() -> None:
+    plan = parse_config({"services": {"a": {"strategy": {"name": "round-robin"},
+                                            "instances": [{"url": "http://a:1"}, {"url": "http://b:1", "cost": 2}]}}},
+                        "t.yml", {}).routing
+    multi = plan.multi["a"]
+    assert multi.strategy == "round-robin" and multi.strategy_options == {}
+    assert [i.cost for i in multi.instances] == [1.0, 2.0]
+    assert [i.service.name for i in multi.instances] == ["a.0", "a.1"]
+
+
+def test_instances_inherit_the_parents_settings() -> None:
+    plan = parse_config({"services": {"a": {
+        "idle_timeout": 7, "keep_warm": True, "health": {"path": "/h"}, "env": {"K": "v"}, "cwd": "/srv",
+        "instances": [{"url": "http://a:1", "command": "x"}, {"url": "http://b:1", "command": "y", "cwd": "/own"}]}}},
+        "t.yml", {}).routing
+    first, second = (i.service for i in plan.multi["a"].instances)
+    assert first.idle_timeout == 7 and first.keep_warm and first.health.path == "/h" and dict(first.env) == {"K": "v"}
+    assert first.cwd == "/srv" and second.cwd == "/own"
+
+
+def test_instance_errors_name_the_instance() -> None:
+    error = refused({"a": {"instances": [{"url": "http://a:1"}, {"url": "ftp://b"}]}})
+    assert error.key == "services.a.instances[1].url"
+
+
+# -- multi-instance routes ------------------------------------------------------------------
+
+
+def test_multi_instance_status_and_stop_and_shutdown() -> None:
+    gw = Gw({"services": {"web": {"strategy": "round-robin", "idle_timeout": 10, "instances": [
+        {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"], "cost": 3}]}}})
+    route = gw.gateway.lifecycle("web")
+    lease = outcome(route.acquire(None))
+    gw.clock.advance(2)
+    gw.up("web.0")
+    status = route.status()
+    assert status["state"] == "ready" and status["strategy"] == "round-robin" and status["url"] is None
+    assert status["state_since"] == route.instances[0].status()["state_since"]
+    assert [i["cost"] for i in status["instances"]] == [1.0, 3.0]
+    assert status["last_request_at"] is not None and status["in_flight"] == 1
+    lease[0].release()
+    stopped = outcome(route.stop("api"))
+    assert stopped == []
+    gw.fakes["web.0"].finish_stop()
+    assert stopped == [None]
+    assert outcome(route.shutdown()) == [None]
+
+
+def test_a_failed_instance_shows_its_error_on_the_route() -> None:
+    gw = Gw({"services": {"web": {"strategy": "failover", "instances": [
+        {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"]}]}}})
+    route = gw.gateway.lifecycle("web")
+    got = outcome(route.acquire(None))
+    gw.fakes["web.0"].starts[-1].errback(Exception("no disk"))
+    gw.up("web.1")
+    assert got[0].url == "http://b:1"
+    assert route.status()["last_error"] == "start failed: no disk"
+
+
+def test_the_fallback_keeps_the_request_for_the_strategy() -> None:
+    seen: list[Any] = []
+    gw = Gw({"services": {"web": {"strategy": "failover", "instances": [
+        {"url": "http://a:1"}, {"url": "http://b:1"}]}}})
+    route = gw.gateway.lifecycle("web")
+    strategy = route.strategy
+    original = strategy.choose
+
+    def choose(views: Any, request: Any) -> Any:
+        seen.append(request)
+        return original(views, request)
+
+    strategy.choose = choose
+    marker = object()
+    waiting = outcome(route.acquire(marker))
+    gw.up("web.0")
+    first = waiting[0]
+    assert first.url == "http://a:1" and first.fallback is not None
+    waiting = outcome(first.fallback())
+    gw.up("web.1")
+    second = waiting[0]
+    assert second.url == "http://b:1" and second.fallback is None
+    assert seen == [marker, marker]
+
+
+# -- model routes ---------------------------------------------------------------------------
+
+
+def model_harness() -> Harness:
+    return Harness({
+        "ai": {"route_by": "model"},
+        "llama": {"url": "http://llama:1", "command": ["llama"], "models": ["llama3:latest", "llama3:8b"]},
+        "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
+    })
+
+
+def test_a_bare_model_name_means_its_latest_tag() -> None:
+    harness = model_harness()
+    route = harness.gateway.lifecycle("ai")
+    assert route.target_for("llama3").name == "llama"
+    assert route.target_for("qwen2.5") is None  # no qwen2.5:latest
+    assert route.target_for("llama3:70b") is None
+    assert route.target_for(None) is None and route.target_for("") is None
+
+
+def test_model_route_status_lists_each_targets_models() -> None:
+    harness = model_harness()
+    status = harness.gateway.lifecycle("ai").status()
+    assert status["targets"] == [
+        {"name": "llama", "state": "stopped", "models": ["llama3:latest", "llama3:8b"]},
+        {"name": "qwen", "state": "stopped", "models": ["qwen2.5:7b"]},
+    ]
+    assert status["state"] == "stopped" and status["backend"] == "route"
+
+
+def test_model_lists_with_a_trailing_slash_and_by_head() -> None:
+    harness = model_harness()
+    tags = harness.result(harness.request("GET", "/services/ai/api/tags/"))
+    assert tags.code == 200
+    assert [m["name"] for m in harness.json(tags)["models"]] == ["llama3:latest", "llama3:8b", "qwen2.5:7b"]
+    head = harness.result(harness.request("HEAD", "/services/ai/v1/models"))
+    assert head.code == 200 and harness.result(head.content()) == b""
+    assert harness.fakes["llama"].starts == []
+
+
+def test_a_path_naming_no_model_is_404_and_a_model_path_without_one_400() -> None:
+    harness = model_harness()
+    other = harness.result(harness.request("GET", "/services/ai/metrics?x=1"))
+    assert other.code == 404
+    assert harness.json(other)["error"] == (
+        "/metrics names no model: ai routes by model (JSON body 'model' or ?model=)")
+    openai = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=b"{}"))
+    assert openai.code == 400
+    assert harness.json(openai)["error"] == {"message": "model is required", "type": "invalid_request_error",
+                                             "param": "model", "code": None}
+
+
+def test_model_route_stop_stops_every_target_and_start_starts_none() -> None:
+    harness = model_harness()
+    route = harness.gateway.lifecycle("ai")
+    assert outcome(route.start()) == [None] and harness.fakes["llama"].starts == []
+    assert outcome(route.stop("api")) == [None]
+    assert outcome(route.shutdown()) == [None]
