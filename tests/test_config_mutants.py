@@ -321,3 +321,9 @@ def test_without_a_file_hestia_fronts_a_local_ollama(tmp_path: Path, monkeypatch
     (tmp_path / "ollama").chmod(0o755)
     with_binary = load_config(None, environ={"PATH": str(tmp_path)}).services["ollama"]
     assert with_binary.command == ("ollama", "serve") and with_binary.backend == "process"
+
+
+def test_a_backend_section_is_validated_by_its_backend_with_the_service_name() -> None:
+    error = refused_service(exec={"start": "wake"})
+    assert error.key == "services.svc.exec.stop" and error.message == "missing: the command that stops svc"
+    assert service(exec={"start": "wake", "stop": "sleep"}).backend == "exec"

@@ -12,10 +12,14 @@ from typing import Any
 import pytest
 from test_proxy import Harness
 from treq.testing import RequestTraversalAgent
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -295,3 +299,115 @@ def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
     waiting.cancel()
     harness.settle()
     assert len(lifecycle.queue) == 0
+
+
+def test_when_the_fallback_instance_fails_to_start_the_client_gets_its_error() -> None:
+    harness = Harness({"pool": {"strategy": "failover", "instances": [
+        {"url": "http://first:1", "command": "a"}, {"url": "http://second:2", "command": "b"}]}})
+    harness.gateway.agent = PerHostAgent(harness.backend_agent, {b"http://first:1"})
+    answer = harness.request("GET", "/services/pool/x")
+    harness.settle()
+    first = harness.fakes["pool.0"]
+    first.finish_start()
+    harness.reactor.advance(0.01)
+    first.answer_probe(True)
+    harness.settle()  # first is ready but refuses: the request moves on to second, which starts
+    harness.fakes["pool.1"].starts[-1].errback(StartFailed("no GPU"))
+    response = harness.result(answer)
+    assert response.code == 502 and harness.json(response)["error"] == "no GPU"
+
+
+class FakeResponse:
+    """An IResponse whose body the test scripts: some bytes, then the end it is given."""
+
+    code, phrase, length = 200, b"OK", UNKNOWN_LENGTH
+
+    def __init__(self, end: Failure) -> None:
+        self.headers = Headers({b"content-type": [b"text/plain"]})
+        self.end = end
+        self.protocols: list[Any] = []
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 -- Twisted's name
+        self.protocols.append(protocol)
+        if protocol is None:
+            return
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"part")
+        protocol.connectionLost(self.end)
+
+
+class HeldAgent:
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+
+def recording(harness: Harness) -> list[Any]:
+    records: list[Any] = []
+    original = harness.gateway.request_ended
+
+    def ended(exchange: Any) -> None:
+        records.append(exchange.record)
+        original(exchange)
+
+    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    return records
+
+
+def test_a_backend_breaking_off_mid_body_cuts_the_client_and_is_recorded() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    agent = HeldAgent()
+    harness.gateway.agent = agent
+    records = recording(harness)
+    answer = harness.request("GET", "/services/web/x")
+    harness.settle()
+    agent.pending[0].callback(FakeResponse(Failure(ResponseFailed([Failure(ConnectionLost("reset"))]))))
+    harness.settle()
+    response = harness.result(answer)
+    assert response.code == 200
+    body = outcome_of(harness, response.content())
+    assert isinstance(body, Failure)  # the client sees a cut connection, not a whole body
+    [record] = records
+    assert record.error_kind == "truncated" and record.error.startswith("backend broke off the response: ")
+    assert record.bytes == 4
+
+
+def test_a_client_leaving_during_the_backend_request_cancels_it() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    agent = HeldAgent()
+    harness.gateway.agent = agent
+    records = recording(harness)
+    answer = harness.request("GET", "/services/web/x")
+    harness.settle()
+    answer.addErrback(lambda _: None)
+    answer.cancel()
+    harness.settle()
+    assert agent.pending[0].called  # the exchange cancelled its backend request
+    [record] = records
+    assert record.error_kind == "client_gone" and record.error == "client went away"
+
+
+def outcome_of(harness: Harness, deferred: Deferred[Any]) -> Any:
+    harness.settle()
+    box: list[Any] = []
+    deferred.addBoth(box.append)
+    return box[0] if box else None
+
+
+def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    agent = HeldAgent()
+    harness.gateway.agent = agent
+    sent: list[Any] = []
+    agent.request = lambda method, url, headers, body: sent.append(headers) or Deferred()  # type: ignore[method-assign]
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"GET"
+    request.client = UNIXAddress(b"/run/hestia.sock")
+    request.getClientAddress = lambda: request.client  # type: ignore[method-assign]
+    request.isSecure = lambda: False  # type: ignore[method-assign]
+    harness.gateway.proxy_resource("web").render(request)
+    harness.settle()
+    assert sent and sent[0].getRawHeaders(b"x-forwarded-for") == [b"unix"]
