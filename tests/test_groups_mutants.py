@@ -89,12 +89,15 @@ def test_a_member_already_running_at_reload_keeps_the_group() -> None:
            "services": {"a": member("a"), "b": member("b")}}
     gw = Gw(raw)
     a = gw.gateway.lifecycle("a")
-    outcome(a.acquire(None))
+    lease = outcome(a.acquire(None))
     gw.up("a")
+    lease[0].release()
     gw.gateway.apply(parse_config(raw, "t.yml", {}))
     assert gw.gateway.lifecycle("b").status()["group"]["holder"] == "a"
-    outcome(gw.gateway.lifecycle("b").acquire(None))
-    assert gw.fakes["b"].starts == []  # b waits for a
+    b = gw.gateway.lifecycle("b")
+    outcome(b.acquire(None))
+    assert gw.fakes["b"].starts == []  # b waits for a, which yields at once (min_residency 0)
+    assert b.state is State.STARTING and a.state is State.STOPPING and a.state_reason == "exclusive"
 
 
 def test_a_failed_dependency_fails_the_dependent_naming_it() -> None:
@@ -124,3 +127,47 @@ def test_a_stopped_dependent_releases_its_dependency() -> None:
     gw.clock.advance(10)
     gw.fakes["app"].finish_stop()
     assert app.state is State.STOPPED and db.in_flight == 0
+
+
+def test_a_holder_that_becomes_ready_while_another_waits_yields_then() -> None:
+    gw = group_gw(min_residency=0)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.start())
+    waiting = outcome(b.acquire(None))
+    assert a.state is State.STARTING and b.state is State.STARTING
+    gw.up("a")
+    gw.clock.advance(0)
+    assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    gw.up("b")
+    assert waiting[0].url == "http://b:1"
+
+
+def test_waiting_for_a_group_is_logged_with_its_holder() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    gw = group_gw(min_residency=100)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.acquire(None))
+    gw.up("a")
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        outcome(b.acquire(None))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert "b waits for exclusive group gpu (held by a)" in [formatEvent(event) for event in logged]
+
+
+def test_every_instance_of_a_dependent_waits_for_its_dependency() -> None:
+    gw = Gw({"services": {
+        "pool": {"depends_on": ["db"], "strategy": "failover",
+                 "instances": [{"url": "http://p:1", "command": ["p"]}, {"url": "http://q:1", "command": ["q"]}]},
+        "db": {"url": "http://db:1", "command": ["db"]},
+    }})
+    got = outcome(gw.gateway.lifecycle("pool").acquire(None))
+    assert len(gw.fakes["db"].starts) == 1 and gw.fakes["pool.0"].starts == []
+    gw.up("db")
+    gw.up("pool.0")
+    assert got[0].url == "http://p:1"

@@ -261,3 +261,14 @@ def test_model_route_stop_stops_every_target_and_start_starts_none() -> None:
     assert outcome(route.start()) == [None] and harness.fakes["llama"].starts == []
     assert outcome(route.stop("api")) == [None]
     assert outcome(route.shutdown()) == [None]
+
+
+def test_model_list_paths_are_exact_and_untagged_models_match_themselves() -> None:
+    harness = Harness({
+        "ai": {"route_by": "model"},
+        "phi": {"url": "http://phi:1", "command": ["phi"], "models": ["phi"]},
+    })
+    route = harness.gateway.lifecycle("ai")
+    assert route.target_for("phi").name == "phi"  # listed without a tag: found as written
+    near = harness.result(harness.request("GET", "/services/ai/api/tagsX"))
+    assert near.code == 404 and "names no model" in harness.json(near)["error"]
