@@ -78,6 +78,11 @@ class Tunables:
     queue_limit: int = 100
     queue_timeout: float = 120.0
     stop_timeout: float = 10.0
+    # Requests in progress with the backend at once, once slow start has
+    # widened the window (hestia.admission); the rest wait in order.
+    max_concurrency: int = 64
+    # Seconds from sending a request to the backend's response head; 0 = none.
+    response_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,14 @@ class ServiceConfig:
     def stop_timeout(self) -> float:
         return self.tunables.stop_timeout
 
+    @property
+    def max_concurrency(self) -> int:
+        return self.tunables.max_concurrency
+
+    @property
+    def response_timeout(self) -> float:
+        return self.tunables.response_timeout
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -175,7 +188,8 @@ TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
                "redirect_listen"}
-TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
+TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout",
+                "max_concurrency", "response_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
 # Parsed by hestia.routing (issue 7).
@@ -314,7 +328,7 @@ def _tunables(reader: _Reader, raw: Mapping[str, Any], base: Tunables, key: str)
     values: dict[str, Any] = {}
     for name in TUNABLE_KEYS & set(raw):
         where = f"{key}.{name}" if key else name
-        if name == "queue_limit":
+        if name in ("queue_limit", "max_concurrency"):
             values[name] = reader.integer(raw[name], where, minimum=1)
         else:
             values[name] = reader.duration(raw[name], where)

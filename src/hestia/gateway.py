@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 
+from hestia.admission import CONNECT_RETRY, Admission
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
@@ -26,7 +27,7 @@ from hestia.groups import Coordinator
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
-from hestia.lifecycle import Observer, ServiceLifecycle, State
+from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
 
 if TYPE_CHECKING:
     from hestia.proxy import Exchange, ServiceProxyResource
@@ -117,6 +118,7 @@ class Gateway:
         """
         self.config = config
         self.reactor = reactor
+        self._own_agent = agent is None
         if agent is None:
             agent, pool = make_agent(reactor, config.server.max_backend_connections)
         self.agent = agent
@@ -133,7 +135,9 @@ class Gateway:
         self.request_observers: list[RequestObserver] = []
         self._proxies: dict[tuple[str, bool], ServiceProxyResource] = {}
         self._in_flight_requests = 0
-        self._slots: dict[str, DeferredSemaphore] = {}
+        # Backend URL -> its admission window (hestia.admission).
+        self._admissions: dict[str, Admission] = {}
+        self._connect_agents: dict[float, IAgent] = {}
         self._drained: list[Deferred[None]] = []
         # Services added at run time (container label discovery): a reload keeps them.
         self.discovered: set[str] = set()
@@ -145,18 +149,75 @@ class Gateway:
 
     # -- services ----------------------------------------------------------------
 
-    def backend_slots(self, url: str) -> DeferredSemaphore:
-        """
-        The turns to send a request to the backend at C{url}.
+    # -- admission to the backends (issue 13, hestia.admission) ------------------
 
-        At most C{server.max_backend_connections} requests are in progress with
-        one backend at a time; the rest wait here (they already hold their
-        lease, so the service stays up for them).
+    def admission(self, url: str, route: Any) -> Admission:
         """
-        slots = self._slots.get(url)
-        if slots is None:
-            slots = self._slots[url] = DeferredSemaphore(self.config.server.max_backend_connections)
-        return slots
+        The admission window to the backend at C{url}.
+
+        At most C{max_concurrency} (and C{server.max_backend_connections})
+        requests are in progress with one backend at a time; the rest wait in
+        order inside L{Admission} (they already hold their lease, so the
+        service stays up for them).
+
+        @param route: whose settings a window made here takes (the lifecycle
+            that owns C{url} registers its own first, see L{_watch_admission}).
+        """
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(route)
+        return admission
+
+    def _new_admission(self, route: Any) -> Admission:
+        config = route.config
+        admission = Admission(
+            self.reactor,
+            min(config.max_concurrency, self.config.server.max_backend_connections),
+            config.queue_limit,
+            lambda: {"service": route.name, "state": route.state.value},
+        )
+        return admission
+
+    def _watch_admission(self, lifecycle: ServiceLifecycle) -> None:
+        """Slow start again each time C{lifecycle} becomes ready."""
+        url = lifecycle.backend.url
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(lifecycle)
+        else:  # a rebuilt service (reload): its new limits
+            admission.configure(
+                min(lifecycle.config.max_concurrency, self.config.server.max_backend_connections),
+                lifecycle.config.queue_limit,
+            )
+        lifecycle.admission = admission
+
+        def restarted(change: StateChange) -> None:
+            if change.new is State.READY:
+                # The URL of a backend may be known only once it runs.
+                current = self.admission(lifecycle.backend.url, lifecycle)
+                lifecycle.admission = current
+                current.restart()
+
+        lifecycle.add_observer(restarted)
+
+    def agent_for_attempt(self, attempt: int) -> IAgent:
+        """
+        The client for connect attempt C{attempt} of one request.
+
+        The gateway's own client comes in several connect timeouts over one
+        connection pool (L{ConnectRetry.timeout}): a first connect gives up on
+        a dropped SYN after a fraction of a second rather than waiting out the
+        kernel's retransmission.  An injected client (tests) is used as is.
+        """
+        if not self._own_agent:
+            return self.agent
+        timeout = CONNECT_RETRY.timeout(attempt)
+        agent = self._connect_agents.get(timeout)
+        if agent is None:
+            agent = self._connect_agents[timeout] = Agent.usingEndpointFactory(
+                self.reactor, BackendEndpointFactory(self.reactor, timeout), pool=self.pool
+            )
+        return agent
 
     def lifecycle(self, name: str) -> Any:
         """The route of service C{name} (see C{services}); L{UnknownService} if none."""
@@ -193,7 +254,9 @@ class Gateway:
         backend = self._build_backend(service)
         if self.store is not None and IPersistentBackend.providedBy(backend):
             backend.use_store(self.store)
-        return ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
+        lifecycle = ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
+        self._watch_admission(lifecycle)
+        return lifecycle
 
     # The state store, for backends that record facts of their own (remote VMs).
     store: Any = None

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -48,6 +48,9 @@ from hestia.errors import (
 )
 from hestia.interfaces import IBackend
 from hestia.queue import WaitQueue
+
+if TYPE_CHECKING:
+    from hestia.admission import Admission
 
 log = Logger(namespace="hestia.lifecycle")
 
@@ -162,6 +165,9 @@ class ServiceLifecycle:
         # the Deferred it returns.  Exclusive groups and depends_on (see
         # hestia.groups) use it to stop a rival or start a dependency first.
         self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # The backend's admission window (hestia.admission), set by the
+        # gateway; shown in the status only.
+        self.admission: Admission | None = None
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -309,6 +315,7 @@ class ServiceLifecycle:
             "last_error_detail": self.last_error_detail,
             "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
             "details": self.backend.describe(),
+            "concurrency": self.admission.status() if self.admission is not None else None,
         }
 
     # -- starting --------------------------------------------------------------

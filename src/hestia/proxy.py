@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -36,8 +38,9 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from hestia.admission import CONNECT_RETRY, Admission
 from hestia.auth import authorize_service
-from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
+from hestia.errors import BadRequest, GatewayError, QueueFull, ResponseTimedOut, UnknownService, UpstreamUnreachable
 from hestia.headers import (
     HOP_BY_HOP,
     PathEscape,
@@ -103,6 +106,11 @@ class RequestRecord:
     # then is C{queued} its queue wait and C{queued + upstream} its time to
     # the response headers.
     leased: bool = False
+    # Failed connects that were tried again (hestia.admission.ConnectRetry).
+    connect_retries: int = 0
+    # Seconds from the lease to the first send: the wait for a turn in the
+    # backend's admission window (None: never sent).
+    slot_wait: float | None = None
 
 
 class _BodyRelay(Protocol):
@@ -152,7 +160,15 @@ class Exchange:
         self._lease: Lease | None = None
         self._gone = False
         self._tunnelled = False
-        self._slots: DeferredSemaphore | None = None
+        # The turn with the backend this request holds (hestia.admission).
+        self._admission: Admission | None = None
+        self._backend_headers: list[tuple[bytes, list[bytes]]] = []
+        self._attempt = 0  # connect attempts made so far, less one
+        self._refused_since: float | None = None
+        self._response_timer: IDelayedCall | None = None
+        # A 504 for response_timeout went out: the cancelled backend request's
+        # own failure must not answer again.
+        self._answered_by_gateway = False
         self._forwarded_at = 0.0
         now = gateway.reactor.seconds()
         self.record = RequestRecord(
@@ -199,44 +215,120 @@ class Exchange:
         if is_upgrade(request):
             self._open_tunnel(lease, headers)
             return
-        body = None
-        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
-            assert request.content is not None  # Twisted buffers every request body.
-            request.content.seek(0)
-            body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
-        slots = self.gateway.backend_slots(lease.url)
-        if slots.tokens:
-            # A free slot: take it directly, without a Deferred that would
-            # fire at once anyway (what acquire() does in this case).
-            slots.tokens -= 1
-            self._send(slots, lease.url, headers, body)
-            return
-        turn = slots.acquire()
-        self._pending = turn
-        turn.addCallbacks(lambda _: self._send(slots, lease.url, headers, body), self._failed)
+        self._backend_headers = headers
+        self._take_turn(self.gateway.admission(lease.url, self.lifecycle))
 
-    def _send(
-        self,
-        slots: DeferredSemaphore,
-        url: str,
-        headers: list[tuple[bytes, list[bytes]]],
-        body: FileBodyProducer | None,
-    ) -> None:
-        self._slots = slots
+    # -- turns with the backend (issue 13: hestia.admission) -------------------------
+
+    def _queue_deadline(self) -> float | None:
+        """When this request's time in the queue ends: arrival + C{queue_timeout}."""
+        timeout = self.lifecycle.config.queue_timeout
+        return self.record.began + timeout if timeout > 0 else None
+
+    def _take_turn(self, admission: Admission, first: bool = False) -> None:
+        """
+        Send the request once the backend's admission window has room.
+
+        @param first: a retry after a failed connect, which goes back to the
+            head of the queue (it was first in line already).
+        """
+        if not first and admission.try_take():
+            # Room, and nobody waiting before us: the warm path, no Deferred.
+            self._send(admission)
+            return
+        try:
+            turn = admission.wait(self._queue_deadline(), first=first)
+        except QueueFull as full:
+            self._failed(Failure(full))
+            return
+        if turn.called:
+            self._send(admission)
+            return
+        self._pending = turn
+        turn.addCallbacks(lambda _: self._send(admission), self._failed)
+
+    def _send(self, admission: Admission) -> None:
+        self._pending = None
+        self._admission = admission
         if self._gone:
             self._release_slot()
             return
-        self._forwarded_at = self.gateway.reactor.seconds()
-        sending = self.gateway.agent.request(
-            self.request.method, join_url(url, self.rest), Headers(dict(headers)), body
+        lease = self._lease
+        assert lease is not None
+        request = self.request
+        body = None
+        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
+            assert request.content is not None  # Twisted buffers every request body.
+            request.content.seek(0)  # a fresh producer per attempt (a retried connect)
+            body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
+        reactor = self.gateway.reactor
+        self._forwarded_at = reactor.seconds()
+        if self.record.slot_wait is None:
+            self.record.slot_wait = self._forwarded_at - self.record.began - self.record.queued
+        sending = self.gateway.agent_for_attempt(self._attempt).request(
+            request.method, join_url(lease.url, self.rest), Headers(dict(self._backend_headers)), body
         )
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and not sending.called:
+            self._response_timer = reactor.callLater(timeout, self._response_timed_out, timeout)
         self._pending = sending
         sending.addCallbacks(self._respond, self._failed)
 
     def _release_slot(self) -> None:
-        slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.release()
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.release()
+
+    def _cancel_response_timer(self) -> None:
+        timer, self._response_timer = self._response_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _response_timed_out(self, timeout: float) -> None:
+        """
+        No response head within C{response_timeout}: answer 504, cancel the
+        backend request (which closes its connection) and free the slot.
+        """
+        self._response_timer = None
+        sending, self._pending = self._pending, None
+        self._answered_by_gateway = True
+        self._release_slot()
+        error = ResponseTimedOut(
+            f"backend sent no response within response_timeout {timeout:g}s",
+            service=self.lifecycle.name,
+            state=self.lifecycle.state.value,
+        )
+        self.record.status = error.status
+        self.record.error = error.reason
+        self.record.error_kind = "response_timeout"
+        log.warn("{service}: no response within {timeout}s to {method} {path}: answered 504",
+                 service=self.lifecycle.name, timeout=timeout, method=self.record.method, path=self.record.path)
+        write_error(self.request, error, self.request_id)
+        if sending is not None:
+            sending.cancel()
+
+    def _retry_connect(self, failure: Failure) -> bool:
+        """
+        Try again a connect that failed, while the request's queue time lasts.
+
+        The request never reached the backend, so this is safe whatever its
+        method (L{hestia.admission.ConnectRetry} has the rule).
+        """
+        if self._lease is None or self._tunnelled:
+            return False
+        now = self.gateway.reactor.seconds()
+        if self._refused_since is None and _refused(failure):
+            self._refused_since = now
+        pause = CONNECT_RETRY.next_attempt(self._attempt, now, self._queue_deadline(), self._refused_since)
+        if pause is None:
+            return False
+        self._attempt += 1
+        self.record.connect_retries += 1
+        admission = self.gateway.admission(self._lease.url, self.lifecycle)
+        waiting = deferLater(self.gateway.reactor, pause, lambda: None)
+        self._pending = waiting
+        waiting.addCallbacks(lambda _: self._take_turn(admission, first=True), self._failed)
+        return True
 
     def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
@@ -267,6 +359,9 @@ class Exchange:
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        if self._admission is not None:
+            self._admission.answered()
         self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
         self.record.status = response.code
         request = self.request
@@ -309,10 +404,17 @@ class Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        connect_failed = self._admission is not None and _connect_failure(failure)
+        if connect_failed:
+            assert self._admission is not None
+            self._admission.connect_failed()
         self._release_slot()
-        if self._gone or failure.check(CancelledError):
+        if self._gone or self._answered_by_gateway or failure.check(CancelledError):
             return
         if self._fail_over(failure):
+            return
+        if connect_failed and self._retry_connect(failure):
             return
         error = failure.value
         if not isinstance(error, GatewayError):
@@ -358,6 +460,7 @@ class Exchange:
         """The response is complete, or the client went away: clean up."""
         if self._tunnelled and not isinstance(result, Failure):
             return  # The tunnel's own end does this.
+        self._cancel_response_timer()
         if isinstance(result, Failure):
             self._gone = True
             pending, self._pending = self._pending, None
@@ -408,6 +511,13 @@ def _connect_failure(failure: Failure) -> bool:
     if failure.check(ResponseNeverReceived, ResponseFailed):
         return any(_connect_failure(reason) for reason in getattr(failure.value, "reasons", []))
     return failure.check(ConnectError, TimeoutError) is not None
+
+
+def _refused(failure: Failure) -> bool:
+    """Whether a connect failure was a refusal (nothing listens), not a timeout."""
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(_refused(reason) for reason in getattr(failure.value, "reasons", []))
+    return failure.check(ConnectionRefusedError) is not None
 
 
 def _describe_upstream_failure(failure: Failure) -> str:
