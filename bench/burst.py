@@ -171,9 +171,18 @@ def stop_service(hestia: str, name: str) -> None:
         time.sleep(0.05)
 
 
+def connect_retries(hestia: str, name: str) -> float:
+    _, body = run.http("GET", f"{hestia}/v1/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(f'hestia_connect_retries_total{{service="{name}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def through_hestia(hestia_port: int, kind: Kind, count: int) -> dict[str, Any]:
     hestia = f"http://127.0.0.1:{hestia_port}"
     stop_service(hestia, kind.name)
+    retries_before = connect_retries(hestia, kind.name)
     kind.reset()
     paths = [f"/services/{kind.name}{kind.path}?{i}" for i in range(count)]
     answers = asyncio.run(_crowd(hestia_port, paths))
@@ -183,6 +192,7 @@ def through_hestia(hestia_port: int, kind: Kind, count: int) -> dict[str, Any]:
     status = http("GET", f"{hestia}/v1/services/{kind.name}/status")
     result = summarise(answers, listened)
     result["window"] = (status.get("concurrency") or {}).get("window")
+    result["retries"] = connect_retries(hestia, kind.name) - retries_before
     return result
 
 
@@ -279,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, r in (("hestia", via), ("direct", alone)):
                     print(f"| {kind.name:<7} | {count:>6} | {name:<7} | {r['answered']:>6} | {r['errors']:>6} "
                           f"| {fmt(r['p50']):>8} | {fmt(r['p99']):>8} | {fmt(r['max']):>8} "
-                          f"| {fmt(ratio, 2) if name == 'hestia' else '':>9} |", flush=True)
+                          f"| {fmt(ratio, 2) if name == 'hestia' else '':>9} |"
+                          + (f" connect retries {r['retries']:.0f}, window {r['window']}" if name == "hestia" else ""),
+                          flush=True)
     finally:
         sup.close()
     return 0

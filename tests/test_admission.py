@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry
+from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry, ConnectTimes
 from hestia.api import ManagementAPI
 from hestia.config import ServiceConfig, parse_config
 from hestia.errors import QueueFull, QueueTimedOut
@@ -128,22 +128,27 @@ def test_every_start_slows_down_again() -> None:
     assert admission(Clock(), max_concurrency=2).window == 2
 
 
-def test_a_failed_connect_halves_the_window_and_starts_a_new_round() -> None:
+def test_a_failed_connect_halves_the_window_then_it_grows_by_one_per_round() -> None:
     adm = admission(Clock())
     for _ in range(4 + 8):
         adm.answered()
     assert adm.window == 16
     adm.answered()
     adm.connect_failed()
-    assert adm.window == 8
+    assert (adm.window, adm.threshold) == (8, 8)
     for _ in range(7):
         adm.answered()
     assert adm.window == 8  # the answer before the failure does not count
     adm.answered()
-    assert adm.window == 16
+    assert adm.window == 9  # above the threshold: one more per round, not twice
+    for _ in range(9):
+        adm.answered()
+    assert adm.window == 10
     for _ in range(10):
         adm.connect_failed()
     assert adm.window == 1
+    adm.restart()
+    assert (adm.window, adm.threshold) == (4, 64)  # a new start forgets it
 
 
 def test_the_queue_is_bounded_by_queue_limit_with_retry_after() -> None:
@@ -189,7 +194,8 @@ def test_a_smaller_limit_on_reload_clips_the_window() -> None:
     for _ in range(4 + 8):
         adm.answered()
     adm.configure(max_concurrency=5, queue_limit=10)
-    assert adm.window == 5 and adm.status() == {"window": 5, "max_concurrency": 5, "active": 0, "waiting": 0}
+    assert adm.window == 5
+    assert adm.status() == {"window": 5, "threshold": 5, "max_concurrency": 5, "active": 0, "waiting": 0}
 
 
 # -- the connect retry rule -------------------------------------------------------
@@ -199,6 +205,19 @@ def test_connect_timeouts_start_short_and_grow() -> None:
     rule = ConnectRetry()
     assert [rule.timeout(n) for n in range(6)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0]
     assert rule.timeout(1000) == 5.0
+
+
+def test_the_first_connect_timeout_follows_the_backends_connect_times() -> None:
+    rule = ConnectRetry()
+    assert rule.timeout(0, slowest=0.0001) == 0.02  # loopback: a dropped SYN costs 20 ms
+    assert rule.timeout(1, slowest=0.0001) == 0.04
+    assert rule.timeout(0, slowest=0.01) == 0.08
+    assert rule.timeout(0, slowest=0.2) == 0.25  # never longer than without knowledge
+    times = ConnectTimes()
+    assert times.slowest(("h", 1)) is None
+    for seconds in [0.5] + [0.001] * ConnectTimes.SAMPLES:
+        times.record(("h", 1), seconds)
+    assert times.slowest(("h", 1)) == 0.001  # only the recent ones count
     assert [rule.pause(n) for n in range(3)] == [0.005, 0.01, 0.02]
     assert rule.pause(1000) == 0.5
 
@@ -338,7 +357,8 @@ def test_a_crowd_held_through_a_start_is_released_four_first_then_per_answers() 
     answers = [h.get(f"/x{i}") for i in range(40)]
     h.start()
     assert len(h.backend.held) == 4  # not 40 connection attempts at a fresh backend
-    assert h.status()["concurrency"] == {"window": 4, "max_concurrency": 16, "active": 4, "waiting": 36}
+    assert h.status()["concurrency"] == {"window": 4, "threshold": 16, "max_concurrency": 16, "active": 4,
+                                         "waiting": 36}
     h.backend.finish(4)
     h.settle()
     assert len(h.backend.held) == 8  # a round of 4 answers: window 8

@@ -14,7 +14,9 @@ The release rules (documented in docs/architecture.md):
     round of answers (as many response heads as the window is wide) doubles
     it, up to C{max_concurrency}.
   - B{back off on a failed connect}: a connect that was refused or timed out
-    halves the window (never below 1) and starts a new round, TCP-like.
+    halves the window (never below 1) and starts a new round; from then on
+    (until the next start) a round widens the window by one, not twice:
+    TCP's additive increase above its threshold.
   - B{in order}: a request that finds no room waits, oldest first; a request
     that retries a failed connect goes back to the head of the queue.  Each
     waiter is bounded like a held request: at most C{queue_limit} wait (503
@@ -32,13 +34,20 @@ L{twisted.internet.task.Clock}.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from zope.interface import implementer
 
 from hestia.errors import QueueFull, QueueTimedOut, Where
+from hestia.health import endpoint_for
 
 
 class _Turn:
@@ -81,6 +90,9 @@ class Admission:
         self._describe = describe
         self._retry_after = retry_after
         self.window = min(self.INITIAL_WINDOW, self.max_concurrency)
+        # Above this the window grows by one per round, not twice (TCP's
+        # ssthresh): set to half the window at a failed connect.
+        self.threshold = self.max_concurrency
         self.active = 0
         self._answered = 0  # answers in the current round
         # Insertion-ordered: the oldest waiter first; a retry is put first.
@@ -95,11 +107,13 @@ class Admission:
         self.max_concurrency = max(1, max_concurrency)
         self.queue_limit = queue_limit
         self.window = min(self.window, self.max_concurrency)
+        self.threshold = min(self.threshold, self.max_concurrency)
         self._admit()
 
     def restart(self) -> None:
         """The service (re)started: slow start again from a narrow window."""
         self.window = min(self.INITIAL_WINDOW, self.max_concurrency)
+        self.threshold = self.max_concurrency
         self._answered = 0
 
     # -- taking and giving back turns ----------------------------------------
@@ -144,12 +158,14 @@ class Admission:
         self._answered += 1
         if self._answered >= self.window:
             self._answered = 0
-            self.window = min(self.window * 2, self.max_concurrency)
+            wider = self.window * 2 if self.window < self.threshold else self.window + 1
+            self.window = min(wider, self.max_concurrency)
             self._admit()
 
     def connect_failed(self) -> None:
-        """A connect was refused or timed out: narrow the window."""
+        """A connect was refused or timed out: halve the window, and grow slowly from there."""
         self.window = max(1, self.window // 2)
+        self.threshold = self.window
         self._answered = 0
 
     def release(self) -> None:
@@ -186,6 +202,7 @@ class Admission:
     def status(self) -> dict[str, int]:
         return {
             "window": self.window,
+            "threshold": self.threshold,
             "max_concurrency": self.max_concurrency,
             "active": self.active,
             "waiting": len(self._turns),
@@ -207,13 +224,29 @@ class ConnectRetry:
     """
 
     first_timeout: float = 0.25
+    min_timeout: float = 0.05
     max_timeout: float = 5.0
     first_pause: float = 0.005
     max_pause: float = 0.5
     refused_for: float = 1.0
+    # The first timeout is this many times the slowest recent connect (TCP's
+    # retransmission timeout is a few round trips, for the same reason).
+    slowest_factor: float = 8.0
 
-    def timeout(self, attempt: int) -> float:
-        return float(min(self.first_timeout * 2 ** min(attempt, 30), self.max_timeout))
+    def timeout(self, attempt: int, slowest: float | None = None) -> float:
+        """
+        The connect timeout of attempt C{attempt} (0 first).
+
+        @param slowest: the slowest recent connect to this backend, if any
+            was seen: the first timeout is then C{slowest_factor} times it,
+            between C{min_timeout} and C{first_timeout}, so that on loopback a
+            dropped SYN costs 20 ms and a distant backend still gets its
+            round trips.
+        """
+        first = self.first_timeout
+        if slowest is not None:
+            first = min(max(slowest * self.slowest_factor, self.min_timeout), self.first_timeout)
+        return float(min(first * 2 ** min(attempt, 30), self.max_timeout))
 
     def pause(self, attempt: int) -> float:
         return float(min(self.first_pause * 2 ** min(attempt, 30), self.max_pause))
@@ -240,3 +273,71 @@ class ConnectRetry:
 
 # The rule the proxy follows (a module constant so that tests can read it).
 CONNECT_RETRY = ConnectRetry()
+
+
+class ConnectTimes:
+    """The most recent connect durations per backend address (host, port)."""
+
+    SAMPLES = 32
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], deque[float]] = {}
+
+    def record(self, address: tuple[str, int], seconds: float) -> None:
+        seen = self._seen.get(address)
+        if seen is None:
+            seen = self._seen[address] = deque(maxlen=self.SAMPLES)
+        seen.append(seconds)
+
+    def slowest(self, address: tuple[str, int]) -> float | None:
+        seen = self._seen.get(address)
+        return max(seen) if seen else None
+
+
+@implementer(IStreamClientEndpoint)
+class _TimedEndpoint:
+    """An endpoint that records how long its successful connects took."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, reactor: IReactorTime, times: ConnectTimes,
+                 address: tuple[str, int]) -> None:
+        self._endpoint = endpoint
+        self._reactor = reactor
+        self._times = times
+        self._address = address
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        began = self._reactor.seconds()
+
+        def connected(protocol: IProtocol) -> IProtocol:
+            self._times.record(self._address, self._reactor.seconds() - began)
+            return protocol
+
+        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connecting.addCallback(connected)
+
+
+@implementer(IAgentEndpointFactory)
+class AttemptEndpointFactory:
+    """
+    The endpoints of connect attempt C{attempt}: their timeout follows
+    L{ConnectRetry.timeout} and the backend's recent connect times.
+    """
+
+    def __init__(self, reactor: Any, attempt: int, times: ConnectTimes, rule: ConnectRetry | None = None,
+                 tls: IPolicyForHTTPS | None = None) -> None:
+        self._reactor = reactor
+        self._attempt = attempt
+        self._times = times
+        self._rule = rule or CONNECT_RETRY
+        self._tls = tls or BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        address = (host, uri.port)
+        timeout = self._rule.timeout(self._attempt, self._times.slowest(address))
+        endpoint: IStreamClientEndpoint = _TimedEndpoint(
+            endpoint_for(self._reactor, host, uri.port, timeout), self._reactor, self._times, address
+        )
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return endpoint

@@ -19,7 +19,7 @@ from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 
-from hestia.admission import CONNECT_RETRY, Admission
+from hestia.admission import Admission, AttemptEndpointFactory, ConnectTimes
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
@@ -137,7 +137,8 @@ class Gateway:
         self._in_flight_requests = 0
         # Backend URL -> its admission window (hestia.admission).
         self._admissions: dict[str, Admission] = {}
-        self._connect_agents: dict[float, IAgent] = {}
+        self._connect_agents: dict[int, IAgent] = {}
+        self._connect_times = ConnectTimes()
         self._drained: list[Deferred[None]] = []
         # Services added at run time (container label discovery): a reload keeps them.
         self.discovered: set[str] = set()
@@ -205,17 +206,18 @@ class Gateway:
         The client for connect attempt C{attempt} of one request.
 
         The gateway's own client comes in several connect timeouts over one
-        connection pool (L{ConnectRetry.timeout}): a first connect gives up on
-        a dropped SYN after a fraction of a second rather than waiting out the
-        kernel's retransmission.  An injected client (tests) is used as is.
+        connection pool (L{ConnectRetry.timeout}, from the backend's recent
+        connect times): a first connect gives up on a dropped SYN after a few
+        round trips rather than waiting out the kernel's 1 s retransmission.
+        An injected client (tests) is used as is.
         """
         if not self._own_agent:
             return self.agent
-        timeout = CONNECT_RETRY.timeout(attempt)
-        agent = self._connect_agents.get(timeout)
+        attempt = min(attempt, 12)  # the timeout stops growing well before
+        agent = self._connect_agents.get(attempt)
         if agent is None:
-            agent = self._connect_agents[timeout] = Agent.usingEndpointFactory(
-                self.reactor, BackendEndpointFactory(self.reactor, timeout), pool=self.pool
+            agent = self._connect_agents[attempt] = Agent.usingEndpointFactory(
+                self.reactor, AttemptEndpointFactory(self.reactor, attempt, self._connect_times), pool=self.pool
             )
         return agent
 
