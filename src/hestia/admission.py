@@ -240,8 +240,10 @@ class ConnectRetry:
         @param slowest: the slowest recent connect to this backend, if any
             was seen: the first timeout is then C{slowest_factor} times it,
             between C{min_timeout} and C{first_timeout}, so that on loopback a
-            dropped SYN costs 20 ms and a distant backend still gets its
-            round trips.
+            dropped SYN costs 50 ms and a distant backend still gets its
+            round trips.  Not less than 50 ms: Twisted runs due timers before
+            it reads events, so after a stall of the reactor a short timeout
+            would fire before a connect that did succeed is seen.
         """
         first = self.first_timeout
         if slowest is not None:
