@@ -466,3 +466,25 @@ def test_response_timeout_zero_means_no_deadline() -> None:
     h.reactor.advance(10 * 86400)
     h.settle()
     assert not hung and not silent.cancelled
+
+
+def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_slot() -> None:
+    h = Harness({"url": "http://127.0.0.1:9", "response_idle_timeout": 5})
+    answer = h.get("/stream")
+    h.settle()
+    [held] = h.backend.held
+    held.write(b"first")  # the head goes out with the first piece
+    response = h.result(answer)
+    assert response.code == 200
+    body = watch(response.content())
+    h.reactor.advance(4)
+    held.write(b"second")  # progress: the silence starts again
+    h.settle()
+    h.reactor.advance(4)
+    h.settle()
+    assert not body
+    h.reactor.advance(1.1)
+    h.settle()
+    assert len(body) == 1 and isinstance(body[0], Failure)  # truncated, not taken for a whole body
+    body[0].trap(Exception)
+    assert h.gateway.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0

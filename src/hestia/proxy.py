@@ -165,7 +165,10 @@ class Exchange:
         self._backend_headers: list[tuple[bytes, list[bytes]]] = []
         self._attempt = 0  # connect attempts made so far, less one
         self._refused_since: float | None = None
+        # The response_timeout timer until the head arrives, then the
+        # response_idle_timeout one while the body streams.
         self._response_timer: IDelayedCall | None = None
+        self._body_at = 0.0
         # A 504 for response_timeout went out: the cancelled backend request's
         # own failure must not answer again.
         self._answered_by_gateway = False
@@ -360,6 +363,12 @@ class Exchange:
     def _respond(self, response: IResponse) -> None:
         self._pending = None
         self._cancel_response_timer()
+        idle = self.lifecycle.config.response_idle_timeout
+        if idle > 0 and not self._gone:
+            # One timer for the whole body: each piece only notes the time,
+            # and the timer, when due, waits out the rest of the period.
+            self._body_at = self.gateway.reactor.seconds()
+            self._response_timer = self.gateway.reactor.callLater(idle, self._body_idle, idle)
         if self._admission is not None:
             self._admission.answered()
         self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
@@ -383,10 +392,28 @@ class Exchange:
     def body_received(self, data: bytes) -> None:
         if not self._gone:
             self.record.bytes += len(data)
+            self._body_at = self.gateway.reactor.seconds()
             self.request.write(data)
+
+    def _body_idle(self, idle: float) -> None:
+        """No byte moved for C{response_idle_timeout}: cut both connections (issue 12: nothing waits forever)."""
+        self._response_timer = None
+        silent = self.gateway.reactor.seconds() - self._body_at
+        if silent < idle:
+            self._response_timer = self.gateway.reactor.callLater(idle - silent, self._body_idle, idle)
+            return
+        self.record.error = f"response body silent for response_idle_timeout {idle:g}s"
+        self.record.error_kind = "truncated"
+        log.warn("{service}: response body to {method} {path} silent for {idle}s: cut",
+                 service=self.lifecycle.name, idle=idle, method=self.record.method, path=self.record.path)
+        relay = self._relay
+        if relay is not None and relay.transport is not None:
+            cast(Any, relay.transport).stopProducing()  # drops the backend connection
+        self.request.loseConnection()
 
     def body_ended(self, reason: Failure) -> None:
         self._relay = None
+        self._cancel_response_timer()
         self._release_slot()
         if self._gone:
             return
@@ -396,7 +423,7 @@ class Exchange:
         else:
             # The backend broke off mid-body: cut the client off too, so that it
             # does not take a truncated body for a whole one.
-            self.record.error = f"backend broke off the response: {reason.getErrorMessage()}"
+            self.record.error = self.record.error or f"backend broke off the response: {reason.getErrorMessage()}"
             self.record.error_kind = "truncated"
             self.request.loseConnection()
 
