@@ -29,7 +29,7 @@ setup() {
   if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing Hestia and its test tools into .venv"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e ".[test,lint]"
+    "$PY" -m pip install -q -e ".[test,lint,dev]"
     # The example third-party routing strategy: the tests show Hestia finding it.
     "$PY" -m pip install -q -e strategies/hestia-time-window
     touch "$stamp"
@@ -46,7 +46,8 @@ run() {
   mkdir -p "$RUN_DIR"
   local config="${HESTIA_CONFIG:-$ROOT/hestia_config.yml}"
   say "starting Hestia on $config (Ctrl-C to stop)"
-  exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "$@"
+  # .venv/bin first: the shipped config's demo service is the `hestia-demo` command.
+  PATH="$VENV/bin:$PATH" exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "$@"
 }
 
 # A test run that hangs (a stuck process, a thread keeping Python alive) must fail, not stall CI:

@@ -71,7 +71,8 @@ class _OutputCollector(ProcessProtocol):
     def connectionMade(self) -> None:
         # Read the pid now: the transport forgets it once the child is reaped, which for a
         # process that exits at once can happen inside spawnProcess, before it returns.
-        self.pid = self.transport.pid  # type: ignore[attr-defined]
+        transport = self.transport
+        self.pid = transport.pid if transport is not None else None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
