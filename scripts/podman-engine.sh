@@ -73,7 +73,8 @@ BASE_LABEL="org.opencontainers.image.title=hestia-test-base"
 #                   iptables (nf_tables backend here). slirp4netns/pasta are only needed
 #                   for *rootless* podman, which this script does not use.
 #   curl            the readiness probe (`curl --unix-socket $SOCK http://d/_ping`).
-PACKAGES=(podman runc busybox-static catatonit netavark iptables curl)
+#   aardvark-dns    container names in DNS on user networks (compose's default network).
+PACKAGES=(podman runc busybox-static catatonit netavark aardvark-dns iptables curl)
 
 # Global podman options, shared by the service and by the image build so that both
 # see the same store and runtime:
@@ -115,7 +116,8 @@ cmd_install() {
     log "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q "${missing[@]}"
+    # Never upgrade what is installed (scripts/install-system-deps.sh explains and checks).
+    apt-get install -y -q --no-install-recommends --no-upgrade "${missing[@]}"
 }
 
 # The limits the engine may hand to containers. In this sandbox even root lacks
