@@ -8,14 +8,15 @@
 #   ./scripts/dev.sh status       what the running Hestia says about its services
 #   ./scripts/dev.sh stop         stop a Hestia started by `run` and the test engines
 #
-# Environment: HESTIA_CONFIG (default ./hestia_config.yml), HESTIA_LISTEN, PYTHON (default python3),
+# Environment: HESTIA_CONFIG (default ./hestia_config.yml), HESTIA_LISTEN, HESTIA_RUN_DIR (the pidfile's
+# directory, default ./.run), PYTHON (default python3),
 # HESTIA_URL for `status` (default http://localhost:8080).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-RUN_DIR="$ROOT/.run"
+RUN_DIR="${HESTIA_RUN_DIR:-$ROOT/.run}"
 cd "$ROOT"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -107,5 +108,5 @@ case "${1:-}" in
   test) shift; test_suite "$@" ;;
   status) status ;;
   stop) stop ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

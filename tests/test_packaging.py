@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,40 @@ def test_the_shipped_demo_serves_its_own_page_and_nothing_of_the_checkout(hestia
     # Listening on loopback only, as the shipped command says.
     assert demo["command"][-1] == "127.0.0.1"
     assert wait_for(lambda: gw.state("demo") == "ready", 5.0)
+
+
+@pytest.mark.integration
+def test_dev_sh_run_serves_the_shipped_config(tmp_path: Path) -> None:
+    """The README's `./scripts/dev.sh run`, on a free port, with the shipped hestia_config.yml."""
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "hestia_config.yml"  # the shipped file, so that its hestia.db lands here
+    config.write_text((REPO / "hestia_config.yml").read_text())
+    env = {**os.environ, "HESTIA_CONFIG": str(config), "HESTIA_LISTEN": f"tcp:{port}:interface=127.0.0.1",
+           "HESTIA_RUN_DIR": str(tmp_path / "run"),
+           # The demo moved off its shipped port 8765 only, so that parallel runs do not collide.
+           "DEMO_URL": f"http://127.0.0.1:{demo_port}",
+           "DEMO_COMMAND": f"hestia-demo --port {demo_port} --bind 127.0.0.1"}
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen([str(REPO / "scripts" / "dev.sh"), "run"], stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return get_ok(f"{base}/v1/health") or proc.poll() is not None
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(up, 60.0, 0.1) and proc.poll() is None, (tmp_path / "run.log").read_text()
+        services = {s["name"]: s for s in httpx.get(f"{base}/v1/services", trust_env=False).json()["services"]}
+        assert set(services) == {"ollama", "demo"}
+        page = httpx.get(f"{base}/services/demo/", timeout=30, trust_env=False)
+        assert page.status_code == 200 and "started on demand by Hestia" in page.text, page.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+
+
+def get_ok(url: str) -> bool:
+    return httpx.get(url, timeout=1, trust_env=False).status_code == 200
