@@ -10,8 +10,8 @@ spec does not say (from the C{NOTES.md} beside it), which the double implements.
 The double validates every request and response against this file, so the test
 suite needs nothing outside the repository.
 
-Where Semaphore's own file is at hand (C{SEMAPHORE_API_DOCS}, default
-C{../shared/semaphore/api-docs.yml} beside the repository), regenerate with::
+Where Semaphore's own file is at hand (in the directory C{shared/semaphore/} beside the
+repository, or C{SEMAPHORE_API_DOCS}), regenerate with::
 
     python tests/semaphore_contract.py path/to/api-docs.yml
 

@@ -65,8 +65,8 @@ def test_reference_parser_can_fail(tmp_path: Path) -> None:
 def test_shipped_config_loads_and_has_a_demo() -> None:
     config = load_config(str(ROOT / "hestia_config.yml"), environ={})
     assert "ollama" in config.services
-    demo = [s for s in config.services.values() if s.command and "http.server" in " ".join(s.command)]
-    assert demo, "a demo service that runs on a fresh machine (python3 -m http.server)"
+    demo = [s for s in config.services.values() if s.command and s.command[0] == "hestia-demo"]
+    assert demo, "a demo service that runs on a fresh machine (hestia-demo, installed with Hestia)"
 
 
 def test_example_configs_in_docs_are_valid(tmp_path: Path) -> None:
