@@ -17,7 +17,7 @@ import pytest
 from semaphore_contract import CONTRACT_PATH, NOTES, PATHS, extract, load, spec_part
 from semaphore_double import DEFAULT_SPEC_PATH, SemaphoreDouble, load_spec
 
-pytestmark = pytest.mark.semaphore
+pytestmark = [pytest.mark.semaphore, pytest.mark.contract]
 
 REPO = Path(__file__).resolve().parents[1]
 # The only reader outside the repository, and optional (see the module docstring).
