@@ -34,7 +34,7 @@ L{twisted.internet.task.Clock}.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +95,10 @@ class Admission:
         self.threshold = self.max_concurrency
         self.active = 0
         self._answered = 0  # answers in the current round
-        # Insertion-ordered: the oldest waiter first; a retry is put first.
-        self._turns: dict[Deferred[None], _Turn] = {}
+        # The oldest waiter first; a retry is put first.  An OrderedDict: its
+        # popitem(last=False) and move_to_end(last=False) are O(1), where a
+        # dict's first item is found by scanning past the removed ones.
+        self._turns: OrderedDict[Deferred[None], _Turn] = OrderedDict()
 
     def __len__(self) -> int:
         """How many requests wait for room."""
@@ -144,10 +146,9 @@ class Admission:
         now = self._reactor.seconds()
         deferred: Deferred[None] = Deferred(self._cancelled)
         turn = _Turn(deferred, now)
+        self._turns[deferred] = turn
         if first:
-            self._turns = {deferred: turn, **self._turns}
-        else:
-            self._turns[deferred] = turn
+            self._turns.move_to_end(deferred, last=False)
         if deadline is not None:
             turn.timer = self._reactor.callLater(max(0.0, deadline - now), self._timed_out, deferred)
         self._admit()
@@ -177,8 +178,7 @@ class Admission:
 
     def _admit(self) -> None:
         while self._turns and self.active < self.window:
-            deferred = next(iter(self._turns))
-            turn = self._turns.pop(deferred)
+            deferred, turn = self._turns.popitem(last=False)
             if turn.timer is not None and turn.timer.active():
                 turn.timer.cancel()
             self.active += 1
