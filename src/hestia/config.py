@@ -16,6 +16,7 @@ C{-} written as C{_}.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import shlex
@@ -33,6 +34,16 @@ DEFAULT_CONFIG_FILE = "hestia_config.yml"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+# The bounds every number in the file must keep (issue 12, hole 6).  A timer
+# of .inf or 1e300 seconds cannot be shown as a date, NaN compares false with
+# everything (so it slips past every "< 0" check) and is not JSON; no
+# setting means anything beyond these.
+MAX_DURATION = 30 * 86400.0  # 30 days: longer is "never", which keep_warm says
+MAX_COUNT = 100_000  # queue lengths, connection caps, failure counts
+MAX_ID = 2**31 - 1  # ids of other systems (Semaphore templates, projects)
+MAX_BODY_SIZE = 1024**4  # 1 TiB
+MAX_HEADER_SIZE = 1024**2  # 1 MiB of request line plus headers
 
 
 class ConfigError(Exception):
@@ -219,7 +230,9 @@ class _Reader:
     def duration(self, value: Any, key: str) -> float:
         if isinstance(value, bool):
             raise self.fail(key, f"expected a number of seconds, got {_describe(value)}")
-        if isinstance(value, (int, float)):
+        if isinstance(value, int) and abs(value) > MAX_DURATION:
+            seconds = math.copysign(math.inf, value)  # float() of a huge int would raise
+        elif isinstance(value, (int, float)):
             seconds = float(value)
         elif isinstance(value, str) and (match := _DURATION.match(value)):
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
@@ -227,17 +240,23 @@ class _Reader:
             raise self.fail(
                 key, f"expected a number of seconds (or '30s', '5m', '1h'), got {_describe(value)}"
             )
+        if math.isnan(seconds):
+            raise self.fail(key, "expected a number of seconds, got NaN")
         if seconds < 0:
             raise self.fail(key, "must not be negative")
+        if seconds > MAX_DURATION:
+            raise self.fail(key, f"must be at most {MAX_DURATION:.0f} seconds (30 days), got {_describe(value)}")
         return seconds
 
-    def integer(self, value: Any, key: str, minimum: int = 0) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
+    def integer(self, value: Any, key: str, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
+        if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 20:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"expected a whole number, got {_describe(value)}")
         if value < minimum:
             raise self.fail(key, f"must be at least {minimum}")
+        if value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {_describe(value)}")
         return value
 
     def boolean(self, value: Any, key: str) -> bool:
@@ -269,23 +288,27 @@ def _describe(value: Any) -> str:
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 
-def _size(reader: _Reader, value: Any, key: str) -> int:
-    """A byte count: C{1048576}, C{"512k"}, C{"10m"}, C{"4g"} (binary units)."""
+def _size(reader: _Reader, value: Any, key: str, maximum: int) -> int:
+    """A byte count: C{1048576}, C{"512k"}, C{"10m"}, C{"4g"} (binary units), at most C{maximum}."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise reader.fail(key, f"expected a size in bytes (or '512k', '10m', '4g'), got {_describe(value)}")
-    unit = (match.group(2) or "b")[0].lower()
-    return int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+        size = value
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise reader.fail(key, f"expected a size in bytes (or '512k', '10m', '4g'), got {_describe(value)}")
+        unit = (match.group(2) or "b")[0].lower()
+        size = int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    if size > maximum:
+        raise reader.fail(key, f"must be at most {maximum} bytes, got {_describe(value)}")
+    return size
 
 
 def _server_limits(reader: _Reader, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The C{server:} keys of request hygiene and TLS redirects (see L{hestia.guard})."""
     limits: dict[str, Any] = {}
-    for name in ("max_body_size", "max_header_size"):
+    for name, maximum in (("max_body_size", MAX_BODY_SIZE), ("max_header_size", MAX_HEADER_SIZE)):
         if name in raw:
-            limits[name] = _size(reader, raw[name], f"server.{name}")
+            limits[name] = _size(reader, raw[name], f"server.{name}", maximum)
     if limits.get("max_header_size", 1024) < 1024:
         raise reader.fail("server.max_header_size", "must be at least 1k")
     for name in ("header_timeout", "connection_idle_timeout"):
@@ -524,6 +547,11 @@ def parse_config(
     defaults = _tunables(reader, defaults_raw, Tunables(), "defaults")
 
     services_raw = reader.mapping(document.get("services"), "services")
+    for name in services_raw:
+        if not isinstance(name, str):
+            # YAML reads `yes:` as true and `123:` as a number.
+            raise reader.fail(f"services.{name}", f"service names must be strings, got {_describe(name)} "
+                              "(quote it, and names must match [a-z0-9][a-z0-9_-]*)")
     services_raw = {**services_raw, **_services_from_environment(services_raw, environ)}
     services = {
         name: _service(reader, name, value, defaults, environ) for name, value in services_raw.items()
@@ -547,6 +575,47 @@ def parse_config(
     return resolve_semaphore(config, environ)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """
+    A SafeLoader that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value, so a second C{auth:} block further down would
+    silently replace the first (turning authentication off).  Keys merged in
+    with C{<<:} may still be overridden: that is what a merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # An unhashable key: the base class says so.
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key!r} (first given on line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_document(text: str, source: str) -> Any:
+    """Parse C{text}; any YAML problem (duplicate keys too) is one line naming the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+
+
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """
     Load and validate the configuration.
@@ -568,16 +637,17 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         path = DEFAULT_CONFIG_FILE
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except OSError as error:
         raise ConfigError(str(path), "", f"cannot read: {error.strerror or error}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(str(path), "", f"invalid YAML: {where}{problem}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            str(path), "", f"not UTF-8 text: line {line} has the byte 0x{data[error.start]:02x}"
+        ) from None
+    raw = _yaml_document(text, str(path))
     return parse_config(raw, str(path), environ, base_dir=file.resolve().parent)
 
 

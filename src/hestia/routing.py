@@ -49,6 +49,7 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 # -- configuration ---------------------------------------------------------------
 
 INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS) | BACKEND_SECTIONS | {"cost"}
+MAX_COST = 1e9  # finite, so that sums and comparisons of costs stay numbers
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(
     {"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull", "/api/push",
@@ -137,9 +138,15 @@ def _instances(
         if not section:
             raise reader.fail(where, "an instance needs at least a url")
         reader.check_keys(section, INSTANCE_KEYS, where)
+        if "semaphore" in section:
+            # The Semaphore backend records its machine under the service's
+            # name and is resolved per service (hestia.semaphore); an instance
+            # has neither, so it would crash at start: refuse it here.
+            raise reader.fail(f"{where}.semaphore", "instances cannot use the semaphore backend: "
+                              "make the machine a service of its own")
         cost = section.pop("cost", 1)
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0:
-            raise reader.fail(f"{where}.cost", f"expected a number >= 0, got {cost!r}")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= MAX_COST:
+            raise reader.fail(f"{where}.cost", f"expected a number from 0 to {MAX_COST:.0e}, got {cost!r}")
         try:
             # An instance is parsed like a service of its own, inheriting the
             # parent's settings (tunables, health, env, cwd) unless it sets them.
