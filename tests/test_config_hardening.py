@@ -91,7 +91,7 @@ def test_a_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
 # -- hole 6: numbers ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1.0e300", "-1", "10000000000000000000000000",
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1.0e+300", "-1", "10000000000000000000000000",
                                    str(int(MAX_DURATION) + 1)])
 @pytest.mark.parametrize(
     ("where", "key"),

@@ -25,6 +25,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hestia.lifecycle import State, StateChange
 
@@ -134,9 +135,9 @@ def _configure(connection: sqlite3.Connection) -> None:
 def _problem(error: Exception) -> str:
     """What is wrong with the file, worded for the operator."""
     text = str(error)
-    if isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
-        if "not a database" in text or "malformed" in text:
-            return f"not a usable SQLite database ({text}): move it away or restore a backup"
+    corrupt = "not a database" in text or "malformed" in text
+    if corrupt and isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+        return f"not a usable SQLite database ({text}): move it away or restore a backup"
     if "readonly" in text or "read-only" in text:
         return f"cannot write to it ({text}): check the file's and its directory's permissions"
     if "unable to open" in text:
@@ -480,8 +481,16 @@ def state_recorder(store: StateStore, now: Callable[[], float]) -> Callable[[Sta
         wrote.addCallback(
             lambda _: store.save_service(change.service, change.new.value, change.at, now=now())
         )
-        wrote.addErrback(lambda failure: log.failure("cannot record {service}'s state", failure,
-                                                     service=change.service))
+        wrote.addErrback(_log_write_failure, change.service)
         store.track(wrote)
 
     return record
+
+
+def _log_write_failure(failure: Failure, service: str) -> None:
+    """A locked file or a closing store is one line; anything else shows its traceback."""
+    if failure.check(StateStoreError, StoreClosed):
+        log.error("cannot record {service}'s state: {problem}", service=service,
+                  problem=f"{failure.value} (store closed)" if failure.check(StoreClosed) else failure.value)
+        return
+    log.failure("cannot record {service}'s state", failure, service=service)
