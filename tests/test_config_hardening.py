@@ -249,3 +249,16 @@ def test_load_checked_refuses_a_bad_listen(tmp_path: Path, listen: str) -> None:
     path.write_text(yaml.safe_dump({"server": {"listen": listen}, "services": {"web": {"url": URL}}}))
     with pytest.raises(ConfigError, match="server.listen: "):
         load_checked(str(path), {})
+
+
+def test_the_reference_states_the_bounds_the_code_keeps() -> None:
+    from hestia.config import MAX_HEADER_SIZE, MAX_ID
+    from hestia.routing import MAX_COST
+    from hestia.state import LOCK_TIMEOUT
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "configuration-reference.md").read_text()
+    section = reference.split("<!-- bounds: hestia.config MAX_* -->", 1)[1].split("## ", 1)[0]
+    for number in (int(MAX_DURATION), MAX_COUNT, MAX_BODY_SIZE, MAX_HEADER_SIZE, MAX_ID):
+        assert f"`{number}" in section, number
+    assert f"`{MAX_COST:.0e}`".replace("+0", "") in section
+    assert f"waited for\n{LOCK_TIMEOUT:g} seconds" in section
