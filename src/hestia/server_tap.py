@@ -25,7 +25,7 @@ from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
 from hestia.auth import AdminGuard, Authenticator, parse_auth
-from hestia.config import Config, ConfigError, load_config
+from hestia.config import Config, ConfigError
 from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
@@ -215,7 +215,7 @@ class HestiaService(MultiService):
         @raise ConfigError: the file is bad; the running configuration stays.
         """
         source = None if self.config.source.startswith("<") else self.config.source
-        config = load_config(source)
+        config = load_checked(source)  # the same checks as at start-up
         if config.server.listen != self.config.server.listen:
             log.warn("server.listen changed: it takes effect on restart")
         auth = parse_auth(config)  # Before anything changes: a bad auth section keeps the old one.
