@@ -262,3 +262,52 @@ def test_the_reference_states_the_bounds_the_code_keeps() -> None:
         assert f"`{number}" in section, number
     assert f"`{MAX_COST:.0e}`".replace("+0", "") in section
     assert f"waited for\n{LOCK_TIMEOUT:g} seconds" in section
+
+
+# -- any file at all: a Config or one ConfigError line -------------------------------------
+
+_LEAF = (st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats() | st.text(max_size=6)
+         | st.sampled_from([URL, "5m", "web", "tcp:1", "gpu", "exclusive"]))
+_KEYS = st.text(max_size=5) | st.sampled_from(
+    ["url", "command", "health", "path", "tcp", "interval", "instances", "cost", "group", "exclusive",
+     "min_residency", "tokens", "name", "token_sha256", "idle_timeout", "queue_limit", "depends_on", "env"])
+_VALUE = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+                      max_leaves=10)
+_SERVICE = st.dictionaries(
+    st.sampled_from(["url", "command", "health", "instances", "group", "depends_on", "idle_timeout", "queue_limit",
+                     "env", "keep_warm", "on_cold", "strategy", "route_by", "targets", "hosts", "docker"]),
+    _VALUE, max_size=4)
+DOCUMENTS = st.fixed_dictionaries({}, optional={
+    "server": st.dictionaries(st.sampled_from(["listen", "state_path", "shutdown_timeout", "max_body_size",
+                                               "header_timeout", "max_backend_connections"]), _VALUE, max_size=3),
+    "services": st.dictionaries(st.sampled_from(["web", "gpu", "a-b", 1, True, "x\ny"]), _SERVICE, max_size=3),
+    "groups": _VALUE, "auth": _VALUE, "defaults": _VALUE,
+})
+
+
+@settings(max_examples=400, deadline=None)
+@given(DOCUMENTS)
+def test_any_document_is_a_config_or_one_config_error(document: dict[str, Any]) -> None:
+    try:
+        parse_auth(parse_config(document, "hestia_config.yml", {}), {})
+    except ConfigError as error:
+        assert "\n" not in str(error) and str(error).startswith("hestia_config.yml: ")
+
+
+_PIECES = st.sampled_from([
+    *"services:web{}[]&*!<>|-?#'\"\n\t ,.:1ya%@`\\",
+    "\xff", "\x00", "url: http://h:1", "!!python/object:os.system", "<<: *a", "&a ", "!!binary x",
+    "!!timestamp 2001-01-01", "!!int x", "\u00e9", "\ufeff", "[" * 50, "auth:", "auth: {}",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=40).map("".join))
+def test_any_file_is_a_config_or_one_config_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    path = tmp_path_factory.mktemp("any") / "hestia_config.yml"
+    # "\xff" stands for a raw byte: the file need not be UTF-8 at all.
+    path.write_bytes(text.encode("utf-8").replace("\xff".encode(), b"\xff"))
+    try:
+        load_config(str(path), {})
+    except ConfigError as error:
+        assert "\n" not in str(error) and str(error).startswith(f"{path}: ")

@@ -32,7 +32,9 @@ import yaml
 SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 DEFAULT_CONFIG_FILE = "hestia_config.yml"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# re.ASCII: "\d" would also match "²" or "٣", which int() and float() refuse.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
+_WHOLE_NUMBER = re.compile(r"^\s*\d{1,20}\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 # The bounds every number in the file must keep (issue 12, hole 6).  A timer
@@ -55,9 +57,18 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, key: str, message: str) -> None:
         self.source = source
-        self.key = key
-        self.message = message
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.key = _one_line(key)
+        self.message = _one_line(message)
+        super().__init__(f"{source}: {self.key}: {self.message}" if key else f"{source}: {self.message}")
+
+
+# Control characters in a key or a value (a YAML key may hold a newline) are
+# shown escaped, so that an error stays one line.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,7 @@ class _Reader:
         return seconds
 
     def integer(self, value: Any, key: str, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
-        if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 20:
+        if isinstance(value, str) and _WHOLE_NUMBER.match(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"expected a whole number, got {_describe(value)}")
@@ -286,7 +297,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,20})\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def _size(reader: _Reader, value: Any, key: str, maximum: int) -> int:
@@ -616,6 +627,10 @@ def _yaml_document(text: str, source: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, RecursionError) as error:
+        # PyYAML's constructors of explicit tags (`!!timestamp 2001-01-01x`,
+        # `!!int x`, a nesting thousands deep) raise these, not YAMLError.
+        raise ConfigError(source, "", f"invalid YAML: a value it cannot read ({type(error).__name__})") from None
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
