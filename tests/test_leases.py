@@ -17,7 +17,7 @@ from hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from hestia.config import parse_config
+from hestia.config import ConfigError, ServiceConfig, parse_config
 from hestia.gateway import Gateway
 from hestia.interfaces import ILease
 from hestia.testing import FakeBackend
@@ -28,16 +28,26 @@ def test_every_lease_provides_ilease() -> None:
     config = parse_config({
         "groups": {"gpu": {"exclusive": True}},
         "services": {
-            "member": {"url": "http://m:1", "group": "gpu"},
+            "member": {"url": "http://m:1", "command": ["m"], "group": "gpu"},
             "plain": {"url": "http://p:1"},
             "llm": {"strategy": "failover", "instances": [{"url": "http://a:1"}, {"url": "http://b:1"}]},
         },
     }, "test.yml", {})
-    gateway = Gateway(config, Clock(), build_backend=lambda service: FakeBackend(url=service.url,
-                                                                                  has_lifecycle=False))
+    clock = Clock()
+    fakes: dict[str, FakeBackend] = {}
+
+    def build(service: ServiceConfig) -> FakeBackend:
+        fakes[service.name] = FakeBackend(url=service.url, has_lifecycle=service.backend != "static")
+        return fakes[service.name]
+
+    gateway = Gateway(config, clock, build_backend=build)
     for name in ("member", "plain", "llm"):
         leased: list[object] = []
         gateway.lifecycle(name).acquire(None).addCallback(leased.append)
+        if name == "member":  # a process: it starts first
+            fakes["member"].finish_start()
+            clock.advance(0.01)
+            fakes["member"].answer_probe(True)
         [lease] = leased
         assert verifyObject(ILease, lease), name
         fallback = lease.fallback  # type: ignore[attr-defined]
@@ -45,6 +55,15 @@ def test_every_lease_provides_ilease() -> None:
         lease.release()  # type: ignore[attr-defined]
         lease.release()  # type: ignore[attr-defined]  # idempotent
         assert gateway.lifecycle(name).in_flight == 0, name
+
+
+@pytest.mark.unit
+def test_an_always_on_service_cannot_hold_an_exclusive_group() -> None:
+    with pytest.raises(ConfigError, match="services.up.group: an always-on service"):
+        parse_config({"groups": {"gpu": {"exclusive": True}},
+                      "services": {"up": {"url": "http://u:1", "group": "gpu"}}}, "test.yml", {})
+    # A group that is not exclusive only names its members: any service may be in it.
+    parse_config({"groups": {"lan": {}}, "services": {"up": {"url": "http://u:1", "group": "lan"}}}, "test.yml", {})
 
 
 # Listens until the first connection (the TCP health probe), then stops

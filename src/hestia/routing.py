@@ -218,6 +218,11 @@ def parse_routing(
                 raise reader.fail(f"{key}.group", f"no group named {group!r} (groups: {known})")
             if service.backend in ("instances", "route"):
                 raise reader.fail(f"{key}.group", "only a single-instance service can be in a group")
+            if groups[group].exclusive and service.backend == "static":
+                # It is always up, so it would hold the group for ever: the
+                # others would wait at the gate until their start timed out.
+                raise reader.fail(f"{key}.group", "an always-on service (no command, docker or semaphore) "
+                                  "cannot take turns in an exclusive group: Hestia cannot stop it")
             membership[name] = group
         if "depends_on" in raw:
             needed = _names(reader, raw["depends_on"], f"{key}.depends_on")
