@@ -170,3 +170,36 @@ def test_check_state_file_creates_and_migrates(tmp_path: Path) -> None:
     assert check_state_file(str(path)) == 0
     assert check_state_file(str(path)) == SCHEMA_VERSION
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_closed_store_answers_503_on_the_events_route_and_never_hangs(tmp_path: Path) -> None:
+    from treq.testing import StubTreq
+    from twisted.internet.task import Clock
+
+    from hestia.api import ManagementAPI
+    from hestia.config import parse_config
+    from hestia.gateway import Gateway
+    from hestia.testing import FakeBackend
+
+    path = str(tmp_path / "hestia.db")
+    check_state_file(path)
+    store = StateStore(path)
+    store.close()  # shutting down: the worker thread is gone
+    config = parse_config({"services": {"web": {"url": "http://w:1"}}}, "t.yml", {})
+    gateway = Gateway(config, Clock(), build_backend=lambda service: FakeBackend(url=service.url,
+                                                                                  has_lifecycle=False))
+    client = StubTreq(ManagementAPI(gateway, store=store).resource())
+    answered: list[Any] = []
+    client.get("http://gw/services/web/events").addBoth(answered.append)
+    client.flush()
+    assert answered, "the events route never answered"
+    response = answered[0]
+    assert response.code == 503
+    body: list[Any] = []
+    response.json().addBoth(body.append)
+    client.flush()
+    assert "state database" in body[0]["error"] and body[0]["retry_after"] == 5
+    with pytest.raises(StoreClosed):
+        failed: list[Any] = []
+        store.record_event("web", "start", 1.0).addErrback(failed.append)
+        failed[0].raiseException()

@@ -257,6 +257,9 @@ class StateStore:
 
     def _run(self, work: Callable[[Any], Any]) -> Deferred[Any]:
         """C{work(connection)} in the worker thread, with L{_retry}'s bounded waits."""
+        if self._closing:
+            # The worker thread is gone or going: queued work would never run.
+            return fail(StoreClosed(self.path))
         return self._pool.runWithConnection(lambda connection: self._retry(lambda: work(connection)))
 
     def open(self) -> Deferred[int]:
