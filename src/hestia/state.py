@@ -98,7 +98,7 @@ class StateStoreError(Exception):
     """
     The state file cannot be used; C{str()} is one line naming the file.
 
-    Raised before start-up (L{StateStore.check}), and by an operation that
+    Raised before start-up (L{check_state_file}), and by an operation that
     found the file locked for longer than the store waits.
     """
 
