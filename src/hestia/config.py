@@ -249,10 +249,10 @@ class _Reader:
                     raise self.fail(where, f"unknown key (did you mean {close[0]}?)")
                 raise self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
-    def duration(self, value: Any, key: str) -> float:
+    def duration(self, value: Any, key: str, maximum: float = MAX_DURATION) -> float:
         if isinstance(value, bool):
             raise self.fail(key, f"expected a number of seconds, got {_describe(value)}")
-        if isinstance(value, int) and abs(value) > MAX_DURATION:
+        if isinstance(value, int) and abs(value) > maximum:
             seconds = math.copysign(math.inf, value)  # float() of a huge int would raise
         elif isinstance(value, (int, float)):
             seconds = float(value)
@@ -266,8 +266,8 @@ class _Reader:
             raise self.fail(key, "expected a number of seconds, got NaN")
         if seconds < 0:
             raise self.fail(key, "must not be negative")
-        if seconds > MAX_DURATION:
-            raise self.fail(key, f"must be at most {MAX_DURATION:.0f} seconds (30 days), got {_describe(value)}")
+        if seconds > maximum:
+            raise self.fail(key, f"must be at most {_longest(maximum)}, got {_describe(value)}")
         return seconds
 
     def integer(self, value: Any, key: str, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
@@ -292,6 +292,15 @@ class _Reader:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"expected a non-empty string, got {_describe(value)}")
         return value
+
+
+def _longest(seconds: float) -> str:
+    """A bound as people write it: C{24h}, C{2592000 seconds (30 days)}."""
+    if seconds > 86400 and seconds % 86400 == 0:
+        return f"{seconds:.0f} seconds ({seconds / 86400:g} days)"
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    return f"{seconds:g}s"
 
 
 _BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
