@@ -20,7 +20,7 @@ import pytest
 import yaml
 from backendproc import free_port, wait_for
 from conftest import StartHestia
-from hestiaproc import BackendSpec, run_to_exit
+from hestiaproc import BackendSpec, clean_environ, run_to_exit
 
 from hestia.state import SCHEMA_VERSION
 
@@ -71,7 +71,7 @@ def test_a_bad_file_is_one_line(tmp_path: Path, text: bytes, expected: str) -> N
     result = subprocess.run(
         [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "hestia", "--config", str(path)],
         capture_output=True, text=True, timeout=30, cwd=tmp_path, check=False, stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if not k.startswith("HESTIA_")},
+        env=clean_environ(),
     )
     line = one_line(result)
     assert str(path) in line and expected in line
@@ -205,7 +205,7 @@ def test_check_config_refuses_what_the_daemon_refuses(tmp_path: Path) -> None:
         "auth": {"tokens": [{"name": "admin", "token_env": "HESTIA_TEST_UNSET_TOKEN", "scopes": ["admin"]}]},
         "services": SERVICE,
     }))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HESTIA_")}
+    env = clean_environ()
     checked = subprocess.run([str(Path(sys.executable).with_name("hestia")), "check-config", str(path)],
                              capture_output=True, text=True, timeout=30, env=env, check=False)
     daemon = run_to_exit(path.read_text(), tmp_path)
