@@ -18,8 +18,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from hestia import __version__
-from hestia.errors import GatewayError, UnknownService
+from hestia.errors import GatewayError, ServiceUnavailable, UnknownService
 from hestia.lifecycle import State
+from hestia.state import StateStoreError, StoreClosed
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -140,7 +141,12 @@ class ManagementAPI:
             limit = max(1, min(1000, int((request.args.get(b"limit") or [b"50"])[0])))
         except ValueError:
             limit = 50
-        history = [] if self.store is None else (yield self.store.events(name, limit))
+        try:
+            history = [] if self.store is None else (yield self.store.events(name, limit))
+        except (StateStoreError, StoreClosed) as error:
+            # Locked by another process for longer than the store waits, or shutting down.
+            raise ServiceUnavailable(f"the state database cannot be read now: {error}", service=name,
+                                     retry_after=5.0) from None
         return json_body(request, {"name": name, "events": history})
 
     @app.route("/metrics", methods=["GET", "HEAD"])

@@ -294,10 +294,12 @@ def _print_log_document(document: Any, out: IO[str]) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace, out: IO[str]) -> Exit:
-    from hestia.config import ConfigError, describe_command, load_config
+    from hestia.config import ConfigError, describe_command
+    from hestia.preflight import load_checked
 
     try:
-        config = load_config(args.file)
+        # The daemon's own checks (token sources, listen endpoints too).
+        config = load_checked(args.file)
     except ConfigError as error:
         # Word for word what `twistd hestia` says before refusing to start.
         raise CommandError(f"config error: {error}", Exit.USAGE) from None

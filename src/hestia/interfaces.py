@@ -123,6 +123,26 @@ class IBackendFactory(Interface):
         """
 
 
+class ILease(Interface):
+    """
+    One request's claim on a service, as the proxy holds it.
+
+    Every kind of lease (a lifecycle's, a group member's, an instance's) has
+    the same attributes: the proxy reads them all, and a missing one used to
+    surface as an C{AttributeError} lost in a Deferred, with the lease never
+    released (issue 12, hole 10).  Issue 15 formalises the route side.
+    """
+
+    url = Attribute("The URL the request is forwarded to.")
+    fallback = Attribute(
+        "C{None}, or a callable returning a L{Deferred} of another L{ILease}: for a"
+        " route that may retry elsewhere when this lease's backend refuses the connection."
+    )
+
+    def release() -> None:
+        """End the claim; idempotent, so every exit path may call it."""
+
+
 class IServiceObserver(Interface):
     """Something told of every lifecycle transition (logs, metrics, state store)."""
 

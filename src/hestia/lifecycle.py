@@ -36,6 +36,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hestia.config import ServiceConfig
 from hestia.errors import (
@@ -46,7 +47,7 @@ from hestia.errors import (
     StartTimedOut,
     Where,
 )
-from hestia.interfaces import IBackend
+from hestia.interfaces import IBackend, ILease
 from hestia.queue import WaitQueue
 
 log = Logger(namespace="hestia.lifecycle")
@@ -87,6 +88,7 @@ def iso_time(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@implementer(ILease)
 class Lease:
     """
     One request's claim on a ready service.
