@@ -32,6 +32,7 @@ from hestia.logs import ServiceOutput, access_log, install_log_observer
 from hestia.metrics import HestiaMetrics
 from hestia.proxy import GatewayRoot
 from hestia.reconcile import reconcile, request_time_recorder
+from hestia.reload import describe_summary
 from hestia.state import StateStore, state_recorder
 from hestia.tls import CertificateError, CertificateStore, RedirectToHTTPS, https_port, is_tls_listen, parse_listen
 
@@ -216,7 +217,8 @@ class HestiaService(MultiService):
             except CertificateError as error:
                 log.error("certificates not reloaded, keeping the loaded ones: {error}", error=str(error))
         self.config = config
-        log.info("reloaded {source}: {summary}", source=config.source, summary=summary)
+        log.info("reloaded {source}: {changes}", source=config.source, changes=describe_summary(summary),
+                 summary=summary)
         return summary
 
     def _reload_logged(self) -> None:
