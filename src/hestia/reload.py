@@ -91,7 +91,7 @@ SETTINGS: Mapping[str, Applies] = {
 # ServiceConfig fields that are not a key of their own.
 _IDENTITY = {"name"}
 # Derived from which of command/docker/semaphore/... is present.
-_DERIVED = {"backend": HOW_IT_RUNS}
+DERIVED = {"backend": HOW_IT_RUNS}
 # Fields holding several keys: a mapping (key -> value) or a dataclass (one field per key).
 _KEYED_MAPPINGS = {"sections", "routing"}
 
@@ -117,7 +117,7 @@ class Changes:
 
 def _is_group(name: str, value: Any) -> bool:
     """A field that is a dataclass of several keys (the tunables), not a key of its own."""
-    return name not in SETTINGS and name not in _DERIVED and is_dataclass(value) and not isinstance(value, type)
+    return name not in SETTINGS and name not in DERIVED and is_dataclass(value) and not isinstance(value, type)
 
 
 def _keyed_values(config: ServiceConfig) -> dict[str, Any]:
@@ -156,7 +156,7 @@ _ABSENT = object()
 
 
 def _classify(key: str) -> Applies:
-    return _DERIVED.get(key) or applies(key)
+    return DERIVED.get(key) or applies(key)
 
 
 def running_settings(running: ServiceConfig, desired: ServiceConfig) -> ServiceConfig:
