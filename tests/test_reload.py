@@ -378,3 +378,28 @@ def test_instances_are_reconfigured_one_by_one() -> None:
     assert [lifecycle.config.idle_timeout for lifecycle in after] == [9, 9]
     assert after[1].pending_changes == ("command",) and not after[0].pending_changes
     assert summary["restart_pending"] == {"m": ["command"]}
+    status = fleet.gateway.lifecycle("m").status()
+    assert status["restart_pending"] is True and status["pending_changes"] == ["command"]
+
+
+def test_a_multi_instance_restart_goes_one_instance_at_a_time() -> None:
+    fleet = Fleet({"m": {"instances": [proc("x"), proc("y")]}})
+    first, second = fleet.gateway.lifecycle("m").instances
+    one, two = fleet.built["m.0"][0], fleet.built["m.1"][0]
+    for lifecycle, backend in ((first, one), (second, two)):
+        lifecycle.start()
+        backend.finish_start()
+        fleet.clock.advance(0)
+        backend.answer_probe(True)
+    restarted = outcome(fleet.gateway.restart("m"))
+    assert first.state is State.STOPPING and second.state is State.READY  # the other one keeps serving
+    one.finish_stop()
+    one.starts[-1].callback(None)
+    fleet.clock.advance(0)
+    one.answer_probe(True)
+    assert first.state is State.READY and second.state is State.STOPPING
+    two.finish_stop()
+    two.starts[-1].callback(None)
+    fleet.clock.advance(0)
+    two.answer_probe(True)
+    assert second.state is State.READY and restarted == [None]
