@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 
 import hestia.config as config_module
 from hestia.config import ConfigError, ServiceConfig, parse_config
+from hestia.errors import QueueFull, ServiceUnavailable
 from hestia.gateway import Gateway
 from hestia.lifecycle import Lease, ServiceLifecycle, State
 from hestia.reload import (
@@ -403,3 +404,37 @@ def test_a_multi_instance_restart_goes_one_instance_at_a_time() -> None:
     fleet.clock.advance(0)
     two.answer_probe(True)
     assert second.state is State.READY and restarted == [None]
+
+
+def test_a_start_under_way_gets_the_new_start_timeout() -> None:
+    built = Built(start_timeout=30)
+    built.lifecycle.start().addErrback(lambda failure: None)
+    built.clock.advance(5)
+    built.lifecycle.reconfigure(service(start_timeout=10))
+    built.clock.advance(4.9)
+    assert built.lifecycle.state is State.STARTING
+    built.clock.advance(0.2)
+    assert built.lifecycle.state is State.FAILED
+    assert "start_timeout 10s" in (built.lifecycle.last_error or "")
+
+
+def test_a_new_queue_limit_applies_to_waiting_requests() -> None:
+    built = Built(queue_limit=5)
+    for _ in range(2):
+        built.lifecycle.acquire().addErrback(lambda failure: None)
+    built.lifecycle.reconfigure(service(queue_limit=2))
+    refused = outcome(built.lifecycle.acquire())
+    assert refused and refused[0].check(QueueFull)
+
+
+def test_a_shutdown_during_a_restart_ends_it() -> None:
+    built = Built(stop_timeout=3)
+    built.make_ready()
+    outcome(built.lifecycle.acquire())
+    restarted = outcome(built.lifecycle.restart())
+    built.lifecycle.shutdown()
+    built.backends[0].finish_stop()
+    built.clock.advance(5)
+    assert built.lifecycle.state is State.STOPPED
+    assert len(built.backends[0].starts) == 1  # not started again
+    assert restarted and restarted[0].check(ServiceUnavailable)

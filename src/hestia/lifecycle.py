@@ -694,6 +694,12 @@ class ServiceLifecycle:
                 since = self.last_request_at if self.last_request_at is not None else self.state_since
                 self._arm_idle_timer(max(0.0, since + config.idle_timeout - self._reactor.seconds()))
             # else the last lease's release arms it with the new timeout.
+        elif self.state is State.STARTING and self._start_timer is not None and self._start_timer.active():
+            # A start under way gets the new start_timeout, counted from when it began.
+            if config.start_timeout > 0:
+                self._start_timer.reset(max(0.0, self._start_began + config.start_timeout - self._reactor.seconds()))
+            else:
+                self._cancel_start_timer()
 
     def _take_new_backend(self) -> None:
         """Between two runs: build the backend from the new settings if how it runs changed."""
@@ -735,6 +741,8 @@ class ServiceLifecycle:
         self._idle_call = None
 
         def drained(_: object) -> Deferred[None]:
+            if self._shutting_down:  # the gateway stops it (or it was removed) meanwhile
+                return succeed(None)
             if self.state is State.READY:
                 return self._begin_stop(reason)
             return self.stop(reason)  # it exited meanwhile: clean up what is left
