@@ -438,3 +438,18 @@ def test_a_shutdown_during_a_restart_ends_it() -> None:
     assert built.lifecycle.state is State.STOPPED
     assert len(built.backends[0].starts) == 1  # not started again
     assert restarted and restarted[0].check(ServiceUnavailable)
+
+
+def test_a_second_restart_joins_the_first() -> None:
+    built = Built()
+    built.make_ready()
+    lease = outcome(built.lifecycle.acquire())[0]
+    first, second = outcome(built.lifecycle.restart()), outcome(built.lifecycle.restart())
+    assert not first and not second  # both wait for the drain
+    lease.release()
+    built.backend.finish_stop()
+    built.backend.starts[-1].callback(None)
+    built.clock.advance(0)
+    built.backend.answer_probe(True)
+    assert first == [None] and second == [None]
+    assert len(built.backend.starts) == 2 and len(built.backend.stops) == 1

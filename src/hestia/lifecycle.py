@@ -169,6 +169,7 @@ class ServiceLifecycle:
         self.build_backend: Callable[[ServiceConfig], IBackend] | None = None
         self._holding = False  # a restart drains: new requests wait in the queue
         self._drain_waiters: list[Deferred[None]] = []
+        self._restart_joiners: list[Deferred[None]] = []
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -734,7 +735,9 @@ class ServiceLifecycle:
         if self.state is not State.READY:
             return self.stop(reason).addCallback(lambda _: self.start(reason))
         if self._holding:  # a restart is draining already: join it
-            return self.start(reason)
+            joined: Deferred[None] = Deferred()
+            self._restart_joiners.append(joined)
+            return joined
         self._holding = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
@@ -748,14 +751,22 @@ class ServiceLifecycle:
             return self.stop(reason)  # it exited meanwhile: clean up what is left
 
         def stopped(result: object) -> Deferred[None]:
-            self._holding = False
             return self.start(reason)
 
         def released(result: object) -> object:
             self._holding = False
             return result
 
-        return self._drain(self.config.stop_timeout).addCallback(drained).addBoth(released).addCallback(stopped)
+        def tell_joiners(result: object) -> object:
+            for joined in self._take(self._restart_joiners):
+                if isinstance(result, Failure):
+                    joined.errback(result)
+                else:
+                    joined.callback(None)
+            return result
+
+        restarting = self._drain(self.config.stop_timeout).addCallback(drained).addBoth(released)
+        return restarting.addCallback(stopped).addBoth(tell_joiners)
 
     def retire(self, reason: str = "removed") -> Deferred[None]:
         """
