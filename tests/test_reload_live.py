@@ -42,14 +42,14 @@ def test_a_changed_idle_timeout_keeps_the_process_and_takes_effect(hestia: Start
     assert gateway.http.get("/services/a/health").status_code == 200
     pid = gateway.status("a")["details"]["pid"]
 
-    reload(gateway, {"services": {"a": spec.service(idle_timeout=1.5)}})
-    status = gateway.wait_status("a", "idle_timeout", 1.5, timeout=10)
+    reload(gateway, {"services": {"a": spec.service(idle_timeout=5)}})
+    status = gateway.wait_status("a", "idle_timeout", 5, timeout=10)
     assert status["state"] == "ready" and status["details"]["pid"] == pid and pid_alive(pid)
     assert status["restart_pending"] is False
     assert wait_for(lambda: "changed in place: a (idle_timeout)" in gateway.log_text(), 5), gateway.log_text()
     assert "a: ready -> stopping (reload)" not in gateway.log_text()
     # The new timeout is in effect: idle_timeout 0 meant "never".
-    gateway.wait_state("a", "stopped", timeout=15)
+    gateway.wait_state("a", "stopped", timeout=30)
     assert not pid_alive(pid) and spec.starts() == 1
     assert "a: ready -> stopping (idle)" in gateway.log_text()
 
@@ -134,7 +134,7 @@ def test_a_removed_service_finishes_its_stream_before_it_stops(hestia: StartHest
     def stream() -> None:
         try:
             with httpx.Client(trust_env=False, timeout=30) as client, client.stream(
-                "GET", gateway.service_url("gone") + "/stream", params={"n": 20, "interval": 0.15}
+                "GET", gateway.service_url("gone") + "/stream", params={"n": 40, "interval": 0.15}
             ) as response:
                 for line in response.iter_lines():
                     if line:
@@ -151,9 +151,11 @@ def test_a_removed_service_finishes_its_stream_before_it_stops(hestia: StartHest
 
     reload(gateway, {"services": {"kept": services["kept"]}})
     assert wait_for(lambda: gateway.http.get("/v1/services/gone/status").status_code == 404, 10)
-    assert pid_alive(pid)  # still streaming
+    if reader.is_alive():
+        assert pid_alive(pid)  # still streaming, so still running
     reader.join(30)
-    assert not errors and [line["i"] for line in lines] == list(range(20))
+    # Every line arrived: the process was not stopped under the stream (the old code cut it).
+    assert not errors and [line["i"] for line in lines] == list(range(40))
     assert wait_for(lambda: not pid_alive(pid), 10)
     log = gateway.log_text()
     assert "gone: ready -> stopping (removed)" in log and "removed (stopping once idle): gone" in log
@@ -184,5 +186,5 @@ def test_a_semaphore_vm_is_not_stopped_by_a_reload(gateways: list[HestiaProcess]
 
     # Removed from the file: its stop task tears it down.
     reload(gateway, {**cfg, "services": {}})
-    assert wait_for(lambda: alive_vms(double, "vm") == [], 20)
-    assert [task["status"] for task in tasks_of(double, "vm", STOP)] == ["success"]
+    assert wait_for(lambda: [task["status"] for task in tasks_of(double, "vm", STOP)] == ["success"], 20)
+    assert alive_vms(double, "vm") == []
