@@ -453,3 +453,21 @@ def test_a_second_restart_joins_the_first() -> None:
     built.backend.answer_probe(True)
     assert first == [None] and second == [None]
     assert len(built.backend.starts) == 2 and len(built.backend.stops) == 1
+
+
+def test_a_static_url_change_takes_effect_at_once() -> None:
+    fleet = Fleet({"s": {"url": "http://127.0.0.1:7"}})
+    old = fleet.gateway.lifecycle("s")
+    summary = fleet.gateway.apply(fleet.config({"s": {"url": "http://127.0.0.1:8"}}))
+    assert summary["replaced"] == {"s": ["url"]}
+    assert fleet.gateway.lifecycle("s") is not old
+    assert old.state is State.READY and not fleet.built["s"][0].stops  # nothing to stop, nothing stopped
+
+
+def test_a_model_router_change_stops_none_of_its_targets() -> None:
+    services = {"t": proc(models=["m"]), "r": {"route_by": "model", "targets": ["t"]}}
+    fleet = Fleet(services)
+    target = fleet.ready("t")
+    fleet.gateway.apply(fleet.config({**services, "t": proc(models=["m", "n"])}))
+    assert target.state is State.READY and not fleet.built["t"][0].stops
+    assert fleet.gateway.lifecycle("r").models() == ["m", "n"]

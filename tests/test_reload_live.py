@@ -184,7 +184,14 @@ def test_a_semaphore_vm_is_not_stopped_by_a_reload(gateways: list[HestiaProcess]
     assert [task["template_id"] for task in tasks_of(double, "vm")] == [START]
     assert alive_vms(double, "vm") == [vm]
 
+    # Its next natural stop (here an explicit one) applies the change: the next start runs the new template.
+    stopped = gateway.http.post("/v1/services/vm/stop", timeout=30).json()
+    assert stopped["state"] == "stopped" and stopped["restart_pending"] is False
+    assert gateway.http.get("/services/vm/health", timeout=30).status_code == 200
+    assert [task["template_id"] for task in tasks_of(double, "vm") if task["template_id"] != STOP] == [
+        START, SLOW_START]
+
     # Removed from the file: its stop task tears it down.
     reload(gateway, {**cfg, "services": {}})
-    assert wait_for(lambda: [task["status"] for task in tasks_of(double, "vm", STOP)] == ["success"], 20)
+    assert wait_for(lambda: [task["status"] for task in tasks_of(double, "vm", STOP)] == ["success"] * 2, 20)
     assert alive_vms(double, "vm") == []

@@ -28,7 +28,7 @@ from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
-from hestia.routing import MultiInstanceRoute
+from hestia.routing import ModelRoute, MultiInstanceRoute
 
 if TYPE_CHECKING:
     from hestia.proxy import Exchange, ServiceProxyResource
@@ -355,6 +355,15 @@ class Gateway:
                 summary.unchanged.append(name)
                 return
             self._update_instances(current, service, policy, summary)
+            return
+        if isinstance(current, ModelRoute) and service.backend == "route":
+            # A router holds nothing but the plan, and its targets' models may have
+            # changed without its own keys: always the new plan, at once.
+            self.services[name] = route = self._add(service)
+            if current.config == service and route.plan == current.plan and route.models() == current.models():
+                summary.unchanged.append(name)
+            else:
+                summary.replaced[name] = list(diff(current.config, service).in_place) or ["models"]
             return
         if current.config == service:
             summary.unchanged.append(name)

@@ -782,6 +782,8 @@ class ServiceLifecycle:
                                                   **self._describe()))
             return self._begin_stop(reason) if self.state is State.READY else self.stop(reason)
 
+        if not self.backend.has_lifecycle:
+            return succeed(None)  # an upstream Hestia never started: nothing to stop
         if self.state is not State.READY:
             return finish(None)
         return self._drain(self.config.stop_timeout).addCallback(finish)
