@@ -23,10 +23,11 @@ from backendproc import pid_alive, wait_for
 from conftest import StartHestia
 from hestiaproc import VENV_BIN, BackendSpec, HestiaProcess, clean_environ
 
-# The Semaphore double and its helpers, shared with the backend's own tests.
+# The Semaphore double and its helpers, shared with the backend's own tests; the browser of the UI's.
 from test_semaphore_backend import SLOW_START, START, STOP, alive_vms, config, double, gateways, run, tasks_of
+from test_ui_browser import browser, until
 
-__all__ = ["double", "gateways"]  # fixtures, used by name
+__all__ = ["browser", "double", "gateways"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -195,3 +196,23 @@ def test_a_semaphore_vm_is_not_stopped_by_a_reload(gateways: list[HestiaProcess]
     reload(gateway, {**cfg, "services": {}})
     assert wait_for(lambda: [task["status"] for task in tasks_of(double, "vm", STOP)] == ["success"] * 2, 20)
     assert alive_vms(double, "vm") == []
+
+
+def test_the_dashboard_offers_the_pending_restart(hestia: StartHestia, tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    spec = BackendSpec("a", tmp_path)
+    gateway = hestia({"services": {"a": spec.service(idle_timeout=0)}})
+    assert gateway.http.get("/services/a/health").status_code == 200
+    browser.get(gateway.url + "/v1/ui/")
+    selector = "tr[data-service='a'] button[data-action='restart']"
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-service='a'] .state"))
+    assert browser.find_elements(By.CSS_SELECTOR, selector) == []  # nothing pending, no button
+
+    reload(gateway, {"services": {"a": spec.service("--name", "b", idle_timeout=0)}})
+    button = until(browser, lambda d: (d.find_elements(By.CSS_SELECTOR, selector) or [None])[0])
+    assert button.get_attribute("title") == "restart pending: command"
+    button.click()
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, selector) == [], timeout=30)
+    assert gateway.status("a")["restart_pending"] is False
+    assert gateway.http.get("/services/a/health").json()["name"] == "b"
