@@ -148,6 +148,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # the whole head must arrive within this
     connection_idle_timeout: float = 60.0  # an idle keep-alive connection is closed
     redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
+    watch_config: bool = False  # re-read the file when it changes (hestia.watch), read at start-up
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups
 TOP_LEVEL_KEYS |= {"reload"}  # hestia.reload (issue 19)
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
-               "redirect_listen"}
+               "redirect_listen", "watch_config"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
@@ -518,6 +519,7 @@ def parse_config(
             "server.max_backend_connections", minimum=1,
         ),
         **_server_limits(reader, server_raw),
+        watch_config=reader.boolean(server_raw.get("watch_config", False), "server.watch_config"),
     )
 
     defaults_raw = reader.mapping(document.get("defaults"), "defaults")
