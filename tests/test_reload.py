@@ -471,3 +471,24 @@ def test_a_model_router_change_stops_none_of_its_targets() -> None:
     fleet.gateway.apply(fleet.config({**services, "t": proc(models=["m", "n"])}))
     assert target.state is State.READY and not fleet.built["t"][0].stops
     assert fleet.gateway.lifecycle("r").models() == ["m", "n"]
+
+
+def test_a_service_put_back_while_its_old_run_drains_waits_for_it() -> None:
+    """Removed, then put back before its stream ended: no second process on the same port."""
+    fleet = Fleet({"a": proc(stop_timeout=30)})
+    old = fleet.ready("a")
+    lease = outcome(old.acquire())[0]
+    fleet.gateway.apply(fleet.config({}))
+    fleet.gateway.apply(fleet.config({"a": proc(stop_timeout=30)}))
+    new = fleet.gateway.lifecycle("a")
+    assert new is not old
+    waiting = outcome(new.acquire())
+    fleet.clock.advance(0)
+    assert not fleet.built["a"][1].starts  # not launched while the old one serves
+    lease.release()
+    fleet.built["a"][0].finish_stop()
+    assert len(fleet.built["a"][1].starts) == 1
+    fleet.built["a"][1].finish_start()
+    fleet.clock.advance(0)
+    fleet.built["a"][1].answer_probe(True)
+    assert isinstance(waiting[0], Lease)

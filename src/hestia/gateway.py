@@ -142,6 +142,8 @@ class Gateway:
         self._in_flight_requests = 0
         self._slots: dict[str, DeferredSemaphore] = {}
         self._drained: list[Deferred[None]] = []
+        # Lifecycles removed by a reload that have not stopped yet, by name (issue 19).
+        self._retiring: dict[str, Deferred[Any]] = {}
         # Services added at run time (container label discovery): a reload keeps them.
         self.discovered: set[str] = set()
         self._shutting_down = False
@@ -199,6 +201,9 @@ class Gateway:
     def _build(self, service: ServiceConfig) -> ServiceLifecycle:
         lifecycle = ServiceLifecycle(service, self._backend_for(service), self.reactor, list(self.state_observers))
         lifecycle.build_backend = self._backend_for  # for a restart with new settings (issue 19)
+        previous = self._retiring.get(service.name)
+        if previous is not None:
+            lifecycle.start_after(previous)  # its predecessor of the same name still drains
         return lifecycle
 
     def _backend_for(self, service: ServiceConfig) -> IBackend:
@@ -409,7 +414,7 @@ class Gateway:
             lifecycle = old.pop(instance.name, None)
             if lifecycle is None or not _runs_itself(lifecycle, instance):
                 if lifecycle is not None:
-                    lifecycle.retire("reload")
+                    self._retire_lifecycle(lifecycle)
                 in_place.add("instances")
                 return self._build(instance)
             changes = diff(lifecycle.config, instance)
@@ -424,17 +429,36 @@ class Gateway:
         )
         for leftover in old.values():
             in_place.add("instances")
-            leftover.retire("removed")
+            self._retire_lifecycle(leftover)
         summary.record(service.name, Changes(tuple(sorted(in_place)), tuple(sorted(how))), restarted)
 
     def _retire(self, route: Any) -> None:
         """Stop what a route runs once its requests in flight have finished."""
         if isinstance(route, ServiceLifecycle):
-            route.retire("removed").addErrback(lambda failure: None)
+            self._retire_lifecycle(route)
         elif isinstance(route, MultiInstanceRoute):
             for lifecycle in route.instances:
-                lifecycle.retire("removed").addErrback(lambda failure: None)
+                self._retire_lifecycle(lifecycle)
         # A model router runs nothing: its targets are services of their own.
+
+    def _retire_lifecycle(self, lifecycle: ServiceLifecycle) -> None:
+        """
+        Retire one lifecycle, and remember it until it has stopped: a service
+        of the same name added meanwhile (removed and put back) must not start
+        a second process on the same port while the old one still drains.
+        """
+        name = lifecycle.name
+        stopped = lifecycle.retire("removed").addErrback(lambda failure: None)
+        if stopped.called:
+            return
+        self._retiring[name] = stopped
+
+        def forget(result: object) -> object:
+            if self._retiring.get(name) is stopped:
+                del self._retiring[name]
+            return result
+
+        stopped.addBoth(forget)
 
     def restart(self, name: str) -> Deferred[None]:
         """

@@ -788,6 +788,22 @@ class ServiceLifecycle:
             return finish(None)
         return self._drain(self.config.stop_timeout).addCallback(finish)
 
+    def start_after(self, previous: Deferred[Any]) -> None:
+        """
+        Launch nothing before C{previous} fires: the stop of a run of the same
+        service that a reload retired, still finishing its requests.  Requests
+        meanwhile wait in the queue, as they do during a failed start's clean-up.
+        """
+        waiting: Deferred[None] = Deferred()
+        earlier = self._cleanup_done()
+
+        def previous_done(result: object) -> object:
+            earlier.addBoth(lambda _: waiting.callback(None))
+            return result
+
+        previous.addBoth(previous_done)
+        self._cleanup = waiting
+
     def _drain(self, timeout: float) -> Deferred[None]:
         """Fires when no request of this service is in flight, or after C{timeout}."""
         if self.in_flight == 0:
