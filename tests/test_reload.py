@@ -492,3 +492,18 @@ def test_a_service_put_back_while_its_old_run_drains_waits_for_it() -> None:
     fleet.clock.advance(0)
     fleet.built["a"][1].answer_probe(True)
     assert isinstance(waiting[0], Lease)
+
+
+def test_a_group_member_restarts_through_its_group() -> None:
+    fleet = Fleet({"a": proc(group="gpu"), "b": proc("b", group="gpu")}, groups={"gpu": {"exclusive": True}})
+    a = fleet.ready("a")
+    fleet.gateway.apply(fleet.config({"a": proc("new", group="gpu"), "b": proc("b", group="gpu")},
+                                     groups={"gpu": {"exclusive": True}}))
+    restarted = outcome(fleet.gateway.restart("a"))
+    fleet.built["a"][0].finish_stop()
+    assert a.state is State.STARTING and a.backend is fleet.built["a"][1]
+    assert a.built_from.command == ("serve", "new")
+    fleet.built["a"][1].finish_start()
+    fleet.clock.advance(0)
+    fleet.built["a"][1].answer_probe(True)
+    assert restarted == [None] and a.state is State.READY

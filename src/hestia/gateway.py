@@ -22,7 +22,7 @@ from twisted.web.iweb import IAgent
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
-from hestia.groups import Coordinator
+from hestia.groups import Coordinator, GroupMemberRoute
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
@@ -364,7 +364,7 @@ class Gateway:
         if isinstance(current, ModelRoute) and service.backend == "route":
             # A router holds nothing but the plan, and its targets' models may have
             # changed without its own keys: always the new plan, at once.
-            self.services[name] = route = self._add(service)
+            route = self._add(service)
             if current.config == service and route.plan == current.plan and route.models() == current.models():
                 summary.unchanged.append(name)
             else:
@@ -468,9 +468,10 @@ class Gateway:
         instance after the other, so that the rest keep serving.
         """
         route = self.lifecycle(name)
-        lifecycle = getattr(route, "lifecycle", route)  # a group member's route wraps it
-        if isinstance(lifecycle, ServiceLifecycle):
-            return lifecycle.restart("restart")
+        if isinstance(route, GroupMemberRoute):  # a group member's route wraps its lifecycle
+            route = route.lifecycle
+        if isinstance(route, ServiceLifecycle):
+            return route.restart("restart")
         if isinstance(route, MultiInstanceRoute):
             instances = list(route.instances)
 
