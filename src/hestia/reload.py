@@ -69,6 +69,11 @@ SETTINGS: Mapping[str, Applies] = {
     "hosts": IN_PLACE,
     "group": IN_PLACE,
     "depends_on": IN_PLACE,
+    # Local AI workloads (issue 17): declared GPU memory is a scheduling rule, not
+    # how the process runs; abandoned starts and in-band loading events likewise.
+    "gpu": IN_PLACE,
+    "cancel_abandoned_start": IN_PLACE,
+    "loading_events": IN_PLACE,
     # Requests Hestia answers itself, and who may send them.
     "passive": IN_PLACE,
     "on_cold": IN_PLACE,
