@@ -16,6 +16,7 @@ C{-} written as C{_}.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 import shlex
@@ -185,6 +186,15 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
+# ---- sleeping machines (issue 18) ----
+# Backend sections that their backend's module validates: section -> "module:function",
+# called as function(reader, raw, key, service_name); imported only when used.
+SECTION_PARSERS = {
+    "wol": "hestia.backends.wol:parse_wol_section",
+    "exec": "hestia.backends.exec:parse_exec_section",
+}
+BACKEND_SECTIONS |= set(SECTION_PARSERS)
+# ---- end sleeping machines ----
 
 
 def env_prefix(name: str) -> str:
@@ -394,16 +404,20 @@ def _service(
         for section_name in BACKEND_SECTIONS & set(section)
     }
     if len(sections) + (command is not None) > 1:
-        raise reader.fail(key, "give only one of command, docker, semaphore")
+        raise reader.fail(key, f"give only one of command, {', '.join(sorted(BACKEND_SECTIONS))}")
     if "docker" in sections:
         # Validated now (and owned by the backend's module), so a typo fails at load time.
         from hestia.backends.docker import parse_docker_section
 
         sections["docker"] = parse_docker_section(reader, sections["docker"], f"{key}.docker", name)
+    for section_name in SECTION_PARSERS.keys() & sections.keys():  # issue 18
+        module, _, function = SECTION_PARSERS[section_name].partition(":")
+        parse_section = getattr(importlib.import_module(module), function)
+        sections[section_name] = parse_section(reader, sections[section_name], f"{key}.{section_name}", name)
     backend = "process" if command else (next(iter(sections)) if sections else "static")
     if composite:
         if command is not None or sections:
-            raise reader.fail(key, "with instances or route_by, give command/docker/semaphore per instance")
+            raise reader.fail(key, "with instances or route_by, give command or a backend section per instance")
         backend = "instances" if "instances" in routing else "route"
     return ServiceConfig(
         name=name,
