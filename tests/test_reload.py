@@ -509,3 +509,20 @@ def test_a_group_member_restarts_through_its_group() -> None:
     fleet.clock.advance(0)
     fleet.built["a"][1].answer_probe(True)
     assert restarted == [None] and a.state is State.READY
+
+
+@pytest.mark.parametrize("section", [
+    {"exec": {"start": ["wake", "a"], "stop": ["sleep", "a"]}},
+    {"wol": {"mac": "52:54:00:ab:cd:ef", "stop_command": ["ssh", "box", "suspend"]}},
+])
+def test_a_machine_is_never_stopped_by_a_reload(section: dict[str, Any]) -> None:
+    """exec and wol: new commands wait for the machine's next stop, even with restart: now."""
+    kind = next(iter(section))
+    first = {"url": "http://127.0.0.1:9", **section}
+    fleet = Fleet({"m": first})
+    machine = fleet.ready("m")
+    changed = {"url": "http://127.0.0.1:9", kind: {**section[kind], "stop_command" if kind == "wol" else "stop":
+                                                   ["poweroff", "m"]}}
+    summary = fleet.gateway.apply(fleet.config({"m": changed}, reload={"restart": "now"}))
+    assert summary["restart_pending"] == {"m": [kind]} and not summary["restarted"]
+    assert machine.state is State.READY and not fleet.built["m"][0].stops
