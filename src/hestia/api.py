@@ -198,6 +198,22 @@ class ManagementAPI:
         yield lifecycle.stop("api")
         return json_body(request, lifecycle.status(), 200)
 
+    @app.route("/services/<name>/restart", methods=["POST"])
+    @inlineCallbacks
+    def restart(self, request: Request, name: str) -> Any:
+        """
+        Drain, stop and start again with the configuration as it is now (issue 19):
+        how a pending C{restart_pending} change is applied.  C{?wait=true} answers
+        once it is ready again; otherwise 202 at once.
+        """
+        self.gateway.lifecycle(name)
+        restarting: Deferred[None] = self.gateway.restart(name)
+        if _flag(request, b"wait"):
+            yield restarting
+            return json_body(request, self.gateway.lifecycle(name).status(), 200)
+        restarting.addErrback(lambda failure: None)  # Seen in status and the log.
+        return json_body(request, self.gateway.lifecycle(name).status(), 202)
+
     @app.route("/reload", methods=["POST"])
     def reload(self, request: Request) -> bytes:
         from hestia.config import ConfigError

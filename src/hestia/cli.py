@@ -6,6 +6,7 @@ The C{hestia} command: a small client of the C{/v1} management API.
     hestia status [NAME]          a table of services (or one service)
     hestia start NAME [--wait]    start; with --wait, a live progress line until ready
     hestia stop NAME
+    hestia restart NAME           drain, stop and start with the current settings
     hestia logs NAME [-f] [--tail N]
     hestia check-config [FILE]    validate a configuration without starting anything
 
@@ -243,6 +244,18 @@ def cmd_stop(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
     return Exit.OK
 
 
+def cmd_restart(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
+    name = _quote(args.name)
+    before = client.json("GET", f"/v1/services/{name}/status")
+    # Draining waits up to stop_timeout, then a whole start: give it both.
+    timeout = args.timeout if args.timeout is not None else float(before.get("start_timeout") or 120) + 60
+    status = client.json("POST", f"/v1/services/{name}/restart?wait=true", timeout=timeout)
+    applied = before.get("pending_changes") or []
+    note = f" with new {', '.join(applied)}" if applied else ""
+    out.write(f"{args.name}: {status.get('state')} (restarted{note})\n")
+    return Exit.OK
+
+
 def cmd_logs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
     query = urllib.parse.urlencode({"tail": args.tail, "follow": "1" if args.follow else "0"})
     path = f"/v1/services/{_quote(args.name)}/logs?{query}"
@@ -334,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="stop a service")
     stop.add_argument("name", metavar="NAME")
 
+    restart = commands.add_parser("restart", help="restart a service, applying a pending configuration change")
+    restart.add_argument("name", metavar="NAME")
+    restart.add_argument("--timeout", type=float, default=None, help="seconds to wait (default start_timeout + 60)")
+
     logs = commands.add_parser("logs", help="a service's recent output")
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -356,7 +373,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
             args.url or os.environ.get("HESTIA_URL") or DEFAULT_URL,
             args.token if args.token is not None else os.environ.get("HESTIA_TOKEN"),
         )
-        handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "logs": cmd_logs}[args.command]
+        handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
+                   "logs": cmd_logs}[args.command]
         return int(handler(client, args, out))
     except CommandError as error:
         err.write(f"hestia: {error}\n")

@@ -196,6 +196,7 @@ class Config:
 # Keys each level accepts.  A feature that adds a key registers it here, so
 # that a typo anywhere is still an error.
 TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
+TOP_LEVEL_KEYS |= {"reload"}  # hestia.reload (issue 19)
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
                "redirect_listen", "watch_config"}
@@ -600,6 +601,10 @@ def parse_config(
         from hestia.discovery import parse_discovery_section
 
         sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
+    if "reload" in sections:
+        from hestia.reload import parse_reload_section  # what a reload restarts (issue 19)
+
+        sections["reload"] = parse_reload_section(reader, sections["reload"])
     from hestia.routing import parse_routing  # routing builds on this module
 
     routing = parse_routing(reader.source, services, sections.get("groups"), environ)

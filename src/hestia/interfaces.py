@@ -68,6 +68,19 @@ class IBackend(Interface):
         """The last lines the service wrote, newest last (may be empty)."""
 
 
+class IReconfigurableBackend(IBackend):
+    """
+    A backend that follows in-place settings of a reload (issue 19) while it runs.
+    """
+
+    def reconfigure(service: Any) -> None:
+        """
+        Use C{service} (a L{hestia.config.ServiceConfig}) for what it reads while
+        running, such as the health check.  How it runs (command, url, backend
+        section) is the same as before: L{hestia.reload.running_settings} made it so.
+        """
+
+
 class IAdoptableBackend(IBackend):
     """
     A backend whose service may already run when Hestia starts (a container

@@ -532,6 +532,9 @@ class MultiInstanceRoute:
             "state_since": max((i["state_since"] for i in instances if i["state_since"]), default=None),
             "last_request_at": iso_time(max(last)) if last else None,
             "last_error": next((i["last_error"] for i in instances if i["last_error"]), None),
+            # A reload changed how some instance runs (issue 19): each says which keys.
+            "restart_pending": any(i["restart_pending"] for i in instances),
+            "pending_changes": sorted({key for i in instances for key in i["pending_changes"]}),
             "instances": instances,
         }
 

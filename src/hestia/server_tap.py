@@ -34,6 +34,7 @@ from hestia.metrics import HestiaMetrics
 from hestia.preflight import load_checked
 from hestia.proxy import GatewayRoot
 from hestia.reconcile import reconcile, request_time_recorder
+from hestia.reload import describe_summary
 from hestia.state import StateStore, StateStoreError, check_state_file, state_recorder
 from hestia.tls import CertificateError, CertificateStore, RedirectToHTTPS, https_port, is_tls_listen, parse_listen
 from hestia.watch import ConfigWatcher
@@ -250,7 +251,8 @@ class HestiaService(MultiService):
             except CertificateError as error:
                 log.error("certificates not reloaded, keeping the loaded ones: {error}", error=str(error))
         self.config = config
-        log.info("reloaded {source}: {summary}", source=config.source, summary=summary)
+        log.info("reloaded {source}: {changes}", source=config.source, changes=describe_summary(summary),
+                 summary=summary)
         return summary
 
     def _reload_logged(self) -> None:

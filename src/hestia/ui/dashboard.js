@@ -108,6 +108,13 @@
       actions.appendChild(button(s.name, "start", "Start", s.state === "ready" || s.state === "starting"));
       actions.appendChild(document.createTextNode(" "));
       actions.appendChild(button(s.name, "stop", "Stop", !stoppable || s.backend === "static"));
+      if (s.restart_pending) {
+        // A reload changed how it runs (issue 19): applied at its next start, or now with Restart.
+        actions.appendChild(document.createTextNode(" "));
+        var restart = button(s.name, "restart", "Restart", false);
+        restart.title = "restart pending: " + (s.pending_changes || []).join(", ");
+        actions.appendChild(restart);
+      }
       body.appendChild(row);
       if (expanded[s.name]) {
         var more = document.createElement("tr");
