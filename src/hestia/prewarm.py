@@ -5,15 +5,16 @@ From the first uses of a service (requests after a quiet spell, see
 L{hestia.costs.FirstUseHistory}) L{habits} finds the times of the week at
 which it is habitually first used: clusters of first uses at about the same
 time of the week (within L{CLUSTER_WIDTH}) seen in at least C{min_weeks}
-different weeks and in at least L{MIN_SHARE} of the weeks observed.  Each
-habit's time is the earliest of its weeks' first uses, so that noisy arrivals
-still find the service up.
+different weeks and in at least L{MIN_SHARE} of the weeks observed.  A habit
+spans from the earliest to the latest of its weeks' first uses: people do not
+come at the same minute every week.
 
-L{Prewarmer} starts the service C{lead} before each habit, with reason
-C{prewarm}; nobody coming, the usual idle rule stops it.  What such guesses
-cost (running time until the first request) is kept within C{budget_per_day}:
-a guess is made only if today's guesses plus the longest this one can run
-(C{lead} + idle timeout) fit.  Every decision is logged and recorded as a
+L{Prewarmer} starts the service C{lead} before each habit begins, with reason
+C{prewarm}, and keeps it up until the habit's span ends; then, nobody having
+come, the usual idle rule stops it.  What such guesses cost (running time
+until the first request) is kept within C{budget_per_day}: a guess is made
+only if today's guesses plus the longest this one can run (to the end of the
+habit's span, plus the idle timeout) fit.  Every decision is logged and recorded as a
 C{prewarm} event.
 
 The rules are pure functions of a history and a time; the L{Prewarmer} runs
@@ -54,6 +55,12 @@ class Habit:
     minute: int
     weeks: int
     observed: int
+    until: int = -1  # the latest first use of its span (minute of the week)
+
+    @property
+    def length(self) -> float:
+        """Seconds from the habit's first to its last minute."""
+        return max(0, self.until - self.minute) * 60.0
 
     @property
     def label(self) -> str:
@@ -86,7 +93,8 @@ def habits(first_uses: Sequence[float], now: float, zone: ZoneInfo, min_weeks: i
             earliest[week] = min(minute, earliest.get(week, minute))
         weeks = len(earliest)
         if weeks >= min_weeks and weeks >= MIN_SHARE * observed:
-            found.append(Habit(minute=min(earliest.values()), weeks=weeks, observed=observed))
+            found.append(Habit(minute=min(earliest.values()), weeks=weeks, observed=observed,
+                               until=max(earliest.values())))
     return found
 
 
@@ -153,31 +161,34 @@ class Prewarmer:
             return
         now = self._reactor.seconds()
         zone = self._ledger.zone()
-        soonest: tuple[float, Habit] | None = None
+        soonest: tuple[float, Habit, float] | None = None
         for habit in habits(self._ledger.history.of(name), now, zone, settings.min_weeks):
             habit_at = next_occurrence(habit.minute, now, zone)
             if self._fired.get((name, habit.minute), float("-inf")) > now - 86400:
                 habit_at = next_occurrence(habit.minute, now + 86400, zone)  # this one is done
             due = max(now, habit_at - settings.lead)  # within the lead already: now
             if soonest is None or due < soonest[0]:
-                soonest = (due, habit)
+                soonest = (due, habit, habit_at)
         delay = REPLAN_EVERY
         if soonest is not None and soonest[0] - now <= REPLAN_EVERY:
             delay = max(0.0, soonest[0] - now)
-            self._calls[name] = self._reactor.callLater(delay, self._due, name, soonest[1])
+            self._calls[name] = self._reactor.callLater(delay, self._due, name, soonest[1], soonest[2])
             return
         self._calls[name] = self._reactor.callLater(delay, self.plan, name)
 
-    def _due(self, name: str, habit: Habit) -> None:
+    def _due(self, name: str, habit: Habit, habit_at: float) -> None:
         self._calls.pop(name, None)
         self._fired[(name, habit.minute)] = self._reactor.seconds()
         try:
-            self.decide(name, habit)
+            self.decide(name, habit, habit_at)
         finally:
             self.plan(name)
 
-    def decide(self, name: str, habit: Habit) -> bool:
-        """Start C{name} ahead of C{habit} if it is down and the budget allows; say why."""
+    def decide(self, name: str, habit: Habit, habit_at: float) -> bool:
+        """
+        Start C{name} ahead of C{habit} (beginning at C{habit_at}) if it is
+        down and the budget allows; say why.
+        """
         route = self._routes.get(name)
         settings = self._settings_of(name)
         if route is None or settings is None:
@@ -191,7 +202,9 @@ class Prewarmer:
             self._tell(name, f"prewarm: skipped, habitually used {habit.label}, but idle_timeout 0 would keep it up")
             return False
         rate = self._ledger.rate(name)  # prewarm is for plain services (hestia.costs_config)
-        worst = rate * (settings.lead + idle + (route.last_start_duration or 0.0)) / 3600
+        # Held up to the habit's end, then idle_timeout more: the longest a guess runs.
+        hold_until = habit_at + habit.length
+        worst = rate * (max(0.0, hold_until - now) + idle) / 3600
         today = period_start("day", now, self._ledger.zone()) or now
         spent = self._ledger.guess_spent(name, today)
         if spent + worst > settings.budget_per_day + 1e-9:
@@ -202,6 +215,8 @@ class Prewarmer:
         self._tell(name, f"prewarm: started, habitually used {habit.label} "
                          f"({habit.weeks} of the last {habit.observed} weeks)")
         route.start("prewarm").addErrback(lambda failure: None)  # Seen in status and the log.
+        route.hold("prewarm")
+        self._reactor.callLater(max(0.0, hold_until - now), route.release_hold, "prewarm")
         return True
 
     def _tell(self, name: str, message: str) -> None:
