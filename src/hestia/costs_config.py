@@ -20,9 +20,7 @@ from hestia.schedule import Window, machine_timezone, parse_window
 if TYPE_CHECKING:
     from hestia.config import _Reader
 
-SERVICE_COST_KEYS = {"cost_per_hour"}
 SERVICE_PLANNING_KEYS = {"schedule", "prewarm"}
-TOP_LEVEL_COST_KEYS = {"costs", "timezone"}
 COSTS_KEYS = {"currency"}
 PREWARM_KEYS = {"lead", "min_weeks", "budget_per_day"}
 DEFAULT_CURRENCY = "USD"
