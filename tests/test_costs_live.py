@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec, reap_leftovers
+from hestiaproc import VENV_BIN, BackendSpec, clean_environ, reap_leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +73,12 @@ def test_costs_follow_running_time_and_survive_restart_and_sigkill(hestia: Start
     assert gpu["woken_by"] == {"127.0.0.1": 1}
     assert gpu["always_on_cost"] > gpu["cost"] and gpu["saved"] == pytest.approx(gpu["always_on_cost"] - gpu["cost"], abs=0.01)
     assert first.http.get("/v1/costs", params={"period": "fortnight"}).status_code == 400
+    # The command line shows the same, as a table.
+    table = subprocess.run([str(VENV_BIN / "hestia"), "--url", first.url, "costs", "--period", "all"],
+                           capture_output=True, text=True, env=clean_environ(), timeout=60, check=True).stdout
+    [row] = [line.split() for line in table.splitlines() if line.startswith("gpu ")]
+    assert row[2] == f"{gpu['cost']:.2f}" and row[5:] == ["1", "1", "0"]
+    assert "COST EUR" in table and table.splitlines()[-1].startswith("TOTAL")
 
     # A graceful restart: the same total.
     first.stop()

@@ -21,6 +21,7 @@ gateway; without a store (C{bench/}) it keeps everything in memory.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -180,13 +181,18 @@ class CostLedger:
         """
         Close what a killed gateway left open, load the totals, start checkpoints.
 
-        Submitted before any new span is written: the store's single
-        connection keeps the order, so the totals loaded exclude this run's.
+        Done at once, on a connection of its own, blocking the reactor for the
+        few milliseconds it takes: the status must show the history from the
+        first request on, and no span of this run may be written before the
+        old ones are closed.  (An in-memory store has nothing to recover.)
         """
         if self.store is None:
             return succeed(None)
         now = self._reactor.seconds()
-        loading = self.store.interact(_recover, now)
+        if self.store.path == ":memory:":
+            loading = self.store.interact(_recover, now)
+        else:
+            loading = maybeDeferred(_recover_now, self.store.path, now)
         loading.addCallback(self._loaded)
         loading.addErrback(lambda failure: log.failure("cannot load the running history", failure))
         self._checkpoints = LoopingCall(self.checkpoint)
@@ -427,6 +433,19 @@ def _recover(cursor: Any, now: float) -> dict[str, Any]:
     ).fetchall():
         first_uses.setdefault(service, []).append(at)
     return {"since": since, "totals": totals, "guesses": guesses, "first_uses": first_uses}
+
+
+def _recover_now(path: str, now: float) -> dict[str, Any]:
+    from hestia.state import migrate
+
+    connection = sqlite3.connect(path, timeout=5.0)
+    try:
+        migrate(connection)
+        loaded = _recover(connection.cursor(), now)
+        connection.commit()
+        return loaded
+    finally:
+        connection.close()
 
 
 def _checkpoint(cursor: Any, now: float) -> None:

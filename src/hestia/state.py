@@ -91,6 +91,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_SERVICE = 1000
 
 
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the schema of C{connection}'s database to L{SCHEMA_VERSION}; the version found."""
+    return _migrate(connection)
+
+
 def _migrate(connection: sqlite3.Connection) -> int:
     version = connection.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
