@@ -411,7 +411,10 @@ def _recover(cursor: Any, now: float) -> dict[str, Any]:
     # A span a killed gateway left open ran until its last checkpoint.
     cursor.execute("UPDATE running_spans SET ended_at = checkpoint_at WHERE ended_at IS NULL")
     cursor.execute("INSERT OR IGNORE INTO accounting (key, value) VALUES ('since', ?)", (now,))
-    since = cursor.execute("SELECT value FROM accounting WHERE key = 'since'").fetchone()[0]
+    since = cursor.execute(
+        "SELECT MIN(value, COALESCE((SELECT MIN(started_at) FROM running_spans), value))"
+        " FROM accounting WHERE key = 'since'"
+    ).fetchone()[0]
     totals = {
         row[0]: (row[1] or 0.0, row[2] or 0.0)
         for row in cursor.execute(
