@@ -21,11 +21,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from hestia.lifecycle import State
 
 log = Logger(namespace="hestia.schedule")
 
@@ -89,7 +92,9 @@ def parse_window(text: Any) -> Window:
         raise ValueError(f"expected a window such as 'mon-fri 08:30-18:00', got {text!r}")
     match = _WINDOW.match(text.lower())
     if match is None:
-        raise ValueError(f"{text!r} is not a window such as 'mon-fri 08:30-18:00', 'sat,sun 10:00-12:00' or '22:00-02:00'")
+        raise ValueError(
+            f"{text!r} is not a window such as 'mon-fri 08:30-18:00', 'sat,sun 10:00-12:00' or '22:00-02:00'"
+        )
     start, end = _minutes(match.group("start")), _minutes(match.group("end"))
     if start == end:
         raise ValueError(f"{text!r} starts and ends at the same time")
@@ -164,6 +169,19 @@ def machine_timezone() -> ZoneInfo:
     return ZoneInfo("UTC")
 
 
+class Holdable(Protocol):
+    """What a schedule needs of a route: a L{hestia.lifecycle.ServiceLifecycle}."""
+
+    @property
+    def state(self) -> State: ...
+
+    def start(self, reason: str = "api") -> Deferred[None]: ...
+
+    def hold(self, reason: str) -> None: ...
+
+    def release_hold(self, reason: str) -> None: ...
+
+
 class ScheduleKeeper:
     """
     Applies every service's C{schedule:} to the routes of a gateway.
@@ -212,9 +230,9 @@ class ScheduleKeeper:
         call = self._calls.pop(name, None)
         if call is not None and call.active():
             call.cancel()
-        route = self._routes.get(name)
+        route: Holdable | None = self._routes.get(name)
         windows = self._windows_of(name) if route is not None else ()
-        if self._stopped or not windows:
+        if route is None or self._stopped or not windows:
             self._release(name)
             return
         now = self._reactor.seconds()
@@ -222,7 +240,8 @@ class ScheduleKeeper:
         delay = RECHECK_EVERY
         if covers(windows, now, zone):
             held = self._held.get(name)
-            if held is not route:
+            already = held is route  # (a flag: comparing would narrow route to None for mypy)
+            if not already:
                 if held is not None:
                     held.release_hold("schedule")
                 route.hold("schedule")
