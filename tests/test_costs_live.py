@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backendproc import wait_for
 from conftest import StartHestia
 from hestiaproc import VENV_BIN, BackendSpec, clean_environ, reap_leftovers
 
@@ -129,3 +130,59 @@ def test_a_window_later_leaves_the_service_stopped(hestia: StartHestia, tmp_path
     assert gateway.state("gpu") == "stopped"
     assert spec.starts() == 0
     assert gateway.status("gpu")["held_by"] == []
+
+
+def _habit_in_five_minutes(state: Path) -> None:
+    """The last three weeks each had a first use at this time of the week, 5 minutes from now."""
+    import sqlite3
+
+    from hestia.state import migrate
+
+    connection = sqlite3.connect(state)
+    migrate(connection)
+    soon = time.time() + 300
+    connection.executemany("INSERT INTO first_uses (service, at) VALUES ('gpu', ?)",
+                           [(soon - weeks * 7 * 86400,) for weeks in (1, 2, 3)])
+    connection.commit()
+    connection.close()
+
+
+def test_prewarm_starts_a_service_ahead_of_a_habit_learnt_from_history(hestia: StartHestia, tmp_path: Path) -> None:
+    spec = BackendSpec("gpu", tmp_path)
+    state = tmp_path / "state.db"
+    _habit_in_five_minutes(state)
+    config = _config(spec, state, prewarm={"lead": "10m", "min_weeks": 2, "budget_per_day": 10000})
+    config["services"]["gpu"]["idle_timeout"] = 1
+    gateway = hestia(config)
+    status = gateway.wait_state("gpu", "ready", timeout=20)
+    assert status["held_by"] == ["prewarm"]  # kept up until the habitual time, then the idle rule
+    time.sleep(2.0)
+    assert gateway.state("gpu") == "ready"
+    assert all(entry["path"] == "/health" for entry in spec.requests())  # no request started it
+    events = gateway.http.get("/v1/services/gpu/events").json()["events"]
+    [decision] = [event for event in events if event["kind"] == "prewarm"]
+    assert decision["reason"].startswith("prewarm: started, habitually used ")
+    assert "(3 of the last 3 weeks)" in decision["reason"]
+    assert any(event["kind"] == "start" and event["reason"] == "prewarm" for event in events)
+    report = gateway.http.get("/v1/costs").json()
+    assert [entry["prewarm_starts"] for entry in report["services"]] == [1]
+
+
+def test_prewarm_over_budget_is_skipped_and_says_why(hestia: StartHestia, tmp_path: Path) -> None:
+    spec = BackendSpec("gpu", tmp_path)
+    state = tmp_path / "state.db"
+    _habit_in_five_minutes(state)
+    # 3600 EUR an hour: a guess running up to 5 minutes plus the idle timeout costs ~360.
+    config = _config(spec, state, prewarm={"budget_per_day": 1.5})
+    config["services"]["gpu"]["idle_timeout"] = 60
+    gateway = hestia(config)
+
+    def decided() -> list[dict[str, Any]]:
+        events = gateway.http.get("/v1/services/gpu/events").json()["events"]
+        return [event for event in events if event["kind"] == "prewarm"]
+
+    assert wait_for(decided, 10.0)
+    [decision] = decided()
+    assert decision["reason"].startswith("prewarm: skipped, habitually used ")
+    assert "of 1.50 EUR" in decision["reason"]
+    assert gateway.state("gpu") == "stopped" and spec.starts() == 0
