@@ -47,6 +47,7 @@ def documented_keys() -> dict[str, set[str]]:
     return tables
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("name", SETS)
 def test_configuration_reference_matches_the_schema(name: str) -> None:
     tables = documented_keys()
@@ -58,6 +59,7 @@ def test_configuration_reference_matches_the_schema(name: str) -> None:
     assert not extra, f"{name}: keys the reference lists but the code rejects: {sorted(extra)}"
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("name", COST_SETS)
 def test_configuration_reference_matches_the_cost_sections(name: str) -> None:
     tables = documented_keys()
@@ -65,6 +67,7 @@ def test_configuration_reference_matches_the_cost_sections(name: str) -> None:
     assert tables[name] == set(getattr(costs_config_module, name))
 
 
+@pytest.mark.contract
 def test_reference_parser_can_fail(tmp_path: Path) -> None:
     """The parser finds rows: an empty table would make the comparison vacuous."""
     tables = documented_keys()

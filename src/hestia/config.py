@@ -16,6 +16,7 @@ C{-} written as C{_}.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 import shlex
@@ -154,6 +155,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # the whole head must arrive within this
     connection_idle_timeout: float = 60.0  # an idle keep-alive connection is closed
     redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
+    watch_config: bool = False  # re-read the file when it changes (hestia.watch), read at start-up
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class Config:
 TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
-               "redirect_listen"}
+               "redirect_listen", "watch_config"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
@@ -194,6 +196,15 @@ SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
 # Issue 16 (hestia.costs_config): costs, schedules, predictive warm-up.
 TOP_LEVEL_KEYS |= {"costs", "timezone"}
 SERVICE_KEYS |= {"cost_per_hour", "schedule", "prewarm"}
+# ---- sleeping machines (issue 18) ----
+# Backend sections that their backend's module validates: section -> "module:function",
+# called as function(reader, raw, key, service_name); imported only when used.
+SECTION_PARSERS = {
+    "wol": "hestia.backends.wol:parse_wol_section",
+    "exec": "hestia.backends.exec:parse_exec_section",
+}
+BACKEND_SECTIONS |= set(SECTION_PARSERS)
+# ---- end sleeping machines ----
 
 
 def env_prefix(name: str) -> str:
@@ -403,19 +414,23 @@ def _service(
         for section_name in BACKEND_SECTIONS & set(section)
     }
     if len(sections) + (command is not None) > 1:
-        raise reader.fail(key, "give only one of command, docker, semaphore")
+        raise reader.fail(key, f"give only one of command, {', '.join(sorted(BACKEND_SECTIONS))}")
     if "docker" in sections:
         # Validated now (and owned by the backend's module), so a typo fails at load time.
         from hestia.backends.docker import parse_docker_section
 
         sections["docker"] = parse_docker_section(reader, sections["docker"], f"{key}.docker", name)
+    for section_name in SECTION_PARSERS.keys() & sections.keys():  # issue 18
+        module, _, function = SECTION_PARSERS[section_name].partition(":")
+        parse_section = getattr(importlib.import_module(module), function)
+        sections[section_name] = parse_section(reader, sections[section_name], f"{key}.{section_name}", name)
     from hestia.costs_config import parse_service_planning
 
     planning = parse_service_planning(reader, section, key, composite)
     backend = "process" if command else (next(iter(sections)) if sections else "static")
     if composite:
         if command is not None or sections:
-            raise reader.fail(key, "with instances or route_by, give command/docker/semaphore per instance")
+            raise reader.fail(key, "with instances or route_by, give command or a backend section per instance")
         backend = "instances" if "instances" in routing else "route"
     return ServiceConfig(
         name=name,
@@ -532,6 +547,7 @@ def parse_config(
             "server.max_backend_connections", minimum=1,
         ),
         **_server_limits(reader, server_raw),
+        watch_config=reader.boolean(server_raw.get("watch_config", False), "server.watch_config"),
     )
 
     defaults_raw = reader.mapping(document.get("defaults"), "defaults")

@@ -200,10 +200,11 @@ class Gateway:
 
     def use_store(self, store: Any) -> None:
         """Give every L{IPersistentBackend}, present and future, the state store."""
+        from hestia.reconcile import persistent_lifecycles  # instances included (issue 18)
+
         self.store = store
-        for lifecycle in self.services.values():
-            if IPersistentBackend.providedBy(lifecycle.backend):
-                lifecycle.backend.use_store(store)
+        for lifecycle in persistent_lifecycles(self.services):
+            lifecycle.backend.use_store(store)
 
     def _add(self, service: ServiceConfig) -> Any:
         if service.backend in ("instances", "route"):
