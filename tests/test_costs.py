@@ -178,8 +178,7 @@ class LedgerStoreTests(TestCase):
             clock.advance(5)
         clock.advance(3)  # and 3 s more that no checkpoint saw
         yield store.flush()
-        ledger.stop()
-        store.close()  # SIGKILL: the span is never closed
+        store.close()  # SIGKILL: no last checkpoint, the span is never closed
         rows = sqlite3.connect(self.path).execute("SELECT ended_at, checkpoint_at FROM running_spans").fetchall()
         self.assertEqual(rows, [(None, 1100.0)])
 

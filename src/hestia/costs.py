@@ -150,6 +150,9 @@ class CostLedger:
         self._guesses: list[tuple[str, float, float]] = []
         # Everything, in memory, when there is no store (bench/): the span rows.
         self._rows: list[dict[str, Any]] = []
+        # Services with a span waiting for its first request (who woke it, a
+        # guess): only their requests need a look at the open spans.
+        self._watching: set[str] = set()
         self.since = reactor.seconds()
         self._checkpoints: LoopingCall | None = None
 
@@ -216,6 +219,8 @@ class CostLedger:
                 self.history.last[service] = uses[-1]
 
     def stop(self) -> None:
+        """The gateway stops: a last checkpoint (spans of machines that outlive it stay open)."""
+        self.checkpoint()
         if self._checkpoints is not None and self._checkpoints.running:
             self._checkpoints.stop()
 
@@ -250,6 +255,8 @@ class CostLedger:
         span = Span(unit_service(unit), unit, at, self.rate(unit), reason,
                     awaiting_waker=reason == "request", guess=reason == "prewarm")
         self._open[unit] = span
+        if span.awaiting_waker or span.guess:
+            self._watching.add(span.service)
         self._write(_insert_span, span.service, unit, at, span.rate, reason)
         if self.store is None:
             self._rows.append({"service": span.service, "unit": unit, "started_at": at, "ended_at": None,
@@ -287,7 +294,7 @@ class CostLedger:
 
         @return: whether it was a first use (see L{FirstUseHistory}).
         """
-        for span in self._open.values():
+        for span in self._open.values() if service in self._watching else ():
             if span.service != service:
                 continue
             if span.awaiting_waker and began <= span.started_at:
@@ -302,6 +309,10 @@ class CostLedger:
                 span.guess = False
                 span.guess_seconds = max(0.0, began - span.started_at)
                 self._write(_set_guess, span.unit, span.started_at, span.guess_seconds)
+        if service in self._watching and not any(
+            span.service == service and (span.awaiting_waker or span.guess) for span in self._open.values()
+        ):
+            self._watching.discard(service)
         first = self.history.note(service, began, ended, self.quiet(service))
         if first:
             self._write(_insert_first_use, service, began, began - HISTORY_KEPT)
