@@ -149,3 +149,35 @@ def test_an_overnight_window_on_a_clock() -> None:
     assert sim.lifecycle.state is State.STOPPED
     hours = sim.running_seconds() / 3600
     assert 4.0 < hours < 4.1  # 22:00:05 to 02:01:00, and the cost follows it
+
+
+@pytest.mark.parametrize(("service", "key"), [
+    ({"cost_per_hour": float("nan")}, "services.a.cost_per_hour"),
+    ({"cost_per_hour": True}, "services.a.cost_per_hour"),
+    ({"prewarm": {"budget_per_day": float("inf")}}, "services.a.prewarm.budget_per_day"),
+    ({"prewarm": {"lead": "-5m"}}, "services.a.prewarm.lead"),
+    ({"prewarm": {"min_weeks": 0}}, "services.a.prewarm.min_weeks"),
+    ({"prewarm": {"leed": "5m"}}, "services.a.prewarm.leed"),
+    ({"prewarm": "sometimes"}, "services.a.prewarm"),
+    ({"schedule": {"mon": "08:00-09:00"}}, "services.a.schedule"),
+    ({"schedule": ["mon-fri\t08:00-09:00", 42]}, "services.a.schedule[1]"),
+])
+def test_bad_cost_and_prewarm_values_are_one_line_naming_the_key(service: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"services": {"a": {"url": "http://x:1", **service}}}, "f.yml", {})
+    assert str(caught.value).startswith(f"f.yml: {key}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_prewarm_true_means_the_defaults_and_instances_may_have_their_own_price() -> None:
+    config = parse_config({"services": {
+        "a": {"url": "http://x:1", "prewarm": True, "schedule": "sat 10:00-12:00"},
+        "b": {"cost_per_hour": 2, "instances": [{"url": "http://x:2", "cost_per_hour": "0.5"}]},
+    }}, "f", {})
+    prewarm = config.services["a"].prewarm
+    assert (prewarm.lead, prewarm.min_weeks, prewarm.budget_per_day) == (600.0, 2, 1.5)
+    assert [window.text for window in config.services["a"].schedule] == ["sat 10:00-12:00"]
+    assert config.routing.multi["b"].instances[0].service.cost_per_hour == 0.5
+    with pytest.raises(ConfigError, match=r"instances\[0\].schedule: unknown key"):
+        parse_config({"services": {"b": {"instances": [{"url": "http://x:2", "schedule": ["08:00-09:00"]}]}}},
+                     "f", {})
