@@ -181,3 +181,34 @@ def test_prewarm_true_means_the_defaults_and_instances_may_have_their_own_price(
     with pytest.raises(ConfigError, match=r"instances\[0\].schedule: unknown key"):
         parse_config({"services": {"b": {"instances": [{"url": "http://x:2", "schedule": ["08:00-09:00"]}]}}},
                      "f", {})
+
+
+def test_a_schedule_holds_a_member_of_an_exclusive_group_through_the_gateway() -> None:
+    from twisted.internet.task import Clock
+
+    from hestia.gateway import Gateway
+    from hestia.schedule import ScheduleKeeper
+    from hestia.simulation import SimulatedBackend
+
+    clock = Clock()
+    clock.advance(at("2026-01-05 07:59"))
+    config = parse_config({
+        "timezone": "UTC",
+        "groups": {"gpu0": {"exclusive": True}},
+        "services": {
+            name: {"url": f"http://127.0.0.1:{port}", "command": "true", "group": "gpu0", "idle_timeout": 60,
+                   **({"schedule": ["08:00-09:00"]} if name == "a" else {})}
+            for name, port in (("a", 9), ("b", 10))
+        },
+    }, "f", {})
+    gateway = Gateway(config, clock, agent=object(),  # type: ignore[arg-type]
+                      build_backend=lambda service: SimulatedBackend(clock, 1.0))
+    keeper = ScheduleKeeper(clock, gateway.services, lambda name: gateway.config.services[name].schedule,
+                            lambda: UTC)
+    keeper.start()
+    run_until(clock, at("2026-01-05 08:00:05"))
+    assert gateway.services["a"].state is State.READY
+    run_until(clock, at("2026-01-05 08:30"))
+    assert gateway.services["a"].state is State.READY  # far past its idle timeout
+    run_until(clock, at("2026-01-05 09:01:01"))
+    assert gateway.services["a"].state is State.STOPPED

@@ -162,7 +162,7 @@ class ServiceLifecycle:
         # the Deferred it returns.  Exclusive groups and depends_on (see
         # hestia.groups) use it to stop a rival or start a dependency first.
         self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
-        # Why the service must not be idle-stopped now (a schedule window).
+        # Why the service must not be idle-stopped now: a schedule window, a prewarm.
         self.holds: set[str] = set()
         backend.set_exit_handler(self._backend_exited)
 
@@ -286,7 +286,7 @@ class ServiceLifecycle:
         else:
             raise ValueError(f"cannot resume into {state.value}")
 
-    # -- holds (hestia.schedule, issue 16) --------------------------------------
+    # -- holds (hestia.schedule, hestia.prewarm; issue 16) --------------------------------------
 
     def hold(self, reason: str) -> None:
         """Keep the service from being idle-stopped until L{release_hold}."""
