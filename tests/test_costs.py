@@ -211,3 +211,25 @@ class LedgerStoreTests(TestCase):
         uses = sqlite3.connect(self.path).execute("SELECT service, at FROM first_uses").fetchall()
         self.assertEqual(uses, [("gpu", 0.0)])
         ledger.stop()
+
+
+def test_adopted_and_resumed_services_are_accounted_from_then_on() -> None:
+    config = parse_config({"services": {
+        "box": {"url": "http://x:1", "command": "true", "cost_per_hour": 1.0},
+        "vm": {"url": "http://x:2", "command": "true", "cost_per_hour": 2.0},
+    }}, "f", {})
+    clock = task.Clock()
+    ledger = CostLedger(clock, lambda: config)
+    # Found already running (a container): started through the lifecycle as "adopted".
+    ledger.state_changed(StateChange("box", State.STOPPED, State.STARTING, "adopted", 0.0))
+    ledger.state_changed(StateChange("box", State.STARTING, State.READY, "started", 0.0))
+    # A remote machine a previous gateway left ready (hestia.reconcile): straight to ready.
+    ledger.state_changed(StateChange("vm", State.STOPPED, State.READY, "resumed after a gateway restart", 0.0))
+    clock.advance(1800)
+    ledger.state_changed(StateChange("vm", State.READY, State.STOPPING, "idle", 1800.0))
+    assert ledger.totals("box") == pytest.approx((1800, 0.5))
+    assert ledger.totals("vm") == pytest.approx((1800, 1.0))
+    entries = {entry["name"]: entry for entry in ledger.report("all").result["services"]}
+    assert entries["box"]["starts"] == 1 and entries["box"]["cold_starts"] == 0
+    rows = ledger.rows(0, clock.seconds()).result
+    assert sorted(row["reason"] for row in rows) == ["adopted", "resumed"]
