@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hestia.simulation import SimulatedGateway
+from hestia.simulation import SimulatedGateway, run_until
 
 EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()  # a Monday, 00:00 UTC
 DAY = 86400.0
@@ -119,17 +119,23 @@ def replay(trace: Trace, service: dict[str, Any], weeks: int) -> Result:
     learning_ends = EPOCH + PREWARM["min_weeks"] * WEEK  # type: ignore[operator]
     after = cold_after = 0
     spend_by_day: dict[int, float] = {}
+
+    def close_days(until: float) -> None:
+        # What each day's guesses cost, read as the day ends (open guesses so far included).
+        while (day := len(spend_by_day)) < weeks * 7 and EPOCH + (day + 1) * DAY <= until:
+            run_until(sim.clock, EPOCH + (day + 1) * DAY)
+            spend_by_day[day] = sim.ledger.guess_spent(sim.name, EPOCH + day * DAY)
+
     for at, duration in trace:
+        close_days(at)
         before = sim.outcome.cold_first_uses, sim.outcome.first_uses
         sim.request(at, duration)
         if at >= learning_ends and sim.outcome.first_uses > before[1]:
             after += 1
             cold_after += sim.outcome.cold_first_uses - before[0]
     end = EPOCH + weeks * WEEK
+    close_days(end)
     sim.finish(end)
-    for day in range(weeks * 7):
-        begin = EPOCH + day * DAY
-        spend_by_day[day] = sum(cost for name, began, cost in sim.ledger._guesses if begin <= began < begin + DAY)
     prewarms = sum(1 for _, _, message in sim.prewarmer.decisions if "prewarm: started" in message)
     return Result(
         first_uses=sim.outcome.first_uses,

@@ -48,6 +48,7 @@ PERIODS = ("day", "week", "month", "all")
 # How far back first uses are kept for learning (hestia.prewarm).
 HISTORY_KEPT = 12 * 7 * 86400.0
 DEFAULT_QUIET = 300.0
+GUESSES_KEPT = 2 * 86400.0
 
 
 def unit_service(unit: str) -> str:
@@ -274,6 +275,8 @@ class CostLedger:
             span.guess_seconds = seconds
             span.guess = False
         if span.reason == "prewarm":
+            # Only today's count for the budget: two days are kept, whatever the time zone.
+            self._guesses = [guess for guess in self._guesses if guess[1] >= at - GUESSES_KEPT]
             self._guesses.append((span.service, span.started_at, (span.guess_seconds or 0.0) * span.rate / 3600))
         self._write(_close_span, unit, span.started_at, at, span.guess_seconds)
         if self.store is None:
@@ -438,7 +441,7 @@ def _recover(cursor: Any, now: float) -> dict[str, Any]:
         for row in cursor.execute(
             "SELECT service, started_at, COALESCE(guess_seconds, ended_at - started_at), rate FROM running_spans"
             " WHERE reason = 'prewarm' AND started_at >= ?",
-            (now - 2 * 86400,),
+            (now - GUESSES_KEPT,),
         ).fetchall()
     ]
     first_uses: dict[str, list[float]] = {}
