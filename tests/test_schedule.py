@@ -212,3 +212,38 @@ def test_a_schedule_holds_a_member_of_an_exclusive_group_through_the_gateway() -
     assert gateway.services["a"].state is State.READY  # far past its idle timeout
     run_until(clock, at("2026-01-05 09:01:01"))
     assert gateway.services["a"].state is State.STOPPED
+
+
+def test_a_service_stopped_on_purpose_inside_its_window_stays_stopped_until_the_next() -> None:
+    sim = SimulatedGateway({"idle_timeout": "5m", "schedule": ["08:00-09:00"]},
+                           at("2026-01-05 07:59"), start_time=1, top={"timezone": "UTC"})
+    run_until(sim.clock, at("2026-01-05 08:00:02"))
+    assert sim.lifecycle.state is State.READY
+    sim.lifecycle.stop("api")
+    run_until(sim.clock, at("2026-01-05 08:59"))
+    assert sim.lifecycle.state is State.STOPPED and sim.lifecycle.state_reason == "api"
+    run_until(sim.clock, at("2026-01-06 08:00:02"))
+    assert sim.lifecycle.state is State.READY  # the next window starts it again
+
+
+def test_a_failed_start_inside_a_window_is_retried() -> None:
+    from hestia.errors import StartFailed
+
+    sim = SimulatedGateway({"idle_timeout": "5m", "schedule": ["08:00-09:00"]},
+                           at("2026-01-05 07:59"), start_time=1, top={"timezone": "UTC"})
+    attempts = []
+    working_start = sim.backend.start
+
+    def failing_start():  # type: ignore[no-untyped-def]
+        attempts.append(sim.clock.seconds())
+        if len(attempts) < 3:
+            from twisted.internet.defer import fail
+
+            return fail(StartFailed("no capacity"))
+        return working_start()
+
+    sim.backend.start = failing_start  # type: ignore[method-assign]
+    run_until(sim.clock, at("2026-01-05 08:05"))
+    assert len(attempts) == 3
+    assert attempts[1] - attempts[0] == pytest.approx(30, abs=1)
+    assert sim.lifecycle.state is State.READY

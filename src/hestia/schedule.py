@@ -247,10 +247,13 @@ class ScheduleKeeper:
                 route.hold("schedule")
                 self._held[name] = route
                 log.info("{service}: schedule window open, keeping it running", service=name)
-            if route.state.value in ("stopped", "failed"):
+            # Started as the window opens, and again after a failed start; a
+            # service stopped on purpose inside the window (the API, an
+            # exclusive group's rival) stays stopped until the next window.
+            if (not already and route.state.value in ("stopped", "failed")) or route.state.value == "failed":
                 route.start("schedule").addErrback(lambda failure: None)  # Seen in status and the log.
-            if route.state.value != "ready":
-                delay = RETRY_AFTER  # Stopping, or a failed start: look again soon.
+            if route.state.value in ("starting", "failed"):
+                delay = RETRY_AFTER  # A start that may fail: look again soon.
         else:
             self._release(name)
         change = next_change(windows, now, zone)
