@@ -78,8 +78,8 @@ def test_reference_parser_can_fail(tmp_path: Path) -> None:
 def test_shipped_config_loads_and_has_a_demo() -> None:
     config = load_config(str(ROOT / "hestia_config.yml"), environ={})
     assert "ollama" in config.services
-    demo = [s for s in config.services.values() if s.command and "http.server" in " ".join(s.command)]
-    assert demo, "a demo service that runs on a fresh machine (python3 -m http.server)"
+    demo = [s for s in config.services.values() if s.command and s.command[0] == "hestia-demo"]
+    assert demo, "a demo service that runs on a fresh machine (hestia-demo, installed with Hestia)"
 
 
 def test_example_configs_in_docs_are_valid(tmp_path: Path) -> None:
@@ -132,10 +132,17 @@ def test_compose_and_dockerfile() -> None:
     services = compose["services"]
     assert "hestia" in services and len(services) >= 2
     hestia = services["hestia"]
-    assert any(str(port).startswith("8080:") or str(port) == "8080:8080" for port in hestia["ports"])
+    # localhost:8080, as the quick start says (HESTIA_PUBLISH may widen it).
+    assert hestia["ports"] == ["${HESTIA_PUBLISH:-127.0.0.1:8080}:8080"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
     assert "twistd" in dockerfile and "hestia" in dockerfile
     compose_config = ROOT / "contrib" / "compose" / "hestia_config.yml"
     config = load_config(str(compose_config), environ={})
-    assert "ollama" in config.services
+    assert "demo" in config.services
+    # Ollama is a labelled container that Hestia discovers, starts and stops itself.
+    raw = yaml.safe_load(compose_config.read_text())
+    assert raw["docker"]["discover"] is True
+    labels = services["ollama"]["labels"]
+    assert labels["hestia.enable"] == "true" and labels["hestia.name"] == "ollama"
+    assert any(volume.endswith(":/var/run/docker.sock") for volume in hestia["volumes"])

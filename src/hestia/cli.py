@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import IO, Any, NoReturn
 
+from hestia import __version__
+
 DEFAULT_URL = "http://localhost:8080"
 
 
@@ -209,6 +211,10 @@ def cmd_start(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
     if not args.wait:
         out.write(f"{args.name}: {status.get('state')}\n")
         return Exit.OK
+    if status.get("state") == "ready":
+        # Ready before this start: its last_start_duration is an older start's.
+        out.write(f"{args.name}: already running\n")
+        return Exit.OK
     timeout = args.timeout if args.timeout is not None else float(status.get("start_timeout") or 120) + 10
     deadline = time.monotonic() + timeout
     began = time.monotonic()
@@ -336,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 failed, 2 usage/config error, 3 not found, 4 not authorised, "
         "5 gateway unreachable, 6 timed out",
     )
+    parser.add_argument("--version", action="version", version=f"hestia {__version__}")
     parser.add_argument("--url", default=None, help=f"gateway URL (default $HESTIA_URL or {DEFAULT_URL})")
     parser.add_argument("--token", default=None, help="admin token (default $HESTIA_TOKEN)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
