@@ -18,11 +18,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from hestia import __version__
-from hestia.errors import GatewayError, ServiceUnavailable, UnknownService
+from hestia.errors import BadRequest, GatewayError, ServiceUnavailable, UnknownService
 from hestia.lifecycle import State
 from hestia.state import StateStoreError, StoreClosed
 
 if TYPE_CHECKING:
+    from hestia.costs import CostLedger
     from hestia.gateway import Gateway
     from hestia.logs import ServiceOutput
     from hestia.metrics import HestiaMetrics
@@ -57,6 +58,7 @@ class ManagementAPI:
         store: StateStore | None = None,
         metrics: HestiaMetrics | None = None,
         output: ServiceOutput | None = None,
+        costs: CostLedger | None = None,
     ) -> None:
         """
         @param metrics: served at C{/v1/metrics} (L{hestia.metrics}).
@@ -67,6 +69,7 @@ class ManagementAPI:
         self.store = store
         self.metrics = metrics
         self.output = output
+        self.costs = costs
         from hestia.events_stream import EventHub
 
         self.events_hub = EventHub(gateway)
@@ -91,7 +94,7 @@ class ManagementAPI:
             request,
             {
                 "services": [
-                    {**lifecycle.status(), **self.events_hub.activity(name)}
+                    {**lifecycle.status(), **self.events_hub.activity(name), **self._cost_fields(name)}
                     for name, lifecycle in self.gateway.services.items()
                 ]
             },
@@ -99,7 +102,34 @@ class ManagementAPI:
 
     @app.route("/services/<name>/status", methods=["GET"])
     def status(self, request: Request, name: str) -> bytes:
-        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name)})
+        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name),
+                                   **self._cost_fields(name)})
+
+    # -- costs (issue 16, hestia.costs) -------------------------------------------
+
+    def _cost_fields(self, name: str) -> dict[str, Any]:
+        return self.costs.status_fields(name) if self.costs is not None else {}
+
+    @app.route("/costs", methods=["GET"])
+    @inlineCallbacks
+    def costs_report(self, request: Request) -> Any:
+        from hestia.costs import PERIODS
+
+        period = (request.args.get(b"period") or [b"all"])[0].decode("ascii", "replace")
+        if period not in PERIODS:
+            raise BadRequest(f"period must be one of {', '.join(PERIODS)}")
+        if self.costs is None:
+            raise UnknownService("costs are not enabled")
+        report = yield self.costs.report(period)
+        return json_body(request, report)
+
+    @app.route("/costs/timeline", methods=["GET"])
+    @inlineCallbacks
+    def costs_timeline(self, request: Request) -> Any:
+        if self.costs is None:
+            raise UnknownService("costs are not enabled")
+        timeline = yield self.costs.timeline(7.0)
+        return json_body(request, timeline)
 
     @app.route("/services/<name>/events/stream", methods=["GET"])
     def events_stream(self, request: Request, name: str) -> Deferred[None]:

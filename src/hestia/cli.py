@@ -9,6 +9,7 @@ The C{hestia} command: a small client of the C{/v1} management API.
     hestia restart NAME           drain, stop and start with the current settings
     hestia logs NAME [-f] [--tail N]
     hestia check-config [FILE]    validate a configuration without starting anything
+    hestia costs [--period P]     running time, cost and savings per service (day, week, month, all)
 
 It talks to C{$HESTIA_URL} (default C{http://localhost:8080}) with
 C{$HESTIA_TOKEN} as a bearer token when set.  It uses only the standard
@@ -164,6 +165,26 @@ def status_table(services: Sequence[dict[str, Any]], now: float | None = None) -
     return "\n".join(
         "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def costs_table(report: dict[str, Any]) -> str:
+    """C{GET /v1/costs} as an aligned text table, with a total row."""
+    currency = str(report.get("currency", ""))
+    header = ("NAME", "RUNNING", f"COST {currency}", f"ALWAYS ON {currency}", f"SAVED {currency}",
+              "STARTS", "COLD", "PREWARM")
+    rows = [header]
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for entry in report.get("services", []):
+        numbers = [float(entry.get(key) or 0) for key in ("running_seconds", "cost", "always_on_cost", "saved")]
+        totals = [a + b for a, b in zip(totals, numbers, strict=True)]
+        rows.append((str(entry.get("name", "?")), human_duration(numbers[0]), f"{numbers[1]:.2f}",
+                     f"{numbers[2]:.2f}", f"{numbers[3]:.2f}", str(entry.get("starts", 0)),
+                     str(entry.get("cold_starts", 0)), str(entry.get("prewarm_starts", 0))))
+    rows.append(("TOTAL", human_duration(totals[0]), f"{totals[1]:.2f}", f"{totals[2]:.2f}", f"{totals[3]:.2f}",
+                 "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return f"since {report.get('since')}\n" + "\n".join(lines)
 
 
 def _quote(name: str) -> str:
@@ -323,6 +344,12 @@ def cmd_check_config(args: argparse.Namespace, out: IO[str]) -> Exit:
     return Exit.OK
 
 
+def cmd_costs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
+    report = client.json("GET", f"/v1/costs?period={_quote(args.period)}")
+    out.write((json.dumps(report, indent=2) if args.json else costs_table(report)) + "\n")
+    return Exit.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hestia",
@@ -356,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--tail", type=int, default=100, help="lines of history (default 100)")
 
+    costs = commands.add_parser("costs", help="running time, cost and savings per service")
+    costs.add_argument("--period", choices=("day", "week", "month", "all"), default="all")
+    costs.add_argument("--json", action="store_true", help="print the raw JSON")
+
     check = commands.add_parser("check-config", help="validate a configuration file without starting")
     check.add_argument("file", nargs="?", metavar="FILE", help="default $HESTIA_CONFIG or ./hestia_config.yml")
     return parser
@@ -374,7 +405,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
             args.token if args.token is not None else os.environ.get("HESTIA_TOKEN"),
         )
         handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
-                   "logs": cmd_logs}[args.command]
+                   "logs": cmd_logs, "costs": cmd_costs}[args.command]
         return int(handler(client, args, out))
     except CommandError as error:
         err.write(f"hestia: {error}\n")

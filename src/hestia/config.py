@@ -134,6 +134,12 @@ class ServiceConfig:
     # What a browser navigation to a cold service gets: "page" (a waiting page
     # that reloads into the real one) or "hold" (held like any API client).
     on_cold: str = "page"
+    # Costs, schedules and predictive warm-up (issue 16; hestia.costs_config):
+    # the price of an hour running (None: not given, an instance inherits its
+    # service's), the schedule's windows, the prewarm settings.
+    cost_per_hour: float | None = None
+    schedule: tuple[Any, ...] = ()
+    prewarm: Any = None
 
     @property
     def idle_timeout(self) -> float:
@@ -191,6 +197,8 @@ class Config:
     sections: Mapping[str, Any] = field(default_factory=dict)
     # hestia.routing.RoutingPlan: instances, model routes, groups, dependencies.
     routing: Any = None
+    # hestia.costs_config.CostSettings: currency and time zone (issue 16).
+    costs: Any = None
 
 
 # Keys each level accepts.  A feature that adds a key registers it here, so
@@ -208,6 +216,9 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
+# Issue 16 (hestia.costs_config): costs, schedules, predictive warm-up.
+TOP_LEVEL_KEYS |= {"costs", "timezone"}
+SERVICE_KEYS |= {"cost_per_hour", "schedule", "prewarm"}
 # ---- sleeping machines (issue 18) ----
 # Backend sections that their backend's module validates: section -> "module:function",
 # called as function(reader, raw, key, service_name); imported only when used.
@@ -457,6 +468,9 @@ def _service(
         module, _, function = SECTION_PARSERS[section_name].partition(":")
         parse_section = getattr(importlib.import_module(module), function)
         sections[section_name] = parse_section(reader, sections[section_name], f"{key}.{section_name}", name)
+    from hestia.costs_config import parse_service_planning
+
+    planning = parse_service_planning(reader, section, key, composite)
     backend = "process" if command else (next(iter(sections)) if sections else "static")
     if composite:
         if command is not None or sections:
@@ -476,6 +490,7 @@ def _service(
         sections=sections,
         on_cold=on_cold,
         routing=routing,
+        **planning,
     )
 
 
@@ -594,8 +609,13 @@ def parse_config(
         name: _service(reader, name, value, defaults, environ) for name, value in services_raw.items()
     }
     sections = {
-        name: document[name] for name in TOP_LEVEL_KEYS - {"server", "defaults", "services"} if name in document
+        name: document[name]
+        for name in TOP_LEVEL_KEYS - {"server", "defaults", "services", "costs", "timezone"}
+        if name in document
     }
+    from hestia.costs_config import parse_cost_settings
+
+    costs = parse_cost_settings(reader, document)
     if "docker" in sections:
         # Container label discovery (hestia.discovery owns the section).
         from hestia.discovery import parse_discovery_section
@@ -609,7 +629,8 @@ def parse_config(
 
     routing = parse_routing(reader.source, services, sections.get("groups"), environ)
     config = Config(
-        source=source, server=server, defaults=defaults, services=services, sections=sections, routing=routing
+        source=source, server=server, defaults=defaults, services=services, sections=sections, routing=routing,
+        costs=costs,
     )
     from hestia.semaphore import resolve_semaphore  # owns the semaphore sections
 

@@ -172,6 +172,8 @@ class ServiceLifecycle:
         self._holding = False  # a restart drains: new requests wait in the queue
         self._drain_waiters: list[Deferred[None]] = []
         self._restart_joiners: list[Deferred[None]] = []
+        # Why the service must not be idle-stopped now: a schedule window, a prewarm.
+        self.holds: set[str] = set()
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -294,6 +296,22 @@ class ServiceLifecycle:
         else:
             raise ValueError(f"cannot resume into {state.value}")
 
+    # -- holds (hestia.schedule, hestia.prewarm; issue 16) --------------------------------------
+
+    def hold(self, reason: str) -> None:
+        """Keep the service from being idle-stopped until L{release_hold}."""
+        self.holds.add(reason)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def release_hold(self, reason: str) -> None:
+        """The hold ends: the idle rule applies again, counting from now."""
+        if reason in self.holds:
+            self.holds.discard(reason)
+            if not self.holds and not (self._idle_call is not None and self._idle_call.active()):
+                self._arm_idle_timer()
+
     def status(self) -> dict[str, Any]:
         """The service's state as the C{/v1} API shows it."""
         idle_stop_at = None
@@ -310,6 +328,7 @@ class ServiceLifecycle:
             "in_flight": self.in_flight,
             "queued": len(self.queue),
             "keep_warm": self.config.keep_warm,
+            "held_by": sorted(self.holds),
             "idle_timeout": self.config.idle_timeout,
             "start_timeout": self.config.start_timeout,
             "last_request_at": iso_time(self.last_request_at),
@@ -520,6 +539,7 @@ class ServiceLifecycle:
             and self.in_flight == 0
             and self.config.idle_timeout > 0
             and not self.config.keep_warm
+            and not self.holds
             and self.backend.has_lifecycle
             and not self._shutting_down
         ):

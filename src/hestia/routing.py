@@ -48,7 +48,8 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 
 # -- configuration ---------------------------------------------------------------
 
-INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS) | BACKEND_SECTIONS | {"cost"}
+# schedule and prewarm belong to the service (hestia.costs_config), not to one instance.
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"schedule", "prewarm"}) | BACKEND_SECTIONS | {"cost"}
 MAX_COST = 1e9  # finite, so that sums and comparisons of costs stay numbers
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(

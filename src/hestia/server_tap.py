@@ -31,6 +31,7 @@ from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
 from hestia.logs import ServiceOutput, access_log, install_log_observer
 from hestia.metrics import HestiaMetrics
+from hestia.planning import Planning
 from hestia.preflight import load_checked
 from hestia.proxy import GatewayRoot
 from hestia.reconcile import reconcile, request_time_recorder
@@ -150,8 +151,11 @@ class HestiaService(MultiService):
         self.output = ServiceOutput(self.gateway)
         self.gateway.add_state_observer(self.output.state_changed)
         self.output.attach_all()
+        # Costs, schedules and predictive warm-up (issue 16).
+        self.planning = Planning(self.gateway, self.store, self.metrics)
         self.api = ManagementAPI(
-            self.gateway, reload=self.reload, store=self.store, metrics=self.metrics, output=self.output
+            self.gateway, reload=self.reload, store=self.store, metrics=self.metrics, output=self.output,
+            costs=self.planning.ledger,
         )
         self.authenticator = Authenticator(parse_auth(config), reactor.seconds)
         self.site = HestiaSite(
@@ -213,6 +217,7 @@ class HestiaService(MultiService):
         self.store.open().addErrback(
             lambda failure: log.failure("cannot open the state database {path}", failure, path=self.store.path)
         )
+        self.planning.start()  # first: a killed gateway's open spans are closed before new ones open
         reconcile(self.gateway, self.store).addErrback(
             lambda failure: log.failure("cannot take up the recorded services", failure)
         )
@@ -251,6 +256,7 @@ class HestiaService(MultiService):
             except CertificateError as error:
                 log.error("certificates not reloaded, keeping the loaded ones: {error}", error=str(error))
         self.config = config
+        self.planning.apply()
         log.info("reloaded {source}: {changes}", source=config.source, changes=describe_summary(summary),
                  summary=summary)
         return summary
@@ -269,6 +275,7 @@ class HestiaService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
         # Stop accepting first, so that draining can end.
         yield self.port_service.stopService()
+        self.planning.stop()
         timeout = self.config.server.shutdown_timeout
         if self.gateway.in_flight_requests:
             log.info("waiting up to {timeout}s for {count} requests", timeout=timeout,

@@ -61,10 +61,42 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX events_by_service ON events (service, id)",
     ],
+    # Issue 16 (hestia.costs): running spans, for costs; first uses, for prewarm.
+    [
+        """
+        CREATE TABLE running_spans (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            service TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            checkpoint_at REAL NOT NULL,
+            rate REAL NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL,
+            woken_by TEXT,
+            guess_seconds REAL
+        )
+        """,
+        "CREATE INDEX running_spans_by_end ON running_spans (ended_at)",
+        "CREATE UNIQUE INDEX running_spans_by_unit ON running_spans (unit, started_at)",
+        """
+        CREATE TABLE first_uses (
+            service TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (service, at)
+        )
+        """,
+        "CREATE TABLE accounting (key TEXT PRIMARY KEY, value REAL NOT NULL)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_SERVICE = 1000
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the schema of C{connection}'s database to L{SCHEMA_VERSION}; the version found."""
+    return _migrate(connection)
 
 
 def _migrate(connection: sqlite3.Connection) -> int:
@@ -310,6 +342,13 @@ class StateStore:
 
         write.addBoth(passed)
         return ended
+
+    @inlineCallbacks
+    def interact(self, work: Callable[..., Any], *args: Any):  # type: ignore[no-untyped-def]
+        """Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs)."""
+        yield self.open()
+        result = yield self._pool.runInteraction(work, *args)
+        return result
 
     def close(self) -> None:
         """
