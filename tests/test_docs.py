@@ -20,11 +20,14 @@ from conftest import require
 from hestiaproc import clean_environ
 
 import hestia.config as config_module
+import hestia.costs_config as costs_config_module
 from hestia.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration-reference.md"
 SETS = ("TOP_LEVEL_KEYS", "SERVER_KEYS", "TUNABLE_KEYS", "SERVICE_KEYS", "HEALTH_KEYS", "BACKEND_SECTIONS")
+# The sections of issue 16, whose keys hestia.costs_config owns.
+COST_SETS = ("COSTS_KEYS", "PREWARM_KEYS")
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +57,14 @@ def test_configuration_reference_matches_the_schema(name: str) -> None:
     extra = tables[name] - code
     assert not missing, f"{name}: keys the code accepts but the reference does not list: {sorted(missing)}"
     assert not extra, f"{name}: keys the reference lists but the code rejects: {sorted(extra)}"
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("name", COST_SETS)
+def test_configuration_reference_matches_the_cost_sections(name: str) -> None:
+    tables = documented_keys()
+    assert name in tables, f"docs/configuration-reference.md has no <!-- keys: {name} --> table"
+    assert tables[name] == set(getattr(costs_config_module, name))
 
 
 @pytest.mark.contract

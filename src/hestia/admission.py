@@ -79,13 +79,17 @@ class Admission:
         queue_limit: int,
         describe: Callable[[], Where],
         retry_after: Callable[[], float] = lambda: 1.0,
+        cap: int | None = None,
     ) -> None:
         """
         @param describe: C{service} and C{state} for a 503 or 504.
         @param retry_after: seconds a refused client is told to wait.
+        @param cap: what C{max_concurrency} never exceeds, whatever the
+            service asks (C{server.max_backend_connections}).
         """
         self._reactor = reactor
-        self.max_concurrency = max(1, max_concurrency)
+        self._cap = cap
+        self.max_concurrency = self._capped(max_concurrency)
         self.queue_limit = queue_limit
         self._describe = describe
         self._retry_after = retry_after
@@ -104,9 +108,12 @@ class Admission:
         """How many requests wait for room."""
         return len(self._turns)
 
+    def _capped(self, max_concurrency: int) -> int:
+        return max(1, max_concurrency if self._cap is None else min(max_concurrency, self._cap))
+
     def configure(self, max_concurrency: int, queue_limit: int) -> None:
         """New limits (a reload): the window is clipped, never widened here."""
-        self.max_concurrency = max(1, max_concurrency)
+        self.max_concurrency = self._capped(max_concurrency)
         self.queue_limit = queue_limit
         self.window = min(self.window, self.max_concurrency)
         self.threshold = min(self.threshold, self.max_concurrency)

@@ -29,7 +29,7 @@ from zope.interface import implementer, provider
 from hestia import health
 from hestia.config import ServiceConfig, describe_command
 from hestia.errors import StartFailed
-from hestia.interfaces import IBackend, IBackendFactory
+from hestia.interfaces import IBackend, IBackendFactory, IReconfigurableBackend
 
 OUTPUT_LINES_KEPT = 200
 
@@ -91,7 +91,7 @@ class _OutputCollector(ProcessProtocol):
         self._backend._ended(reason)
 
 
-@implementer(IBackend)
+@implementer(IBackend, IReconfigurableBackend)
 class ProcessBackend:
     """Runs C{service.command} and probes C{service.url}."""
 
@@ -168,6 +168,10 @@ class ProcessBackend:
         if self._kill_call is None:
             self._kill_call = self._reactor.callLater(timeout, self._signal_group, signal.SIGKILL)
         return ended
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend: a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         return {
