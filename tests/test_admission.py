@@ -488,3 +488,17 @@ def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_s
     assert len(body) == 1 and isinstance(body[0], Failure)  # truncated, not taken for a whole body
     body[0].trap(Exception)
     assert h.gateway.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
+
+
+def test_a_reload_in_place_applies_the_new_max_concurrency() -> None:
+    h = Harness({**PROCESS, "max_concurrency": 16})
+    reloaded = parse_config({"services": {"svc": {**PROCESS, "max_concurrency": 2}}}, "test.yml", environ={})
+    h.gateway.lifecycle("svc").reconfigure(reloaded.services["svc"])
+    answers = [h.get(f"/x{i}") for i in range(5)]
+    h.start()
+    assert len(h.backend.held) == 2
+    assert h.status()["concurrency"]["max_concurrency"] == 2
+    while h.backend.held:
+        h.backend.finish(len(h.backend.held))
+        h.settle()
+    assert [h.result(a).code for a in answers] == [200] * 5
