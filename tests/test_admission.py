@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry, ConnectTimes
 from hestia.api import ManagementAPI
-from hestia.config import ServiceConfig, parse_config
+from hestia.config import ConfigError, ServiceConfig, parse_config
 from hestia.errors import QueueFull, QueueTimedOut
 from hestia.gateway import Gateway
 from hestia.metrics import HestiaMetrics
@@ -502,3 +502,17 @@ def test_a_reload_in_place_applies_the_new_max_concurrency() -> None:
         h.backend.finish(len(h.backend.held))
         h.settle()
     assert [h.result(a).code for a in answers] == [200] * 5
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_concurrency", 0), ("max_concurrency", "many"),
+                                            ("response_timeout", -1), ("response_idle_timeout", float("nan"))])
+def test_bad_settings_are_one_line_config_errors(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"services": {"svc": {"url": "http://127.0.0.1:9", key: value}}}, "test.yml", environ={})
+    message = str(refused.value)
+    assert "\n" not in message and "test.yml" in message and f"services.svc.{key}" in message
+
+
+def test_the_defaults() -> None:
+    service = parse_config({"services": {"svc": {"url": "http://127.0.0.1:9"}}}, "t.yml", environ={}).services["svc"]
+    assert (service.max_concurrency, service.response_timeout, service.response_idle_timeout) == (64, 300.0, 300.0)
