@@ -263,7 +263,7 @@ class Exchange:
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
-        open_tunnel(self.gateway.reactor, lease.url, self.request, self.rest, headers, closed, unreachable)
+        open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest, headers, closed, unreachable)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None

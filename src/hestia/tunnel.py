@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -134,8 +135,19 @@ def take_over_client(request: Request, protocol: Protocol) -> Any:
     return buffered
 
 
+def backend_endpoint(reactor: Any, base_url: str) -> IStreamClientEndpoint:
+    """The endpoint of a dedicated connection to the backend at C{base_url} (TLS for https)."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+    if parts.scheme == "https":
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return endpoint
+
+
 def open_tunnel(
-    reactor: Any,
+    endpoint: IStreamClientEndpoint,
     base_url: str,
     request: Request,
     target: bytes,
@@ -154,9 +166,6 @@ def open_tunnel(
     parts = urlsplit(base_url)
     host = parts.hostname or "localhost"
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=10)
-    if parts.scheme == "https":
-        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
     tunnel = Tunnel(on_close)
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade", [b""])
     host_header = host.encode("idna") + (b":%d" % port if parts.port else b"")
