@@ -13,15 +13,18 @@ turns the in-memory pumps until nothing moves.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -29,6 +32,7 @@ from hestia.api import ManagementAPI
 from hestia.auth import Authenticator, digest, parse_auth
 from hestia.config import ServiceConfig, parse_config
 from hestia.gateway import Gateway
+from hestia.proxy import Exchange
 from hestia.server_tap import build_site
 from hestia.testing import FakeBackend
 
@@ -54,7 +58,8 @@ class RecordingBackend(Resource):
     def render(self, request: Request) -> bytes:
         self.seen.append(request)
         self.bodies.append(request.content.read())
-        status = int((request.args.get(b"status") or [b"200"])[0])
+        wanted = (request.args.get(b"status") or [b"200"])[0]
+        status = int(wanted) if wanted.isdigit() and 200 <= int(wanted) <= 599 else 200
         request.setResponseCode(status)
         request.setHeader(b"x-from-backend", b"1")
         body = json.dumps({"uri": request.uri.decode("latin-1"), "body": self.bodies[-1].decode("latin-1")})
@@ -79,9 +84,6 @@ class UpgradeConnection:
         self.protocol.dataReceived(data)
 
     def close(self) -> None:
-        from twisted.internet.error import ConnectionDone
-        from twisted.python.failure import Failure
-
         self.transport.disconnecting = True
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
@@ -104,6 +106,18 @@ class MemoryUpgradeBackend:
         return succeed(protocol)
 
 
+class RecordingGateway(Gateway):
+    """A gateway that keeps every proxied request's L{Exchange}, by the request id it forwards."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges: dict[bytes, Exchange] = {}
+
+    def request_began(self, exchange: Exchange) -> None:
+        self.exchanges[exchange.request_id] = exchange
+        super().request_began(exchange)
+
+
 class MemoryClient:
     """One client connection to the in-memory site."""
 
@@ -112,6 +126,15 @@ class MemoryClient:
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
         self.protocol: Protocol = hestia.site.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
+        self.lost = False
+        hestia.clients.append(self)
+
+    def deliver_close(self) -> None:
+        """A real transport tells its protocol once a connection it was asked to close is gone."""
+        if self.transport.disconnecting and not self.lost:
+            self.lost = True
+            owner = getattr(self.transport, "protocol", None) or self.protocol
+            owner.connectionLost(Failure(ConnectionDone()))
 
     def send(self, data: bytes) -> MemoryClient:
         if not self.transport.disconnecting:
@@ -147,6 +170,7 @@ class MemoryHestia:
         self.backend = RecordingBackend()
         self.upgrades = MemoryUpgradeBackend()
         self.fakes: dict[str, FakeBackend] = {}
+        self.clients: list[MemoryClient] = []
         raw: dict[str, Any] = {
             "services": services or {"echo": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}},
         }
@@ -165,7 +189,7 @@ class MemoryHestia:
             return fake
 
         self.agent = RequestTraversalAgent(self.backend)
-        self.gateway = Gateway(config, self.reactor, agent=self.agent, build_backend=build)
+        self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build)
         self.gateway.upgrade_endpoint = self.upgrades.endpoint  # type: ignore[method-assign]
         self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
         self.site = build_site(self.gateway, ManagementAPI(self.gateway).resource(), self.authenticator,
@@ -175,9 +199,18 @@ class MemoryHestia:
         return MemoryClient(self)
 
     def settle(self) -> None:
-        for _ in range(30):
+        for _ in range(10):
             self.reactor.advance(0)
             self.agent.flush()
+            for client in self.clients:
+                client.deliver_close()
+
+    def advance(self, seconds: float, step: float = 1.0) -> None:
+        """Let C{seconds} pass, settling after each C{step} as a reactor would between timers."""
+        while seconds > 0:
+            self.reactor.advance(min(step, seconds))
+            seconds -= step
+            self.settle()
 
     def request(self, data: bytes) -> MemoryClient:
         return self.connect().send(data)
@@ -185,8 +218,7 @@ class MemoryHestia:
 
 def statuses(raw: bytes) -> list[int]:
     """The status codes of the responses in C{raw}, in order (interim ones included)."""
-    found = []
-    for line in raw.split(b"\r\n"):
-        if line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) and line[9:12].isdigit():
-            found.append(int(line[9:12]))
-    return found
+    return [int(match.group(1)) for match in _STATUS_LINE.finditer(raw)]
+
+
+_STATUS_LINE = re.compile(rb"(?:^|\n)HTTP/1\.[01] (\d{3})[ \r]")
