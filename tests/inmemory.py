@@ -121,9 +121,12 @@ class RecordingGateway(Gateway):
 class MemoryClient:
     """One client connection to the in-memory site."""
 
-    def __init__(self, hestia: MemoryHestia) -> None:
+    def __init__(self, hestia: MemoryHestia, negotiated: bytes | None = None) -> None:
         self.hestia = hestia
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
+        if negotiated is not None:
+            # What a TLS transport reports after ALPN: Twisted's channel then speaks HTTP/2.
+            self.transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
         self.protocol: Protocol = hestia.site.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
         self.lost = False
@@ -197,6 +200,10 @@ class MemoryHestia:
 
     def connect(self) -> MemoryClient:
         return MemoryClient(self)
+
+    def connect_with(self, negotiated: bytes) -> MemoryClient:
+        """A connection whose transport negotiated C{negotiated} (C{b"h2"}) by ALPN."""
+        return MemoryClient(self, negotiated)
 
     def settle(self) -> None:
         for _ in range(10):

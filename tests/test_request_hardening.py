@@ -356,3 +356,70 @@ def test_process_output_is_not_shown_to_a_service_scoped_token() -> None:
 
 def test_process_output_is_shown_to_an_admin_token() -> None:
     assert _failed_start(ADMIN_TOKEN)["detail"] == ["token=s3cr3t http://127.0.0.1:8888/?token=abc"]
+
+
+# -- hole 3 over HTTP/2 ------------------------------------------------------------------------------------------
+
+
+class H2Client:
+    """An HTTP/2 client (the h2 library) on an in-memory connection that negotiated h2 by ALPN."""
+
+    def __init__(self, hestia: MemoryHestia) -> None:
+        import h2.config
+        import h2.connection
+
+        self.hestia = hestia
+        self.client = hestia.connect_with(negotiated=b"h2")
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.events: list[object] = []
+        self._seen = 0
+        self.flush()
+
+    def flush(self) -> None:
+        self.client.send(self.h2.data_to_send())
+        data = self.client.received()[self._seen:]
+        self._seen += len(data)
+        self.events.extend(self.h2.receive_data(data))
+        if self.h2.data_to_send():
+            self.client.send(self.h2.data_to_send())
+
+    def statuses(self) -> list[int]:
+        import h2.events
+
+        found = []
+        for event in self.events:
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
+                found.append(int(dict(event.headers)[b":status"]))
+        return found
+
+
+@pytest.mark.parametrize("credentials, status", [([], 401), ([(b"x-hestia-token", b"wrong")], 401),
+                                                 ([(b"x-hestia-token", ECHO_TOKEN.encode())], 403)])
+def test_an_unauthorised_http2_body_gets_no_100_continue_and_is_not_stored(
+        credentials: list[tuple[bytes, bytes]], status: int) -> None:
+    hestia = MemoryHestia(auth=True)
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"POST"), (b":path", b"/services/other/upload"), (b":scheme", b"https"),
+                               (b":authority", b"gw"), (b"content-length", b"6"), (b"expect", b"100-continue"),
+                               *credentials])
+    client.flush()
+    assert client.statuses() == []  # no 100 Continue
+    client.h2.send_data(1, b"secret", end_stream=True)
+    client.flush()
+    assert client.statuses() == [status]
+    assert hestia.backend.seen == []
+
+
+def test_an_authorised_http2_body_gets_100_continue_and_arrives() -> None:
+    hestia = MemoryHestia(auth=True)
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"POST"), (b":path", b"/services/echo/upload"), (b":scheme", b"https"),
+                               (b":authority", b"gw"), (b"content-length", b"4"), (b"expect", b"100-continue"),
+                               (b"x-hestia-token", ECHO_TOKEN.encode())])
+    client.flush()
+    assert client.statuses() == [100]
+    client.h2.send_data(1, b"data", end_stream=True)
+    client.flush()
+    assert client.statuses() == [100, 200]
+    assert hestia.backend.bodies == [b"data"]

@@ -334,14 +334,38 @@ class GuardedRequest(Request):
     Counts body bytes as they arrive, for chunked HTTP/1.1 bodies and HTTP/2.
 
     Over the limit, an HTTP/1.1 channel is cut at once (413); an HTTP/2 stream
-    stops storing and is answered 413 when the request completes.
+    stops storing and is answered 413 when the request completes.  An HTTP/2
+    stream that its head already refuses (L{GuardedSite.check_head}) gets no
+    C{100 Continue}, stores none of its body, and is answered the refusal
+    when it completes.
     """
 
     _body_bytes = 0
     _too_large = False
+    _refused: Refusal | None = None
+
+    def parseCookies(self) -> None:
+        super().parseCookies()
+        channel = self.channel
+        if isinstance(channel, GuardedChannel):
+            return  # HTTP/1.1: the channel decides, in allHeadersReceived.
+        # HTTP/2: Twisted's H2Stream calls this once every header is in, just
+        # before it answers Expect with 100 Continue, and before any DATA: the
+        # one moment a head can be judged alone (there is no public hook).
+        site = getattr(channel, "site", None)
+        method, path = getattr(channel, "command", None), getattr(channel, "path", None)
+        if not isinstance(site, GuardedSite) or method is None or path is None:
+            return
+        if method in (b"GET", b"HEAD") and not self.requestHeaders.hasHeader(b"content-length"):
+            return  # No body follows: the resource decides when it renders, as for HTTP/1.1.
+        if refusal(method, path) is not None:
+            return  # process() answers it.
+        self._refused = site.check_head(self, method, path, b"HTTP/2")
+        if self._refused is not None:
+            self.requestHeaders.removeHeader(b"expect")  # No 100 Continue for a refused request.
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
+        if self._too_large or self._refused is not None:
             return
         limit = _limits(self).max_body_size
         self._body_bytes += len(data)
@@ -353,15 +377,23 @@ class GuardedRequest(Request):
         super().handleContentChunk(data)
 
     def process(self) -> None:
-        refused = refusal(self.method, self.uri)
-        if self._too_large:
-            refused = (413, f"request body larger than {_limits(self).max_body_size} bytes")
+        refused = self._refused
+        found = refusal(self.method, self.uri)
+        if found is not None:
+            refused = Refusal(*found)
+        elif self._too_large:
+            refused = Refusal(413, f"request body larger than {_limits(self).max_body_size} bytes")
         if refused is None:
             super().process()
             return
-        status, reason = refused
-        body = json.dumps({"error": reason, "service": None, "state": None}).encode("utf-8") + b"\n"
-        self.setResponseCode(status)
+        document: dict[str, Any] = {"error": refused.reason, "service": refused.service, "state": None}
+        self.setResponseCode(refused.status)
+        if refused.status == 401:
+            self.setHeader(b"www-authenticate", b'Bearer realm="hestia"')
+        if refused.retry_after is not None:
+            document["retry_after"] = max(1, round(refused.retry_after))
+            self.setHeader(b"retry-after", str(document["retry_after"]).encode())
+        body = json.dumps(document).encode("utf-8") + b"\n"
         self.setHeader(b"content-type", b"application/json")
         self.setHeader(b"content-length", str(len(body)).encode())
         self.write(body)
