@@ -423,3 +423,21 @@ def test_an_authorised_http2_body_gets_100_continue_and_arrives() -> None:
     client.flush()
     assert client.statuses() == [100, 200]
     assert hestia.backend.bodies == [b"data"]
+
+
+def _waiting_page_after_a_failed_start(token: str) -> bytes:
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "command": ["x"]}}, auth=True)
+    fake_client = hestia.request(GET % (b"x", b"X-Hestia-Token: " + ADMIN_TOKEN.encode() + b"\r\n"))
+    fake = hestia.fakes["echo"]
+    fake.output = ["token=s3cr3t"]
+    fake.starts[0].errback(StartFailed("exited during start: exit status 1"))
+    hestia.settle()
+    assert statuses(fake_client.received()) == [502]
+    page = hestia.request(GET % (b"", b"Accept: text/html\r\nX-Hestia-Token: " + token.encode() + b"\r\n"))
+    assert statuses(page.received()) == [503] and b"x-hestia-waiting" in page.received().lower()
+    return page.received()
+
+
+def test_the_waiting_page_shows_process_output_to_admins_only() -> None:
+    assert b"s3cr3t" not in _waiting_page_after_a_failed_start(ECHO_TOKEN)
+    assert b"s3cr3t" in _waiting_page_after_a_failed_start(ADMIN_TOKEN)
