@@ -335,8 +335,9 @@ _FRAMINGS = _often(
      b"Transfer-Encoding: identity", b"Transfer-Encoding: gzip", b"Expect: 100-continue",
      b"Content-Length: 3\r\nTransfer-Encoding: chunked", b"Content-Length: 3\r\nExpect: 100-continue",
      b"Transfer-Encoding: chunked\r\nExpect: 100-continue"])
+_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13"
 _EXTRAS = st.sampled_from([
-    b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13",
+    _WEBSOCKET,
     b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__",
     b"Connection: Upgrade\r\nUpgrade: websocket, h2c", b"Upgrade: websocket", b"HTTP2-Settings: AAMAAABkAAQAAP__",
     b"Connection: close", b"X-Request-ID: \x01", b"X-A: b\x00c", b"Bad Header: x", b" folded",
@@ -356,7 +357,7 @@ def _requests(draw: st.DrawFn) -> bytes:
     target = prefix + b"/".join(draw(st.lists(_often([b"a", b"ws", b"b.txt"], _PIECES), max_size=4)))
     version = draw(_often([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]))
     line = draw(_often([b"GET", b"POST"], _METHODS)) + b" " + target + (b" " + version if version else b"")
-    headers = [draw(_HOSTS), draw(_CREDENTIALS), draw(_FRAMINGS), *draw(st.lists(_EXTRAS, max_size=2))]
+    headers = [draw(_HOSTS), draw(_CREDENTIALS), draw(_FRAMINGS), *draw(st.lists(st.one_of(_EXTRAS, st.just(_WEBSOCKET)), max_size=2))]
     data = b"\r\n".join([line, *(header for header in headers if header)]) + b"\r\n\r\n" + draw(_BODIES)
     if draw(st.integers(0, 4)) == 0:  # a byte changed, inserted or cut: garbage near the valid
         at = draw(st.integers(0, len(data)))
@@ -402,16 +403,22 @@ def _allowed(request: Any, service: str, auth: bool) -> bool:
 
 
 def _well_formed_for(request: Any, service: str) -> bool:
-    hosts = request.requestHeaders.getRawHeaders(b"host", [])
+    """The request as Twisted parsed it is one Hestia may forward to C{service}."""
+    headers = request.requestHeaders
+    hosts = headers.getRawHeaders(b"host", [])
+    host_ok = (len(hosts) == 1 and re.fullmatch(rb"[A-Za-z0-9.:\[\]_~-]*", hosts[0]) is not None) or (
+        not hosts and request.clientproto != b"HTTP/1.1")
+    base = b"/services/" + service.encode()
     uri = request.uri
+    inside = uri == base or uri.startswith((base + b"/", base + b"?"))
     return (
-        re.fullmatch(rb"[\x21-\x7e]+", uri) is not None
-        and uri.startswith(b"/services/" + service.encode() + b"/") or uri == b"/services/" + service.encode()
-        or uri.startswith(b"/services/" + service.encode() + b"?")
-    ) and SERVICE_NAME.match(service) is not None and len(hosts) <= 1 and b" " not in b"".join(hosts) \
-        and not (request.requestHeaders.hasHeader(b"content-length")
-                 and request.requestHeaders.hasHeader(b"transfer-encoding")) \
+        SERVICE_NAME.match(service) is not None
+        and re.fullmatch(rb"[\x21-\x7e]+", uri) is not None
+        and inside
+        and host_ok
+        and not (headers.hasHeader(b"content-length") and headers.hasHeader(b"transfer-encoding"))
         and not _dot_dot(uri.split(b"?", 1)[0])
+    )
 
 
 @pytest.mark.unit
