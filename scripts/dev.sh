@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Hestia's developer entry point: the README's two commands and a few helpers.
 #
-#   ./scripts/dev.sh setup        virtualenv + Hestia installed in it (editable)
-#   ./scripts/dev.sh run          setup, then run Hestia on hestia_config.yml (foreground)
+#   ./scripts/dev.sh setup        virtualenv + Hestia installed in it (editable); says what it
+#                                 installed and what to try next
+#   ./scripts/dev.sh run          setup, then run Hestia on hestia_config.yml (foreground), applying
+#                                 every saved change of the file (--watch-config)
 #   ./scripts/dev.sh test [SUITE] every test, lint and type check (SUITE: unit, integration, browser,
-#                                 container, semaphore, lint, or a pytest -k expression)
-#   ./scripts/dev.sh status       what the running Hestia says about its services
+#                                 container, semaphore, contract, coverage, lint, or a pytest -k expression)
+#   ./scripts/dev.sh status       the running Hestia's services as a table (`hestia status`)
 #   ./scripts/dev.sh stop         stop a Hestia started by `run` and the test engines
 #
 # Environment: HESTIA_CONFIG (default ./hestia_config.yml), HESTIA_LISTEN, PYTHON (default python3),
-# HESTIA_URL for `status` (default http://localhost:8080).
+# HESTIA_URL for `status` (default http://localhost:8080), HESTIA_WATCH_CONFIG=0 to run without
+# watching the file. DEV_ENVIRONMENT.md is the whole development guide.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,7 +49,10 @@ run() {
   mkdir -p "$RUN_DIR"
   local config="${HESTIA_CONFIG:-$ROOT/hestia_config.yml}"
   say "starting Hestia on $config (Ctrl-C to stop)"
-  exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "$@"
+  # Hot reload: a saved change of the file is applied like SIGHUP (HESTIA_WATCH_CONFIG=0: off).
+  local watch=(--watch-config)
+  [ "${HESTIA_WATCH_CONFIG:-1}" = 0 ] && watch=()
+  exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "${watch[@]}" "$@"
 }
 
 # A test run that hangs (a stuck process, a thread keeping Python alive) must fail, not stall CI:
@@ -61,7 +67,7 @@ test_suite() {
   local suite="${1:-all}"
   shift || true
   mkdir -p "$ROOT/tests/artifacts"
-  if [ "$suite" = "all" ] || [ "$suite" = "container" ]; then
+  if [ "$suite" = "all" ] || [ "$suite" = "container" ] || coverage_needs_engine "$suite"; then
     "$ROOT/scripts/podman-engine.sh" install >&2
     "$ROOT/scripts/podman-engine.sh" start >/dev/null
   fi
@@ -72,7 +78,8 @@ test_suite() {
       lint || status=$?
       ;;
     lint) lint || status=$? ;;
-    unit|integration|container|semaphore|browser)
+    coverage) coverage_suite "$@" || status=$? ;;
+    unit|integration|container|semaphore|browser|contract)
       pytest_bounded tests -m "$suite" "$@" || status=$? ;;
     *) pytest_bounded tests -k "$suite" "$@" || status=$? ;;
   esac
@@ -88,10 +95,87 @@ lint() {
   return $status
 }
 
+# ---- issue 20: setup report, status table, coverage suite ---------------- begin ----
+
+# What `dev.sh setup` installed, and what to try next.
+setup_report() {
+  say "installed in .venv"
+  "$PY" - "$ROOT" <<'PYEOF'
+import sys
+from importlib import metadata
+
+root = sys.argv[1]
+print(f"  virtualenv   {root}/.venv (Python {sys.version.split()[0]})")
+print(f"  hestia       {metadata.version('hestia')} (editable: {root}/src)")
+tools = ["twisted", "klein", "treq", "pytest", "hypothesis", "schemathesis", "coverage", "ruff", "mypy",
+         "hestia-time-window"]
+found = []
+for name in tools:
+    try:
+        found.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        found.append(f"{name} (missing)")
+print("  packages     " + ", ".join(found))
+PYEOF
+  local tool present=() missing=()
+  for tool in podman nginx caddy wrk chromium prometheus promtool; do
+    if command -v "$tool" >/dev/null 2>&1; then present+=("$tool"); else missing+=("$tool"); fi
+  done
+  printf '  system tools %s\n' "${present[*]:-none}"
+  if [ "${#missing[@]}" -gt 0 ]; then
+    printf '  not found    %s (./scripts/install-system-deps.sh installs them; tests needing them skip)\n' \
+      "${missing[*]}"
+  fi
+  say "next"
+  cat <<'NEXT'
+  ./scripts/dev.sh run           # Hestia on hestia_config.yml; saving the file applies it
+  ./scripts/dev.sh status        # in another terminal: the services as a table
+  ./scripts/dev.sh test unit     # the fast tests (DEV_ENVIRONMENT.md lists the suites)
+NEXT
+}
+
+# The running gateway's services, as the CLI's table; a clear line when none answers.
 status() {
   local url="${HESTIA_URL:-http://localhost:8080}"
-  curl -fsS "$url/v1/services" | "${PYTHON:-python3}" -m json.tool
+  [ -x "$VENV/bin/hestia" ] || setup
+  local rc=0 err
+  err="$(mktemp)"
+  HESTIA_URL="$url" "$VENV/bin/hestia" status "$@" 2>"$err" || rc=$?
+  if [ "$rc" -eq 5 ]; then  # hestia.cli.Exit.UNREACHABLE
+    echo "no Hestia gateway is running at $url (start one with ./scripts/dev.sh run, or set HESTIA_URL)" >&2
+  else
+    cat "$err" >&2
+  fi
+  rm -f "$err"
+  return "$rc"
 }
+
+# The container tests are part of the whole suite that `coverage` runs; HESTIA_TEST_ENGINE=0 leaves
+# the engine alone (run with -m 'not container' then).
+coverage_needs_engine() {
+  [ "$1" = "coverage" ] && [ "${HESTIA_TEST_ENGINE:-1}" != 0 ]
+}
+
+# The whole suite under coverage.py (branch coverage; every Python process the tests start is
+# measured: tests/coverage_site/sitecustomize.py). Terminal summary, HTML report in
+# tests/artifacts/coverage/, and a failure below the floor in .coveragerc ([report] fail_under).
+coverage_suite() {
+  local out="$ROOT/tests/artifacts/coverage" status=0
+  rm -rf "$out"
+  mkdir -p "$out"
+  say "the whole suite under coverage (slow: every process is measured)"
+  COVERAGE_PROCESS_START="$ROOT/.coveragerc" COVERAGE_RCFILE="$ROOT/.coveragerc" COVERAGE_FILE="$out/.coverage" \
+    PYTHONPATH="$ROOT/tests/coverage_site${PYTHONPATH:+:$PYTHONPATH}" \
+    HESTIA_TEST_TIMEOUT="${HESTIA_TEST_TIMEOUT:-3600}" pytest_bounded tests "$@" || status=$?
+  local cov=(env COVERAGE_RCFILE="$ROOT/.coveragerc" COVERAGE_FILE="$out/.coverage" "$PY" -m coverage)
+  "${cov[@]}" combine --quiet "$out" || { echo "no coverage data was written" >&2; return 1; }
+  "${cov[@]}" html --quiet -d "$out" || status=$?
+  "${cov[@]}" report || status=$?  # exit 2 below the floor
+  say "HTML report: $out/index.html"
+  return $status
+}
+
+# ---- issue 20: setup report, status table, coverage suite ------------------ end ----
 
 stop() {
   if [ -f "$RUN_DIR/hestia.pid" ]; then
@@ -101,10 +185,10 @@ stop() {
 }
 
 case "${1:-}" in
-  setup) setup; say "ready: ./scripts/dev.sh run, then curl http://localhost:8080/v1/services/ollama/status" ;;
+  setup) setup; setup_report ;;
   run) shift; run "$@" ;;
   test) shift; test_suite "$@" ;;
-  status) status ;;
+  status) shift; status "$@" ;;
   stop) stop ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

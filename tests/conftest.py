@@ -23,6 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
         ("container", "needs the real Podman engine"),
         ("semaphore", "Semaphore UI backend against its test double"),
         ("browser", "headless Chromium"),
+        ("contract", "a documented contract against the code: OpenAPI vs the live gateway, the "
+                     "configuration reference vs the schema, the Semaphore double vs Semaphore's API spec"),
     ):
         config.addinivalue_line("markers", f"{marker}: {meaning}")
 

@@ -44,6 +44,7 @@ def documented_keys() -> dict[str, set[str]]:
     return tables
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("name", SETS)
 def test_configuration_reference_matches_the_schema(name: str) -> None:
     tables = documented_keys()
@@ -55,6 +56,7 @@ def test_configuration_reference_matches_the_schema(name: str) -> None:
     assert not extra, f"{name}: keys the reference lists but the code rejects: {sorted(extra)}"
 
 
+@pytest.mark.contract
 def test_reference_parser_can_fail(tmp_path: Path) -> None:
     """The parser finds rows: an empty table would make the comparison vacuous."""
     tables = documented_keys()

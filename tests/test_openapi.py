@@ -27,6 +27,8 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import checks as st_checks  # noqa: E402
 
+pytestmark = pytest.mark.contract
+
 # Endless streams cannot be read to the end; test_ui.py and test_cli.py cover them.
 ENDLESS = re.compile(r"/events/stream$")
 

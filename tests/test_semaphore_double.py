@@ -32,7 +32,7 @@ from semaphore_double import (
     parse_scenario,
 )
 
-pytestmark = [pytest.mark.semaphore, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.semaphore, pytest.mark.contract, pytest.mark.timeout(60)]
 
 TOKEN = "double-test-token"
 BACKEND = Path(__file__).resolve().parent / "backend.py"

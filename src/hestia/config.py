@@ -152,6 +152,7 @@ class ServerConfig:
     body_timeout: float = 20.0
     body_min_rate: int = 500  # bytes a second; 0 = body_timeout is the whole deadline
     redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
+    watch_config: bool = False  # re-read the file when it changes (hestia.watch), read at start-up
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Config:
 TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
-               "body_timeout", "body_min_rate", "redirect_listen"}
+               "body_timeout", "body_min_rate", "redirect_listen", "watch_config"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
@@ -521,6 +522,7 @@ def parse_config(
             "server.max_backend_connections", minimum=1,
         ),
         **_server_limits(reader, server_raw),
+        watch_config=reader.boolean(server_raw.get("watch_config", False), "server.watch_config"),
     )
 
     defaults_raw = reader.mapping(document.get("defaults"), "defaults")

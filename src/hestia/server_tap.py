@@ -34,12 +34,13 @@ from hestia.proxy import GatewayRoot
 from hestia.reconcile import reconcile, request_time_recorder
 from hestia.state import StateStore, state_recorder
 from hestia.tls import CertificateError, CertificateStore, RedirectToHTTPS, https_port, is_tls_listen, parse_listen
+from hestia.watch import ConfigWatcher
 
 log = Logger(namespace="hestia.server")
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--watch-config]"
     longdesc = (
         "Run the Hestia on-demand service gateway. Services are read from --config "
         "(default: $HESTIA_CONFIG, else ./hestia_config.yml, else a built-in config "
@@ -49,6 +50,10 @@ class Options(usage.Options):
         ["config", "c", None, "Configuration file (hestia_config.yml)."],
         ["listen", "l", None, "Listening endpoint, overriding server.listen (e.g. tcp:8080)."],
         ["log-format", None, None, "text or json, overriding server.log_format."],
+    ]
+    optFlags = [
+        ["watch-config", None, "Apply changes to the configuration file as they are saved, like SIGHUP "
+                               "(server.watch_config)."],
     ]
 
     def postOptions(self) -> None:
@@ -129,10 +134,12 @@ class HestiaService(MultiService):
     """The whole gateway: its listening port plus the services it manages."""
 
     def __init__(
-        self, config: Config, listen: str | None = None, reactor: Any = None, log_format: str | None = None
+        self, config: Config, listen: str | None = None, reactor: Any = None, log_format: str | None = None,
+        watch_config: bool = False,
     ) -> None:
         """
         @param log_format: C{text} or C{json}, overriding C{server.log_format}.
+        @param watch_config: watch the file even if C{server.watch_config} is off.
         """
         super().__init__()
         self.log_format = log_format or config.server.log_format
@@ -178,6 +185,19 @@ class HestiaService(MultiService):
         if self.discovery is not None:
             self.discovery.setServiceParent(self)
         self._previous_sighup: Any = None
+        self.watcher = self._config_watcher(watch_config or config.server.watch_config)
+
+    # ---- watching the configuration file (issue 20) ---------------------- begin ----
+    def _config_watcher(self, wanted: bool) -> ConfigWatcher | None:
+        """The file watcher, calling what SIGHUP calls; C{None} when off or there is no file."""
+        if not wanted:
+            return None
+        if self.config.source.startswith("<"):
+            log.warn("watch_config: no configuration file to watch ({source})", source=self.config.source)
+            return None
+        return ConfigWatcher(self.config.source, self.reactor, self._reload_logged)
+
+    # ---- watching the configuration file --------------------------------- end ----
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd adds this service to its application, then starts logging
@@ -202,6 +222,8 @@ class HestiaService(MultiService):
         )
         self.gateway.start_keep_warm()
         self.gateway.adopt_running()
+        if self.watcher is not None:
+            self.watcher.startService()
         if hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._reload_logged)
@@ -238,6 +260,8 @@ class HestiaService(MultiService):
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
+        if self.watcher is not None:  # No reload half-way through a shutdown.
+            self.watcher.stopService()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
         # Stop accepting first, so that draining can end.
@@ -256,7 +280,10 @@ class HestiaService(MultiService):
 def makeService(options: Options) -> HestiaService:
     config: Config = options["loaded"]
     try:
-        return HestiaService(config, listen=options["listen"], log_format=options["log-format"])
+        return HestiaService(
+            config, listen=options["listen"], log_format=options["log-format"],
+            watch_config=bool(options["watch-config"]),
+        )
     except CertificateError as error:
         sys.stderr.write(f"hestia: TLS error: {error}\n")
         raise SystemExit(2) from None
