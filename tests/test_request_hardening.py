@@ -441,3 +441,16 @@ def _waiting_page_after_a_failed_start(token: str) -> bytes:
 def test_the_waiting_page_shows_process_output_to_admins_only() -> None:
     assert b"s3cr3t" not in _waiting_page_after_a_failed_start(ECHO_TOKEN)
     assert b"s3cr3t" in _waiting_page_after_a_failed_start(ADMIN_TOKEN)
+
+
+@pytest.mark.parametrize("hosts, status", [([(b":authority", b"g w")], 400), ([(b":authority", b"a@b")], 400),
+                                           ([(b":authority", b"gw"), (b"host", b"gw")], 200),
+                                           ([(b":authority", b"gw:8443")], 200)])
+def test_an_http2_stream_gets_the_host_checks(hosts: list[tuple[bytes, bytes]], status: int) -> None:
+    hestia = MemoryHestia()
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"GET"), (b":path", b"/services/echo/x"), (b":scheme", b"https"), *hosts],
+                           end_stream=True)
+    client.flush()
+    assert client.statuses() == [status]
+    assert len(hestia.backend.seen) == (status == 200)

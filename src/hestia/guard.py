@@ -352,6 +352,13 @@ class GuardedRequest(Request):
         # HTTP/2: Twisted's H2Stream calls this once every header is in, just
         # before it answers Expect with 100 Continue, and before any DATA: the
         # one moment a head can be judged alone (there is no public hook).
+        # Twisted files :authority as a Host header; a client may send both
+        # (the h2 library refuses them unless they are equal).
+        hosts = list(dict.fromkeys(self.requestHeaders.getRawHeaders(b"host", [])))
+        problem = host_problem(hosts, b"HTTP/2")
+        if problem is not None:
+            self._refused = Refusal(400, problem)
+            return
         site = getattr(channel, "site", None)
         method, path = getattr(channel, "command", None), getattr(channel, "path", None)
         if not isinstance(site, GuardedSite) or method is None or path is None:
