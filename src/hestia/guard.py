@@ -82,11 +82,11 @@ _REASONS = {
 
 # RFC 9112 section 3.2: a request target is visible ASCII.  Anything else
 # cannot be forwarded (the backend client refuses it) and is the client's error.
-_VISIBLE_ASCII = re.compile(rb"^[\x21-\x7e]*$")
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]*")
 # RFC 3986 section 3.2.2: an IP literal in brackets or a reg-name (which
 # covers IPv4 addresses), then an optional port.
-_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]|"
-                   rb"[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?$")
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]|"
+                   rb"[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?")
 # A chunk size needs at most 63 bits; Twisted would take any number of digits.
 _MAX_CHUNK_SIZE = 2**63 - 1
 
@@ -141,7 +141,7 @@ def error_response(refused: Refusal) -> bytes:
 
 def refusal(method: bytes, uri: bytes) -> tuple[int, str] | None:
     """Why a request line must not be served, or C{None}: a pure function."""
-    if not _VISIBLE_ASCII.match(uri):
+    if not _VISIBLE_ASCII.fullmatch(uri):
         return 400, "the request target may hold only visible ASCII: percent-encode other bytes"
     if method == b"CONNECT":
         return 405, "CONNECT is not served: Hestia is not a forward proxy"
@@ -158,7 +158,7 @@ def host_problem(values: list[bytes], version: bytes) -> str | None:
         return "more than one Host header"
     if not values:
         return "an HTTP/1.1 request needs a Host header" if version == b"HTTP/1.1" else None
-    match = _HOST.match(values[0])
+    match = _HOST.fullmatch(values[0])
     if match is None:
         return "Host is not a host name, an IP address or an [IP literal], with an optional :port"
     port = match.group(1)
