@@ -5,7 +5,14 @@ the test backend behind it receiving nothing.
 One gateway serves the module, with small limits so that the tests are quick:
 C{max_body_size: 1m}, C{max_header_size: 8k}, C{header_timeout: 1s},
 C{connection_idle_timeout: 2s}.  Its C{echo} service is a real
-C{tests/backend.py} whose C{--request-log} shows what got through.
+C{tests/backend.py} whose C{--request-log} shows what got through.  Those tests
+are marked C{integration}.
+
+Issue 12 adds a Hypothesis property (marked C{unit}) that drives raw request
+bytes through the daemon's own site in memory (tests/inmemory.py): whatever the
+bytes, Hestia never answers 5xx of its own nor logs a traceback, never opens a
+tunnel without a backend C{101}, and a request reaches a backend only if it is
+well-formed, inside one service's prefix and authorised.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from urllib.parse import unquote_to_bytes
 
 import pytest
 from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, RawResponse, raw_request, reap_leftovers, wait_for
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+from inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia
+from twisted.logger import globalLogPublisher
 
-pytestmark = pytest.mark.integration
+from hestia.config import SERVICE_NAME
 
 
 class Gateway:
@@ -77,6 +88,7 @@ ECHO = b"POST /services/echo/echo HTTP/1.1\r\nHost: gw\r\n"
 # -- smuggling -----------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "headers",
     [
@@ -100,6 +112,7 @@ def test_ambiguous_body_length_is_refused(gw: Gateway, headers: bytes) -> None:
 # -- sizes -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_head_beyond_the_limit_is_431(gw: Gateway) -> None:
     refused(gw, ECHO + b"X-Big: " + b"a" * 9000, status=431)
     many = b"".join(b"X-H%d: %s\r\n" % (n, b"b" * 90) for n in range(100))
@@ -107,6 +120,7 @@ def test_a_head_beyond_the_limit_is_431(gw: Gateway) -> None:
     refused(gw, b"GET /services/echo/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: gw", status=431)
 
 
+@pytest.mark.integration
 def test_a_declared_body_beyond_max_body_size_is_413_before_it_is_sent(gw: Gateway) -> None:
     before = gw.received()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
@@ -120,6 +134,7 @@ def test_a_declared_body_beyond_max_body_size_is_413_before_it_is_sent(gw: Gatew
     assert gw.received() == before
 
 
+@pytest.mark.integration
 def test_a_chunked_body_beyond_max_body_size_is_cut_off_with_413(gw: Gateway) -> None:
     chunk = b"%x\r\n%s\r\n" % (65536, b"z" * 65536)
     body = chunk * 20 + b"0\r\n\r\n"  # 1.25 MiB
@@ -140,6 +155,7 @@ def test_a_chunked_body_beyond_max_body_size_is_cut_off_with_413(gw: Gateway) ->
     assert gw.received() == before
 
 
+@pytest.mark.integration
 def test_a_body_within_the_limit_is_forwarded_whole(gw: Gateway) -> None:
     body = b"y" * (1024 * 1024)
     response = raw_request(gw.port, ECHO + b"Content-Length: %d" % len(body), body)
@@ -149,6 +165,7 @@ def test_a_body_within_the_limit_is_forwarded_whole(gw: Gateway) -> None:
 # -- never an open proxy --------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "line, status",
     [
@@ -164,6 +181,7 @@ def test_absolute_form_and_connect_are_refused(gw: Gateway, line: bytes, status:
     refused(gw, line + b"\r\nHost: other.example", status=status)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "path",
     [
@@ -186,11 +204,13 @@ def test_paths_climbing_out_of_the_service_never_arrive(gw: Gateway, path: bytes
     assert "services" not in response.json()  # not the /v1/services listing
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [b"Echo", b"-echo", b"_echo", b"ech%6f", b"echo%00", b"e.cho", b"%65cho", b"%C3%A9"])
 def test_names_outside_the_pattern_are_404(gw: Gateway, name: bytes) -> None:
     refused(gw, b"GET /services/" + name + b"/echo HTTP/1.1\r\nHost: gw", status=404)
 
 
+@pytest.mark.integration
 def test_malformed_heads_get_a_json_400(gw: Gateway) -> None:
     refused(gw, b"GET /services/echo/echo HTTP/1.1\r\nHost: gw\r\nBad Header: x")
     refused(gw, b"GET /services/echo/echo HTTP/1.1\r\nHost: gw\r\nX: a\x00b")
@@ -200,6 +220,7 @@ def test_malformed_heads_get_a_json_400(gw: Gateway) -> None:
 # -- slow and idle clients ---------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_slowloris_client_is_dropped_after_the_header_timeout(gw: Gateway) -> None:
     before = gw.received()
     head = ECHO + b"X-Slow: " + b"s" * 200 + b"\r\n\r\n"
@@ -230,6 +251,7 @@ def test_a_slowloris_client_is_dropped_after_the_header_timeout(gw: Gateway) -> 
     assert gw.received() == before
 
 
+@pytest.mark.integration
 def test_an_idle_keep_alive_connection_is_closed(gw: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -242,6 +264,7 @@ def test_an_idle_keep_alive_connection_is_closed(gw: Gateway) -> None:
         assert 1.5 < time.monotonic() - started < 8
 
 
+@pytest.mark.integration
 def test_two_thousand_idle_connections_do_not_stop_others(gw: Gateway) -> None:
     idle: list[socket.socket] = []
     try:
@@ -276,6 +299,7 @@ def _read_until_closed(sock: socket.socket) -> bytes:
     return answer
 
 
+@pytest.mark.integration
 def test_a_refused_upgrade_leaves_no_tunnel(gw: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"GET /services/echo/status/404 HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\n"
@@ -298,12 +322,6 @@ def test_a_refused_upgrade_leaves_no_tunnel(gw: Gateway) -> None:
 
 # -- the property: raw bytes through the server protocol, in memory ------------------------------
 
-from hypothesis import HealthCheck, event, given, note, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia  # noqa: E402
-from twisted.logger import globalLogPublisher  # noqa: E402
-
-from hestia.config import SERVICE_NAME  # noqa: E402
 
 _METHODS = [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"CONNECT", b"BREW", b"G T", b"get"]
 _PREFIXES = [b"/services/Echo/", b"/services/%65cho/", b"/services/echo", b"/services/nope/", b"/services/",
