@@ -454,3 +454,9 @@ def test_an_http2_stream_gets_the_host_checks(hosts: list[tuple[bytes, bytes]], 
     client.flush()
     assert client.statuses() == [status]
     assert len(hestia.backend.seen) == (status == 200)
+
+
+def test_no_100_continue_for_a_refused_request_even_without_a_body() -> None:
+    hestia = MemoryHestia(auth=True)
+    raw = hestia.request(GET % (b"x", b"Expect: 100-continue\r\n")).received()
+    assert statuses(raw) == [401], raw

@@ -282,8 +282,9 @@ class GuardedChannel(HTTPChannel):
         if problem is not None:
             self.reject(400, problem)
             return
-        if self.length != 0:
-            # A body follows: decide now, before 100 Continue and before reading it.
+        if self.length != 0 or headers.hasHeader(b"expect"):
+            # A body follows (or 100 Continue is asked for): decide now, before
+            # 100 Continue and before reading the body.
             check = getattr(self, "site", None)
             denied = check.check_head(request, self._command, self._path, self._version) \
                 if isinstance(check, GuardedSite) else None
