@@ -21,12 +21,13 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from hestia.api import ManagementAPI
 from hestia.auth import Authenticator, digest, parse_auth
@@ -88,6 +89,7 @@ class UpgradeConnection:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+@implementer(IStreamClientEndpoint)
 @dataclass
 class MemoryUpgradeBackend:
     """The endpoint upgrade requests connect to: every connection is kept for the test."""

@@ -460,3 +460,54 @@ def test_no_100_continue_for_a_refused_request_even_without_a_body() -> None:
     hestia = MemoryHestia(auth=True)
     raw = hestia.request(GET % (b"x", b"Expect: 100-continue\r\n")).received()
     assert statuses(raw) == [401], raw
+
+
+# -- the upgrade connection's other endings ------------------------------------------------------------------
+
+
+def test_an_upgrade_backend_that_closes_without_an_answer_is_a_502(hestia: MemoryHestia) -> None:
+    client = hestia.request(UPGRADE)
+    hestia.upgrades.connections[0].close()
+    hestia.settle()
+    raw = client.received()
+    assert statuses(raw) == [502] and json.loads(body_of(raw))["error"].startswith("backend closed")
+    assert not client.taken_over and hestia.gateway.in_flight_requests == 0
+
+
+def test_a_101_to_another_protocol_is_a_502(hestia: MemoryHestia) -> None:
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    upgrade.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+    hestia.settle()
+    assert statuses(client.received()) == [502] and not client.taken_over
+    assert upgrade.transport.disconnecting
+
+
+def test_a_refused_upgrade_whose_body_breaks_off_cuts_the_client(hestia: MemoryHestia) -> None:
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    upgrade.answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 100\r\n\r\npartial")
+    upgrade.close()
+    hestia.settle()
+    assert statuses(client.received()) == [404] and client.closed
+    assert hestia.gateway.in_flight_requests == 0
+
+
+def test_a_body_that_runs_to_the_close_is_relayed_whole(hestia: MemoryHestia) -> None:
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    upgrade.answer(b"HTTP/1.1 403 Forbidden\r\n\r\nno websockets here")
+    upgrade.close()
+    hestia.settle()
+    assert statuses(client.received()) == [403] and body_of(client.received()) == b"no websockets here"
+
+
+def test_a_client_that_leaves_before_the_answer_drops_the_upgrade_connection(hestia: MemoryHestia) -> None:
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    client.transport.loseConnection()
+    hestia.settle()
+    assert upgrade.transport.disconnecting
+    assert hestia.gateway.in_flight_requests == 0 and hestia.gateway.lifecycle("echo").in_flight == 0
+    upgrade.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert not client.taken_over

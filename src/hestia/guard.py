@@ -285,9 +285,9 @@ class GuardedChannel(HTTPChannel):
         if self.length != 0 or headers.hasHeader(b"expect"):
             # A body follows (or 100 Continue is asked for): decide now, before
             # 100 Continue and before reading the body.
-            check = getattr(self, "site", None)
-            denied = check.check_head(request, self._command, self._path, self._version) \
-                if isinstance(check, GuardedSite) else None
+            site = getattr(self, "site", None)  # Set by the Site that built this channel.
+            denied = site.check_head(request, self._command, self._path, self._version) \
+                if isinstance(site, GuardedSite) else None
             if denied is not None:
                 self.reject(denied.status, denied.reason, denied.service, denied.retry_after)
                 return
@@ -451,7 +451,7 @@ class GuardedSite(Site):
         denied = check.check_head(request)
         if denied is None:
             return None
-        return Refusal(denied.status, denied.reason, getattr(denied, "service", None), denied.retry_after)
+        return Refusal(denied.status, denied.reason, denied.service, denied.retry_after)
 
     def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
         return _GenericHTTPChannelProtocol(GuardedChannel(self.limits))

@@ -236,10 +236,10 @@ class Tunnel:
     def side_closed(self, side: _Side, reason: Failure | None = None) -> None:
         if not self.switched:
             if side is self.backend and not self._done:
-                # The answer ended with the connection: maybe a body that runs
-                # to the close (h11 then ends it), maybe a broken one.
-                self._http.receive_data(b"")
-                self._read_answer()
+                if self._responding:
+                    # Maybe a body that runs to the close (h11 then ends it), maybe a broken one.
+                    self._http.receive_data(b"")
+                    self._read_answer()
                 if not self._done:
                     self._broken("backend closed the connection before it answered the upgrade")
             return
