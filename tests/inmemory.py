@@ -197,8 +197,9 @@ class MemoryHestia:
         self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build)
         self.gateway.upgrade_endpoint = self.upgrades.endpoint  # type: ignore[method-assign]
         self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
-        self.site = build_site(self.gateway, ManagementAPI(self.gateway).resource(), self.authenticator,
-                               config.server, reactor=self.reactor)
+        # A reload applies the same configuration again, as SIGHUP with an unchanged file does.
+        api = ManagementAPI(self.gateway, reload=lambda: self.gateway.apply(config))
+        self.site = build_site(self.gateway, api.resource(), self.authenticator, config.server, reactor=self.reactor)
 
     def connect(self) -> MemoryClient:
         return MemoryClient(self)

@@ -421,10 +421,10 @@ def _allowed(request: Any, service: str, auth: bool) -> bool:
 
 
 def _well_formed_for(request: Any, service: str) -> bool:
-    """The request as Twisted parsed it is one Hestia may forward to C{service}."""
+    """The request as Twisted parsed it is one Hestia may forward to C{service} (Host: RFC 3986 characters)."""
     headers = request.requestHeaders
     hosts = headers.getRawHeaders(b"host", [])
-    host_ok = (len(hosts) == 1 and re.fullmatch(rb"[A-Za-z0-9.:\[\]_~-]*", hosts[0]) is not None) or (
+    host_ok = (len(hosts) == 1 and re.fullmatch(rb"[A-Za-z0-9._~!$&'()*+,;=%:\[\]-]*", hosts[0]) is not None) or (
         not hosts and request.clientproto != b"HTTP/1.1")
     base = b"/services/" + service.encode()
     uri = request.uri
