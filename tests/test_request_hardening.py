@@ -511,3 +511,39 @@ def test_a_client_that_leaves_before_the_answer_drops_the_upgrade_connection(hes
     assert hestia.gateway.in_flight_requests == 0 and hestia.gateway.lifecycle("echo").in_flight == 0
     upgrade.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
     assert not client.taken_over
+
+
+def test_an_http2_body_that_trickles_in_is_reset_at_its_read_deadline() -> None:
+    import h2.events
+
+    hestia = MemoryHestia(server={"body_timeout": 20, "body_min_rate": 500})
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"POST"), (b":path", b"/services/echo/x"), (b":scheme", b"https"),
+                               (b":authority", b"gw"), (b"content-length", b"100000")])
+    client.flush()
+    def reset() -> bool:
+        return any(isinstance(event, h2.events.StreamReset) for event in client.events)
+
+    sent = 0
+    while not reset() and sent < 10:  # a byte every 5 s
+        hestia.advance(5)
+        if not reset():
+            client.h2.send_data(1, b"x")
+            client.flush()
+            sent += 1
+    assert reset() and 3 <= sent <= 5, (sent, client.events)
+    assert hestia.backend.seen == []
+
+
+def test_an_http2_body_at_a_fair_rate_arrives() -> None:
+    hestia = MemoryHestia(server={"body_timeout": 20, "body_min_rate": 500})
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"POST"), (b":path", b"/services/echo/x"), (b":scheme", b"https"),
+                               (b":authority", b"gw"), (b"content-length", b"30000")])
+    client.flush()
+    for index in range(30):  # 1,000 bytes a second for 30 s
+        hestia.advance(1)
+        client.h2.send_data(1, b"y" * 1000, end_stream=index == 29)
+        client.flush()
+    assert client.statuses() == [200]
+    assert hestia.backend.bodies == [b"y" * 30000]

@@ -338,12 +338,14 @@ class GuardedRequest(Request):
     stops storing and is answered 413 when the request completes.  An HTTP/2
     stream that its head already refuses (L{GuardedSite.check_head}) gets no
     C{100 Continue}, stores none of its body, and is answered the refusal
-    when it completes.
+    when it completes.  An HTTP/2 body has the same read deadline as an
+    HTTP/1.1 one; past it the stream is reset.
     """
 
     _body_bytes = 0
     _too_large = False
     _refused: Refusal | None = None
+    _body_deadline: IDelayedCall | None = None  # HTTP/2 only; the HTTP/1.1 channel keeps its own.
 
     def parseCookies(self) -> None:
         super().parseCookies()
@@ -368,11 +370,37 @@ class GuardedRequest(Request):
             return  # No body follows: the resource decides when it renders, as for HTTP/1.1.
         if refusal(method, path) is not None:
             return  # process() answers it.
+        limits = _limits(self)
+        self._body_deadline = site.reactor.callLater(limits.body_timeout, self._body_too_slow)
         self._refused = site.check_head(self, method, path, b"HTTP/2")
         if self._refused is not None:
             self.requestHeaders.removeHeader(b"expect")  # No 100 Continue for a refused request.
 
+    def _body_too_slow(self) -> None:
+        # HTTP/2: the stream is reset (RST_STREAM), the connection's other streams go on.
+        self._body_deadline = None
+        log.info("reset an HTTP/2 stream whose body was not received in time (body_timeout {timeout:g}s)",
+                 timeout=_limits(self).body_timeout)
+        abort = getattr(self.channel, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+    def _cancel_body_deadline(self) -> None:
+        deadline, self._body_deadline = self._body_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_body_deadline()  # The whole body is in.
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_body_deadline()
+        super().connectionLost(reason)
+
     def handleContentChunk(self, data: bytes) -> None:
+        if self._body_deadline is not None and _limits(self).body_min_rate:
+            self._body_deadline.delay(len(data) / _limits(self).body_min_rate)  # as GuardedChannel does
         if self._too_large or self._refused is not None:
             return
         limit = _limits(self).max_body_size
