@@ -48,8 +48,7 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.interfaces import IHeadCheck
-from hestia.lifecycle import Lease
+from hestia.interfaces import IHeadCheck, ILease
 from hestia.routing import RouteRequest
 from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
@@ -175,7 +174,7 @@ class Exchange:
         self.prefix = b"/services/" + lifecycle.name.encode("ascii") if prefix is None else prefix
         self._pending: Deferred[Any] | None = None
         self._relay: _BodyRelay | None = None
-        self._lease: Lease | None = None
+        self._lease: ILease | None = None
         self._gone = False
         self._tunnelled = False
         self._tunnel: Tunnel | None = None
@@ -196,7 +195,7 @@ class Exchange:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
         waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
-        if waiting.called and isinstance(waiting.result, Lease):
+        if waiting.called and ILease.providedBy(waiting.result):
             # A ready service leases at once (the warm path): go straight on.
             self._forward(waiting.result)
             return
@@ -205,7 +204,7 @@ class Exchange:
 
     # -- forwarding ------------------------------------------------------------
 
-    def _forward(self, lease: Lease) -> None:
+    def _forward(self, lease: ILease) -> None:
         self._pending = None
         self._lease = lease
         now = self.gateway.reactor.seconds()
@@ -266,7 +265,7 @@ class Exchange:
         if slots is not None:
             slots.release()
 
-    def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
+    def _open_tunnel(self, lease: ILease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
         Send an upgrade request (a WebSocket) on a connection of its own.
 
