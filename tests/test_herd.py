@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 import sys
 import time
 from collections import Counter
@@ -50,6 +51,22 @@ async def one_get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
     if not data.startswith(b"HTTP/1.1 "):
         return 0, data[:200]
     return int(data[9:12]), data.split(b"\r\n\r\n", 1)[-1]
+
+
+def upgrade_answer(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    """A WebSocket upgrade request; the answer's status and body (by its Content-Length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
+            data += piece
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length and (piece := sock.recv(65536)):
+            body += piece
+    return int(head[9:12]), body
 
 
 def crowd(port: int, paths: list[str], timeout: float = 90.0) -> list[tuple[int, bytes]]:
@@ -146,8 +163,15 @@ def test_a_backend_that_never_answers_gets_504_at_response_timeout(tmp_path: Pat
         hung, other, other_took = asyncio.run(hung_and_one_more("narrow"))
         assert [status for status, _ in hung] == [504, 504, 504]
         assert other[0] == 200 and 1.0 < other_took < 15
+        # A WebSocket upgrade that the backend takes and never answers: the
+        # same deadline, not a client held forever.
+        began = time.monotonic()
+        status, body = upgrade_answer(hestia.port, "/services/hangs/hang-ws")
+        assert status == 504, body
+        assert b"response_timeout 2s" in body
+        assert 1.5 < time.monotonic() - began < 15
         metrics = hestia.http.get("/v1/metrics").text
-        assert 'hestia_response_timeouts_total{service="hangs"} 3.0' in metrics
+        assert 'hestia_response_timeouts_total{service="hangs"} 4.0' in metrics
         assert 'hestia_response_timeouts_total{service="narrow"} 3.0' in metrics
     finally:
         hestia.http.close()

@@ -321,8 +321,13 @@ class Exchange:
         """
         self._response_timer = None
         sending, self._pending = self._pending, None
-        self._answered_by_gateway = True
         self._release_slot()
+        self._answer_response_timeout(timeout)
+        if sending is not None:
+            sending.cancel()
+
+    def _answer_response_timeout(self, timeout: float) -> None:
+        self._answered_by_gateway = True
         error = ResponseTimedOut(
             f"backend sent no response within response_timeout {timeout:g}s",
             service=self.lifecycle.name,
@@ -334,8 +339,6 @@ class Exchange:
         log.warn("{service}: no response within {timeout}s to {method} {path}: answered 504",
                  service=self.lifecycle.name, timeout=timeout, method=self.record.method, path=self.record.path)
         write_error(self.request, error, self.request_id)
-        if sending is not None:
-            sending.cancel()
 
     def _retry_connect(self, failure: Failure) -> bool:
         """
@@ -371,6 +374,7 @@ class Exchange:
         """
 
         def closed(status: int | None, sent: int) -> None:
+            self._cancel_response_timer()
             now = self.gateway.reactor.seconds()
             self.record.status = status
             self.record.bytes = sent
@@ -383,6 +387,7 @@ class Exchange:
 
         def refused(status: int) -> None:
             # A normal response after all: notifyFinish ends it.
+            self._cancel_response_timer()
             self._tunnelled = False
             self.record.status = status
             self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
@@ -390,14 +395,30 @@ class Exchange:
 
         def unreachable(failure: Failure) -> None:
             # The client connection is still Twisted's: answer 502 the usual way.
+            self._cancel_response_timer()
             self._tunnelled = False
             self._tunnel = None
             self._failed(failure)
+
+        def undecided(timeout: float) -> None:
+            # No 101 and no other answer within response_timeout (issue 12,
+            # hole 4): drop the backend connection and answer 504.
+            self._response_timer = None
+            tunnel = self._tunnel
+            if tunnel is None or tunnel.switched or tunnel.status is not None:
+                return
+            tunnel.abort()
+            self._tunnelled = False
+            self._tunnel = None
+            self._answer_response_timeout(timeout)
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
         self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
                                    headers, closed, unreachable, refused)
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and self._tunnel is not None and self._tunnelled:
+            self._response_timer = self.gateway.reactor.callLater(timeout, undecided, timeout)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
