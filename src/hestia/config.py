@@ -111,6 +111,8 @@ class ServiceConfig:
     # What a browser navigation to a cold service gets: "page" (a waiting page
     # that reloads into the real one) or "hold" (held like any API client).
     on_cold: str = "page"
+    # Issue 17: hestia.passive.PassiveRule for monitors' requests, or None (off).
+    passive: Any = None
 
     @property
     def idle_timeout(self) -> float:
@@ -184,6 +186,9 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
+# Issue 17 (local AI): parsed by hestia.passive.
+TOP_LEVEL_KEYS |= {"passive"}
+SERVICE_KEYS |= {"passive"}
 
 
 def env_prefix(name: str) -> str:
@@ -538,6 +543,9 @@ def parse_config(
         from hestia.discovery import parse_discovery_section
 
         sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
+    from hestia.passive import resolve_passive  # issue 17: monitors look without waking
+
+    services = resolve_passive(reader.source, document.get("passive"), services_raw, services)
     from hestia.routing import parse_routing  # routing builds on this module
 
     routing = parse_routing(reader.source, services, sections.get("groups"), environ)

@@ -111,6 +111,22 @@ class Lease:
             self._lifecycle._lease_released()
 
 
+class PassiveLease(Lease):
+    """
+    A monitor's claim on a ready service (issue 17, L{hestia.passive}).
+
+    It is not use: it is not counted in flight and moves no idle clock, so a
+    monitor neither keeps a service up nor holds up an exclusive group's swap
+    (a stop that comes meanwhile cuts the monitor's request, which is what a
+    monitor of a stopping service should see).
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        self._released = True
+
+
 class ServiceLifecycle:
     """
     Drives one backend through its states on behalf of the requests for it.
@@ -205,6 +221,16 @@ class ServiceLifecycle:
             return fail(error)
         self._request_start("request")
         return waiting.addCallback(lambda _: self._lease())
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        """
+        A lease for a monitor's request if the service is ready, else C{None}.
+
+        C{None} tells the caller to answer by itself: nothing is started.
+        """
+        if self.state is not State.READY:
+            return None
+        return succeed(PassiveLease(self, self.backend.url))
 
     def start(self, reason: str = "api") -> Deferred[None]:
         """

@@ -48,6 +48,7 @@ from hestia.headers import (
     split_service_path,
 )
 from hestia.lifecycle import Lease
+from hestia.passive import write_passive_answer
 from hestia.routing import RouteRequest
 from hestia.tunnel import is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
@@ -165,9 +166,23 @@ class Exchange:
         )
 
     def begin(self) -> None:
+        self._begin(self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began)))
+
+    def begin_passive(self) -> bool:
+        """
+        Forward a monitor's request if the service is ready (L{hestia.passive}).
+
+        @return: C{False}, having done nothing, when it is not ready.
+        """
+        waiting = self.lifecycle.acquire_passive(RouteRequest(self.request, self.rest, self.record.began))
+        if waiting is None:
+            return False
+        self._begin(waiting)
+        return True
+
+    def _begin(self, waiting: Deferred[Lease]) -> None:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
-        waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
         if waiting.called and isinstance(waiting.result, Lease):
             # A ready service leases at once (the warm path): go straight on.
             self._forward(waiting.result)
@@ -486,6 +501,13 @@ class ServiceProxyResource(ReverseProxyResource):
         intercept = getattr(lifecycle, "intercept", None)
         if intercept is not None and intercept(request, routed[1]):
             return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
+        passive = lifecycle.config.passive  # issue 17: monitors look without waking
+        if passive is not None and passive.matches(request, routed[1]):
+            exchange = Exchange(self.gateway, lifecycle, request, routed[1], request_id,
+                                b"" if self.host_routed else None)
+            if not exchange.begin_passive():
+                write_passive_answer(request, lifecycle.name, lifecycle.state.value)
+            return NOT_DONE_YET
         if wants_waiting_page(lifecycle, request):
             # A person's browser: a page that says what is happening beats a
             # blank tab spinning for the whole cold start (hestia.ui).

@@ -48,7 +48,8 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 
 # -- configuration ---------------------------------------------------------------
 
-INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS) | BACKEND_SECTIONS | {"cost"}
+# An instance answers monitors as its parent service does (passive: is the parent's).
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive"}) | BACKEND_SECTIONS | {"cost"}
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(
     {"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull", "/api/push",
@@ -277,6 +278,9 @@ class Route(Protocol):
 
     def acquire(self, request: object = None) -> Deferred[Lease]: ...
 
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        """A monitor's lease when ready, else C{None}: nothing starts (L{hestia.passive})."""
+
     def start(self, reason: str = "api") -> Deferred[None]: ...
 
     def stop(self, reason: str = "api") -> Deferred[None]: ...
@@ -487,6 +491,13 @@ class MultiInstanceRoute:
         attempt()
         return outer
 
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        # Any ready instance answers a monitor; the strategy is for real use.
+        for lifecycle in self.instances:
+            if (leased := lifecycle.acquire_passive(request)) is not None:
+                return leased
+        return None
+
     def start(self, reason: str = "api") -> Deferred[None]:
         return self.choose(None).start(reason)
 
@@ -577,6 +588,10 @@ class ModelRoute:
             # intercept() answers these before any acquire; this is for other callers.
             return fail(GatewayError(f"no target serves model {model!r}", service=self.name, state=self.state.value))
         return target.acquire(request)
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        target = self.target_for(getattr(request, "model", None))
+        return None if target is None else target.acquire_passive(request)
 
     def start(self, reason: str = "api") -> Deferred[None]:
         # Which model is wanted is not known: targets start on their first request.
