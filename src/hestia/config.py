@@ -186,9 +186,11 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
-# Issue 17 (local AI): parsed by hestia.passive.
+# Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
 TOP_LEVEL_KEYS |= {"passive"}
 SERVICE_KEYS |= {"passive"}
+ROUTING_KEYS |= {"aliases"}
+SERVICE_KEYS |= ROUTING_KEYS
 
 
 def env_prefix(name: str) -> str:
