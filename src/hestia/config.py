@@ -113,6 +113,8 @@ class ServiceConfig:
     on_cold: str = "page"
     # Issue 17: hestia.passive.PassiveRule for monitors' requests, or None (off).
     passive: Any = None
+    # Issue 17: stop a start that requests triggered once all of them have left.
+    cancel_abandoned_start: bool = False
 
     @property
     def idle_timeout(self) -> float:
@@ -188,7 +190,7 @@ HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
 # Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
 TOP_LEVEL_KEYS |= {"passive"}
-SERVICE_KEYS |= {"passive"}
+SERVICE_KEYS |= {"passive", "cancel_abandoned_start"}
 ROUTING_KEYS |= {"aliases"}
 SERVICE_KEYS |= ROUTING_KEYS
 
@@ -425,6 +427,9 @@ def _service(
         sections=sections,
         on_cold=on_cold,
         routing=routing,
+        cancel_abandoned_start=reader.boolean(
+            section.get("cancel_abandoned_start", False), f"{key}.cancel_abandoned_start"
+        ),
     )
 
 

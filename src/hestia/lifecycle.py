@@ -161,6 +161,8 @@ class ServiceLifecycle:
         self.last_start_duration: float | None = None
         self.in_flight = 0
         self.queue = WaitQueue(reactor, config.queue_limit, self._describe)
+        self.queue.on_abandoned = self._start_abandoned
+        self._start_reason = ""
         self._generation = 0
         self._pending: Deferred[Any] | None = None
         self._start_began = 0.0
@@ -350,6 +352,7 @@ class ServiceLifecycle:
             self._retry_call.cancel()
         self._generation += 1
         generation = self._generation
+        self._start_reason = reason
         self._set_state(State.STARTING, reason)
         self._start_began = self._reactor.seconds()
         if self.config.start_timeout > 0:
@@ -424,6 +427,27 @@ class ServiceLifecycle:
             log.failure("unexpected error starting {service}", failure, service=self.name)
             error = StartFailed(f"start failed: {error}")
         self._give_up_start(error)
+
+    def _start_abandoned(self) -> None:
+        """
+        The last request waiting for this start went away (issue 17).
+
+        With C{cancel_abandoned_start}, a start that requests asked for (not
+        the API, not keep_warm, not a dependant: those wait as start watchers)
+        is stopped: nobody would use what it loads.
+        """
+        if (
+            self.config.cancel_abandoned_start
+            and self.state is State.STARTING
+            and self._start_reason == "request"
+            and not self._start_watchers
+            and not self.config.keep_warm
+            and not self._shutting_down
+        ):
+            log.info("{service}: every request waiting for the start left: stopping it", service=self.name)
+            self.stop("abandoned").addErrback(
+                lambda failure: log.failure("stopping {service}", failure, service=self.name)
+            )
 
     def _start_timed_out(self, generation: int) -> None:
         self._start_timer = None

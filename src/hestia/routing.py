@@ -155,7 +155,7 @@ def _instances(
             sub = error.key.replace(f"services.{parent.name}", where, 1)
             raise ConfigError(error.source, sub, error.message) from None
         inherited: dict[str, Any] = {"name": f"{parent.name}.{index}", "keep_warm": parent.keep_warm}
-        for name in ("health", "env", "cwd"):
+        for name in ("health", "env", "cwd", "cancel_abandoned_start"):
             if name not in section:
                 inherited[name] = getattr(parent, name)
         instances.append(InstanceConfig(service=replace(service, **inherited), cost=float(cost)))
