@@ -115,6 +115,8 @@ class ServiceConfig:
     passive: Any = None
     # Issue 17: stop a start that requests triggered once all of them have left.
     cancel_abandoned_start: bool = False
+    # Issue 17: hestia.gpu.GpuClaim (device and memory), or None.
+    gpu: Any = None
 
     @property
     def idle_timeout(self) -> float:
@@ -189,8 +191,8 @@ SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
 # Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
-TOP_LEVEL_KEYS |= {"passive"}
-SERVICE_KEYS |= {"passive", "cancel_abandoned_start"}
+TOP_LEVEL_KEYS |= {"passive", "gpus"}
+SERVICE_KEYS |= {"passive", "cancel_abandoned_start", "gpu"}
 ROUTING_KEYS |= {"aliases"}
 SERVICE_KEYS |= ROUTING_KEYS
 
@@ -553,6 +555,9 @@ def parse_config(
     from hestia.passive import resolve_passive  # issue 17: monitors look without waking
 
     services = resolve_passive(reader.source, document.get("passive"), services_raw, services)
+    from hestia.gpu import resolve_gpus  # issue 17: GPU memory as the unit of sharing
+
+    sections["gpus"], services = resolve_gpus(reader.source, document.get("gpus"), services_raw, services)
     from hestia.routing import parse_routing  # routing builds on this module
 
     routing = parse_routing(reader.source, services, sections.get("groups"), environ)

@@ -22,7 +22,7 @@ from twisted.web.iweb import IAgent
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
-from hestia.groups import Coordinator
+from hestia.groups import Coordinator, GroupMemberRoute
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
@@ -142,6 +142,7 @@ class Gateway:
             self._add(service)
         self._coordinator = Coordinator(config.routing, reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
 
     # -- services ----------------------------------------------------------------
 
@@ -297,6 +298,7 @@ class Gateway:
         @return: the names added, removed, changed and kept, for the log.
         """
         summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        self._gpus.detach()
         self._coordinator.detach()
         Coordinator.unwrap(self.services)
         self.config = config  # composite routes are built from the new routing plan
@@ -327,9 +329,24 @@ class Gateway:
         self.config = config
         self._coordinator = Coordinator(config.routing, self.reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
         self.start_keep_warm()
         self.adopt_running(summary["added"] + summary["changed"])
         return summary
+
+    def _attach_gpus(self) -> Any:
+        """Issue 17: the GPU claims of this configuration on the claimants' lifecycles (hestia.gpu)."""
+        from hestia.gpu import GpuCoordinator, NvidiaSmi
+
+        gpus = GpuCoordinator(self.config.sections.get("gpus") or {}, self.reactor,
+                              NvidiaSmi(self.reactor) if self.config.sections.get("gpus") else None)
+        claimants = {}
+        for name, route in self.services.items():
+            lifecycle = route.lifecycle if isinstance(route, GroupMemberRoute) else route
+            if isinstance(lifecycle, ServiceLifecycle) and lifecycle.config.gpu is not None:
+                claimants[name] = lifecycle
+        gpus.attach(claimants)
+        return gpus
 
     # -- requests ----------------------------------------------------------------------
 

@@ -180,6 +180,13 @@ class ServiceLifecycle:
         # the Deferred it returns.  Exclusive groups and depends_on (see
         # hestia.groups) use it to stop a rival or start a dependency first.
         self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Issue 17 (hestia.gpu): passed after the start gate, so that GPU memory
+        # is reserved only once dependencies run and the exclusive group is ours.
+        self.memory_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Told when the last request in flight ends (a GPU device may evict it now),
+        # and extra sections of status() (the GPU claim), by name.
+        self.idle_observers: list[Callable[[ServiceLifecycle], None]] = []
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -337,6 +344,7 @@ class ServiceLifecycle:
             "last_error_detail": self.last_error_detail,
             "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
             "details": self.backend.describe(),
+            **{name: section() for name, section in self.status_sections.items()},
         }
 
     # -- starting --------------------------------------------------------------
@@ -361,7 +369,7 @@ class ServiceLifecycle:
             )
         # A failed start's clean-up (the half-started process) must end first.
         cleaned = self._cleanup_done()
-        if self.start_gate is None:
+        if self.start_gate is None and self.memory_gate is None:
             cleaned.addCallback(lambda _: self._launch(generation))
         else:
             cleaned.addCallback(lambda _: self._pass_gate(generation)).addCallbacks(
@@ -371,9 +379,13 @@ class ServiceLifecycle:
 
     def _pass_gate(self, generation: int) -> Deferred[Any] | None:
         """Wait for the start gate; an abandoned start cancels the wait."""
-        if generation != self._generation or self.start_gate is None:
+        if generation != self._generation:
             return None
-        gate = self.start_gate(self)
+        gate: Deferred[Any] = self.start_gate(self) if self.start_gate is not None else succeed(None)
+        memory_gate = self.memory_gate
+        if memory_gate is not None:
+            # Cancelling the chain cancels whichever gate it is waiting on.
+            gate.addCallback(lambda _: memory_gate(self) if generation == self._generation else None)
         self._pending = gate
         return gate
 
@@ -543,6 +555,9 @@ class ServiceLifecycle:
         self.last_request_at = self._reactor.seconds()
         if self.in_flight == 0 and not (self._idle_call is not None and self._idle_call.active()):
             self._arm_idle_timer()
+        if self.in_flight == 0:
+            for observer in self.idle_observers:
+                observer(self)
 
     def _arm_idle_timer(self, delay: float | None = None) -> None:
         if self._idle_call is not None and self._idle_call.active():

@@ -50,7 +50,8 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 # -- configuration ---------------------------------------------------------------
 
 # An instance answers monitors as its parent service does (passive: is the parent's).
-INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive"}) | BACKEND_SECTIONS | {"cost"}
+# GPU claims (hestia.gpu) are for single-instance services.
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive", "gpu"}) | BACKEND_SECTIONS | {"cost"}
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(
     {"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull", "/api/push",
