@@ -193,7 +193,7 @@ SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
 # Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
 TOP_LEVEL_KEYS |= {"passive", "gpus"}
 SERVICE_KEYS |= {"passive", "cancel_abandoned_start", "gpu"}
-ROUTING_KEYS |= {"aliases"}
+ROUTING_KEYS |= {"aliases", "loading_events"}
 SERVICE_KEYS |= ROUTING_KEYS
 
 

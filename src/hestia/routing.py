@@ -87,6 +87,9 @@ class ModelRoutePlan:
     # alias -> the real model it stands for (issue 17): routed to that model's
     # service, with the body's model rewritten to the real name.
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # Streaming OpenAI requests held through a cold start get their headers
+    # and SSE keep-alive comments at once (issue 17, hestia.proxy.Exchange).
+    loading_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ def parse_routing(
             raise reader.fail(f"{key}.targets", "only a route_by: model service has targets")
         elif "aliases" in raw:
             raise reader.fail(f"{key}.aliases", "only a route_by: model service has aliases")
+        elif "loading_events" in raw:
+            raise reader.fail(f"{key}.loading_events", "only a route_by: model service has loading events")
         if "models" in raw:
             listed = _names(reader, raw["models"], f"{key}.models")
             if not listed:
@@ -268,7 +273,8 @@ def parse_routing(
                     )
                 owner[model] = target
         aliases = _aliases(reader, service.routing.get("aliases"), owner, f"{key}.aliases")
-        model_routes[service.name] = ModelRoutePlan(service.name, targets, owner, aliases)
+        loading_events = reader.boolean(service.routing.get("loading_events", False), f"{key}.loading_events")
+        model_routes[service.name] = ModelRoutePlan(service.name, targets, owner, aliases, loading_events)
     return RoutingPlan(multi, model_routes, models, hosts, groups, membership, depends_on)
 
 
@@ -657,6 +663,19 @@ class ModelRoute:
             ],
         }
 
+    def wants_loading_events(self, request: Request, rest: bytes) -> bool:
+        """
+        Whether this request is a streaming OpenAI completion whose target is
+        not ready, on a route with C{loading_events}: it gets its headers now.
+        """
+        if not self.plan.loading_events or request.method != b"POST":
+            return False
+        path = rest.split(b"?", 1)[0].rstrip(b"/")
+        if path not in (b"/v1/chat/completions", b"/v1/completions"):
+            return False
+        target = self.target_for(_model_of(request, rest))
+        return target is not None and target.state is not State.READY and _streaming(request)
+
     # -- answering without a backend --------------------------------------------
 
     def intercept(self, request: Request, rest: bytes) -> bool:
@@ -712,6 +731,20 @@ class ModelRoute:
 def _ollama_model(name: str) -> dict[str, Any]:
     return {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
             "details": {}}
+
+
+def _streaming(request: Request) -> bool:
+    content = request.content
+    if content is None:
+        return False
+    content.seek(0)
+    try:
+        document = json.loads(content.read())
+    except ValueError:
+        return False
+    finally:
+        content.seek(0)
+    return isinstance(document, dict) and document.get("stream") is True
 
 
 def _anthropic_models(names: Sequence[str]) -> dict[str, Any]:
