@@ -361,3 +361,72 @@ def test_the_worked_example_in_the_docs_loads(tmp_path: Any) -> None:
     assert claims == {"llama": GpuClaim("gpu0", 16 * GiB), "qwen": GpuClaim("gpu0", 6 * GiB),
                       "mixtral": GpuClaim("gpu0", 16 * GiB)}
     assert loaded.routing.model_routes["ai"].aliases == {"gpt-4o-mini": "qwen2.5:7b"}
+
+
+def gateway_with(document: dict[str, Any]) -> tuple[Any, dict[str, FakeBackend], Clock]:
+    from hestia.gateway import Gateway
+
+    clock = Clock()
+    backends: dict[str, FakeBackend] = {}
+
+    def build(service: Any) -> FakeBackend:
+        backends[service.name] = FakeBackend()
+        return backends[service.name]
+
+    parsed = parse_config(document, "hestia_config.yml", environ={})
+    return Gateway(parsed, clock, agent=object(), build_backend=build), backends, clock  # type: ignore[arg-type]
+
+
+def up(gateway: Any, backends: dict[str, FakeBackend], clock: Clock, name: str) -> Any:
+    waiting = gateway.lifecycle(name).acquire()
+    clock.advance(0)
+    backends[name].finish_start()
+    clock.advance(0)
+    backends[name].answer_probe(True)
+    assert waiting.called, name
+    return waiting.result
+
+
+def test_an_exclusive_group_and_a_device_together() -> None:
+    service = {"url": "http://127.0.0.1:9", "command": ["true"]}
+    gateway, backends, clock = gateway_with({
+        "gpus": {"gpu0": {"vram": "24GiB"}},
+        "groups": {"big": {"exclusive": True, "min_residency": 0}},
+        "services": {
+            "a": {**service, "group": "big", "gpu": {"vram": "12GiB"}},
+            "b": {**service, "group": "big", "gpu": {"vram": "12GiB"}},
+            "small": {**service, "gpu": {"vram": "8GiB"}},
+        },
+    })
+    up(gateway, backends, clock, "a").release()
+    up(gateway, backends, clock, "small").release()
+    assert gateway.lifecycle("a").state is State.READY  # 20 of 24: both fit by memory
+    waiting = gateway.lifecycle("b").acquire()  # would fit by memory beside small, not beside a: the group says one
+    clock.advance(0)
+    assert gateway.lifecycle("a").state is State.STOPPING and gateway.lifecycle("small").state is State.READY
+    backends["a"].finish_stop()
+    clock.advance(0)
+    backends["b"].finish_start()
+    clock.advance(0)
+    backends["b"].answer_probe(True)
+    assert waiting.called
+    status = gateway.lifecycle("b").status()
+    assert status["gpu"]["device_status"]["residents"] == {"small": 8 * GiB, "b": 12 * GiB}
+    assert status["group"]["holder"] == "b"
+
+
+def test_a_reload_keeps_what_runs_on_the_device() -> None:
+    service = {"url": "http://127.0.0.1:9", "command": ["true"]}
+    document = {
+        "gpus": {"gpu0": {"vram": "24GiB"}},
+        "services": {"a": {**service, "gpu": {"vram": "16GiB"}}, "b": {**service, "gpu": {"vram": "16GiB"}}},
+    }
+    gateway, backends, clock = gateway_with(document)
+    up(gateway, backends, clock, "a").release()
+    gateway.apply(parse_config({**document, "defaults": {"queue_limit": 100}}, "hestia_config.yml", environ={}))
+    a = gateway.lifecycle("a")
+    assert a.state is State.READY and a.status()["gpu"]["device_status"]["residents"] == {"a": 16 * GiB}
+    gateway.lifecycle("b").acquire()
+    clock.advance(0)
+    assert a.state is State.STOPPING  # the new wiring knows a holds 16 GiB
+    assert backends["b"].starts == []
