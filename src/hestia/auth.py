@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from hestia.config import Config, ConfigError
+from hestia.config import Config, ConfigError, _Reader
 
 log = Logger(namespace="hestia.auth")
 
@@ -119,13 +119,13 @@ def parse_auth(config: Config, environ: Mapping[str, str] | None = None) -> Auth
         if token.digest in seen:
             raise ConfigError(source, f"auth.tokens.{token.name}", "has the same value as another token")
         seen.add(token.digest)
-    max_failures = raw.get("max_failures", AuthConfig.max_failures)
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1:
-        raise ConfigError(source, "auth.max_failures", "expected a whole number of at least 1")
-    window = raw.get("failure_window", AuthConfig.failure_window)
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
+    # The shared readers bound every number (no NaN, no .inf: hestia.config).
+    reader = _Reader(source)
+    max_failures = reader.integer(raw.get("max_failures", AuthConfig.max_failures), "auth.max_failures", minimum=1)
+    window = reader.duration(raw.get("failure_window", AuthConfig.failure_window), "auth.failure_window")
+    if window <= 0:
         raise ConfigError(source, "auth.failure_window", "expected a number of seconds above 0")
-    return AuthConfig(tokens, max_failures, float(window), passing)
+    return AuthConfig(tokens, max_failures, window, passing)
 
 
 def _token(source: str, index: int, raw: Any, config: Config, environ: Mapping[str, str]) -> Token:

@@ -106,7 +106,7 @@ def service_from_labels(
     if "hestia.url" in labels:
         url = _check_url(reader, labels["hestia.url"], "hestia.url")
     elif "hestia.port" in labels:
-        port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1)
+        port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1, maximum=65535)
         if port > 65535:
             raise reader.fail("hestia.port", f"not a port: {port}")
         url = f"http://127.0.0.1:{port}"

@@ -27,6 +27,8 @@ from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
 from hestia.lifecycle import Observer, ServiceLifecycle, State
+from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
+from hestia.routing import ModelRoute, MultiInstanceRoute
 
 if TYPE_CHECKING:
     from hestia.proxy import Exchange, ServiceProxyResource
@@ -93,6 +95,11 @@ def make_agent(
     return Agent.usingEndpointFactory(reactor, BackendEndpointFactory(reactor, connect_timeout), pool=pool), pool
 
 
+def _runs_itself(lifecycle: ServiceLifecycle, service: ServiceConfig) -> bool:
+    """Both the running and the new configuration start and stop something of their own."""
+    return lifecycle.backend.has_lifecycle and service.backend not in ("static", "instances", "route")
+
+
 class Gateway:
     """
     The services Hestia manages and the client it reaches them with.
@@ -135,6 +142,8 @@ class Gateway:
         self._in_flight_requests = 0
         self._slots: dict[str, DeferredSemaphore] = {}
         self._drained: list[Deferred[None]] = []
+        # Lifecycles removed by a reload that have not stopped yet, by name (issue 19).
+        self._retiring: dict[str, Deferred[Any]] = {}
         # Services added at run time (container label discovery): a reload keeps them.
         self.discovered: set[str] = set()
         self._shutting_down = False
@@ -191,20 +200,29 @@ class Gateway:
             lifecycle.add_observer(observer)
 
     def _build(self, service: ServiceConfig) -> ServiceLifecycle:
+        lifecycle = ServiceLifecycle(service, self._backend_for(service), self.reactor, list(self.state_observers))
+        lifecycle.build_backend = self._backend_for  # for a restart with new settings (issue 19)
+        previous = self._retiring.get(service.name)
+        if previous is not None:
+            lifecycle.start_after(previous)  # its predecessor of the same name still drains
+        return lifecycle
+
+    def _backend_for(self, service: ServiceConfig) -> IBackend:
         backend = self._build_backend(service)
         if self.store is not None and IPersistentBackend.providedBy(backend):
             backend.use_store(self.store)
-        return ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
+        return backend
 
     # The state store, for backends that record facts of their own (remote VMs).
     store: Any = None
 
     def use_store(self, store: Any) -> None:
         """Give every L{IPersistentBackend}, present and future, the state store."""
+        from hestia.reconcile import persistent_lifecycles  # instances included (issue 18)
+
         self.store = store
-        for lifecycle in self.services.values():
-            if IPersistentBackend.providedBy(lifecycle.backend):
-                lifecycle.backend.use_store(store)
+        for lifecycle in persistent_lifecycles(self.services):
+            lifecycle.backend.use_store(store)
 
     def _add(self, service: ServiceConfig) -> Any:
         if service.backend in ("instances", "route"):
@@ -286,53 +304,188 @@ class Gateway:
             if lifecycle.config.keep_warm and lifecycle.state is State.STOPPED:
                 lifecycle.start("keep_warm").addErrback(lambda failure: None)
 
-    # -- reloading -------------------------------------------------------------------
+    # -- reloading (issue 19: see hestia.reload) -------------------------------------
 
-    def apply(self, config: Config) -> dict[str, list[str]]:
+    def apply(self, config: Config) -> dict[str, Any]:
         """
         Switch to C{config}, touching only the services that changed.
 
-        A changed service is stopped (its in-flight requests are cut) and built
-        anew; it starts again on its next request.  A removed one is stopped.
+        In-place settings reach the running service at once.  A change of how
+        a service runs waits for its next natural stop (or an explicit
+        restart), unless C{reload: {restart: now}}; a removed service is
+        stopped once its requests in flight have finished.
 
-        @return: the names added, removed, changed and kept, for the log.
+        @return: the summary for the log and C{POST /v1/reload} (L{ReloadSummary}).
         """
-        summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        policy = reload_policy(config.sections)
+        summary = ReloadSummary()
         self._gpus.detach()
         self._coordinator.detach()
         Coordinator.unwrap(self.services)
         self.config = config  # composite routes are built from the new routing plan
         for name in list(self.services):
             if name not in config.services and name not in self.discovered:
-                self.services.pop(name).stop("reload")
+                self._retire(self.services.pop(name))
                 self._forget_proxy(name)
-                summary["removed"].append(name)
+                summary.removed.append(name)
         for name, service in config.services.items():
             current = self.services.get(name)
             if name in self.discovered:
                 # The file now defines it: the file wins over a container label.
                 self.discovered.discard(name)
                 if current is not None:
-                    current.stop("reload")
+                    self._retire(current)
                     self._forget_proxy(name)
                 current = None
             if current is None:
                 self._add(service)
-                summary["added"].append(name)
-            elif current.config != service:
-                current.stop("reload")
-                self._add(service)
-                self._forget_proxy(name)
-                summary["changed"].append(name)
+                summary.added.append(name)
             else:
-                summary["unchanged"].append(name)
-        self.config = config
+                self._update(current, service, policy, summary)
         self._coordinator = Coordinator(config.routing, self.reactor)
         self._coordinator.attach(self.services)
         self._gpus = self._attach_gpus()
         self.start_keep_warm()
-        self.adopt_running(summary["added"] + summary["changed"])
-        return summary
+        self.adopt_running(summary.added + list(summary.replaced))
+        return summary.as_json()
+
+    def _update(self, current: Any, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary) -> None:
+        """Bring one existing service to C{service}, in place where its kind allows."""
+        name = service.name
+        if isinstance(current, ServiceLifecycle) and _runs_itself(current, service):
+            changes = diff(current.config, service)
+            if not changes:
+                summary.unchanged.append(name)
+                return
+            summary.record(name, changes, self._reconfigure(current, service, policy))
+            return
+        if isinstance(current, MultiInstanceRoute) and service.backend == "instances":
+            if current.config == service:
+                summary.unchanged.append(name)
+                return
+            self._update_instances(current, service, policy, summary)
+            return
+        if isinstance(current, ModelRoute) and service.backend == "route":
+            # A router holds nothing but the plan, and its targets' models may have
+            # changed without its own keys: always the new plan, at once.
+            route = self._add(service)
+            if current.config == service and route.plan == current.plan and route.models() == current.models():
+                summary.unchanged.append(name)
+            else:
+                summary.replaced[name] = list(diff(current.config, service).in_place) or ["models"]
+            return
+        if current.config == service:
+            summary.unchanged.append(name)
+            return
+        # Nothing of its own runs (a static url, a model router), or its kind
+        # changed: a new route from now on, the old one retired gracefully.
+        changes = diff(current.config, service)
+        self._retire(current)
+        self._add(service)
+        self._forget_proxy(name)
+        summary.replaced[name] = list(changes.in_place + changes.how_it_runs)
+
+    def _reconfigure(self, lifecycle: ServiceLifecycle, service: ServiceConfig, policy: ReloadPolicy) -> bool:
+        """
+        Apply C{service} to a running lifecycle.
+
+        @return: C{True} when it was stopped at once (C{reload: {restart: now}}).
+        """
+        machine = runs_on_a_machine(lifecycle.built_from) or runs_on_a_machine(service) or (
+            IPersistentBackend.providedBy(lifecycle.backend)
+        )
+        lifecycle.reconfigure(service)
+        if lifecycle.pending_changes and policy.restart == "now" and not machine:
+            # The old behaviour, asked for: cut it now, start on the next request.
+            lifecycle.stop("reload").addErrback(lambda failure: None)
+            return True
+        return False
+
+    def _update_instances(
+        self, route: MultiInstanceRoute, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary
+    ) -> None:
+        """A multi-instance service: each instance kept and reconfigured by name, as a service is."""
+        from hestia.routing import build_route
+
+        old = {lifecycle.name: lifecycle for lifecycle in route.instances}
+        parent = diff(route.config, service)
+        in_place = set(parent.in_place)
+        how = set(parent.how_it_runs) - {"instances"}
+        restarted = False
+
+        def reuse(instance: ServiceConfig) -> ServiceLifecycle:
+            nonlocal restarted
+            lifecycle = old.pop(instance.name, None)
+            if lifecycle is None or not _runs_itself(lifecycle, instance):
+                if lifecycle is not None:
+                    self._retire_lifecycle(lifecycle)
+                in_place.add("instances")
+                return self._build(instance)
+            changes = diff(lifecycle.config, instance)
+            in_place.update(changes.in_place)
+            how.update(changes.how_it_runs)
+            if changes:
+                restarted = self._reconfigure(lifecycle, instance, policy) or restarted
+            return lifecycle
+
+        self.services[service.name] = build_route(
+            service, self.config.routing, reuse, self.lifecycle, self.reactor.seconds
+        )
+        for leftover in old.values():
+            in_place.add("instances")
+            self._retire_lifecycle(leftover)
+        summary.record(service.name, Changes(tuple(sorted(in_place)), tuple(sorted(how))), restarted)
+
+    def _retire(self, route: Any) -> None:
+        """Stop what a route runs once its requests in flight have finished."""
+        if isinstance(route, ServiceLifecycle):
+            self._retire_lifecycle(route)
+        elif isinstance(route, MultiInstanceRoute):
+            for lifecycle in route.instances:
+                self._retire_lifecycle(lifecycle)
+        # A model router runs nothing: its targets are services of their own.
+
+    def _retire_lifecycle(self, lifecycle: ServiceLifecycle) -> None:
+        """
+        Retire one lifecycle, and remember it until it has stopped: a service
+        of the same name added meanwhile (removed and put back) must not start
+        a second process on the same port while the old one still drains.
+        """
+        name = lifecycle.name
+        stopped = lifecycle.retire("removed").addErrback(lambda failure: None)
+        if stopped.called:
+            return
+        self._retiring[name] = stopped
+
+        def forget(result: object) -> object:
+            if self._retiring.get(name) is stopped:
+                del self._retiring[name]
+            return result
+
+        stopped.addBoth(forget)
+
+    def restart(self, name: str) -> Deferred[None]:
+        """
+        Restart service C{name} with its current configuration (C{POST
+        /v1/services/<name>/restart}): drained, stopped, started, its waiting
+        requests held through the start.  A multi-instance service restarts one
+        instance after the other, so that the rest keep serving.
+        """
+        route = self.lifecycle(name)
+        if isinstance(route, GroupMemberRoute):  # a group member's route wraps its lifecycle
+            route = route.lifecycle
+        if isinstance(route, ServiceLifecycle):
+            return route.restart("restart")
+        if isinstance(route, MultiInstanceRoute):
+            instances = list(route.instances)
+
+            def next_instance(_: object = None) -> Deferred[None]:
+                if not instances:
+                    return succeed(None)
+                return instances.pop(0).restart("restart").addCallback(next_instance)
+
+            return next_instance()
+        return succeed(None)  # a model router runs nothing of its own
 
     def _attach_gpus(self) -> Any:
         """Issue 17: the GPU claims of this configuration on the claimants' lifecycles (hestia.gpu)."""

@@ -53,6 +53,7 @@ log = Logger(namespace="hestia.gpu")
 
 DEVICE_KEYS = {"vram", "min_residency", "max_skips", "index"}
 CLAIM_KEYS = {"device", "vram"}
+MAX_VRAM = 1024**5  # a PiB: far beyond any card, still a plain integer
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -82,7 +83,7 @@ class GpuClaim:
 
 
 def _vram(reader: _Reader, value: Any, key: str) -> int:
-    size = _size(reader, value, key)
+    size = _size(reader, value, key, maximum=MAX_VRAM)
     if size <= 0:
         raise reader.fail(key, "expected a size above 0 (e.g. 16GiB)")
     return size

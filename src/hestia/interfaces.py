@@ -68,6 +68,19 @@ class IBackend(Interface):
         """The last lines the service wrote, newest last (may be empty)."""
 
 
+class IReconfigurableBackend(IBackend):
+    """
+    A backend that follows in-place settings of a reload (issue 19) while it runs.
+    """
+
+    def reconfigure(service: Any) -> None:
+        """
+        Use C{service} (a L{hestia.config.ServiceConfig}) for what it reads while
+        running, such as the health check.  How it runs (command, url, backend
+        section) is the same as before: L{hestia.reload.running_settings} made it so.
+        """
+
+
 class IAdoptableBackend(IBackend):
     """
     A backend whose service may already run when Hestia starts (a container
@@ -121,6 +134,26 @@ class IBackendFactory(Interface):
 
         @param agent: the gateway's L{twisted.web.iweb.IAgent}, for health probes.
         """
+
+
+class ILease(Interface):
+    """
+    One request's claim on a service, as the proxy holds it.
+
+    Every kind of lease (a lifecycle's, a group member's, an instance's) has
+    the same attributes: the proxy reads them all, and a missing one used to
+    surface as an C{AttributeError} lost in a Deferred, with the lease never
+    released (issue 12, hole 10).  Issue 15 formalises the route side.
+    """
+
+    url = Attribute("The URL the request is forwarded to.")
+    fallback = Attribute(
+        "C{None}, or a callable returning a L{Deferred} of another L{ILease}: for a"
+        " route that may retry elsewhere when this lease's backend refuses the connection."
+    )
+
+    def release() -> None:
+        """End the claim; idempotent, so every exit path may call it."""
 
 
 class IServiceObserver(Interface):

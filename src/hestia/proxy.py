@@ -48,7 +48,7 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.lifecycle import Lease
+from hestia.interfaces import ILease
 from hestia.passive import write_passive_answer
 from hestia.routing import RouteRequest
 from hestia.tunnel import is_upgrade, open_tunnel
@@ -157,7 +157,7 @@ class Exchange:
         self.prefix = b"/services/" + lifecycle.name.encode("ascii") if prefix is None else prefix
         self._pending: Deferred[Any] | None = None
         self._relay: _BodyRelay | None = None
-        self._lease: Lease | None = None
+        self._lease: ILease | None = None
         self._gone = False
         self._tunnelled = False
         self._slots: DeferredSemaphore | None = None
@@ -190,10 +190,10 @@ class Exchange:
         self._begin(waiting)
         return True
 
-    def _begin(self, waiting: Deferred[Lease]) -> None:
+    def _begin(self, waiting: Deferred[Any]) -> None:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
-        if waiting.called and isinstance(waiting.result, Lease):
+        if waiting.called and ILease.providedBy(waiting.result):
             # A ready service leases at once (the warm path): go straight on.
             self._forward(waiting.result)
             return
@@ -242,7 +242,7 @@ class Exchange:
 
     # -- forwarding ------------------------------------------------------------
 
-    def _forward(self, lease: Lease) -> None:
+    def _forward(self, lease: ILease) -> None:
         self._pending = None
         self._stop_keep_alive()
         self._lease = lease
@@ -304,7 +304,7 @@ class Exchange:
         if slots is not None:
             slots.release()
 
-    def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
+    def _open_tunnel(self, lease: ILease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
         Hand the connection to an upgrade tunnel (WebSocket and the like).
 

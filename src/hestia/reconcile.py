@@ -26,7 +26,7 @@ wait for the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -34,6 +34,7 @@ from twisted.logger import Logger
 
 from hestia.interfaces import IPersistentBackend
 from hestia.lifecycle import ServiceLifecycle, State
+from hestia.routing import MultiInstanceRoute
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -53,9 +54,10 @@ def reconcile(gateway: Gateway, store: StateStore):  # type: ignore[no-untyped-d
     """
     records = yield store.load_services()
     done: dict[str, str] = {}
-    for name, lifecycle in list(gateway.services.items()):
+    for lifecycle in persistent_lifecycles(gateway.services):
+        name = lifecycle.name
         record = records.get(name)
-        if record is None or not IPersistentBackend.providedBy(lifecycle.backend):
+        if record is None:
             continue
         try:
             outcome = yield _reconcile_one(lifecycle, record)
@@ -66,6 +68,19 @@ def reconcile(gateway: Gateway, store: StateStore):  # type: ignore[no-untyped-d
             done[name] = outcome
             log.info("reconciled {service}: {outcome}", service=name, outcome=outcome)
     return done
+
+
+def persistent_lifecycles(services: Mapping[str, Any]) -> Iterator[Any]:
+    """
+    Every lifecycle whose backend records its state (L{IPersistentBackend}),
+    the instances of a multi-instance service included (each is recorded
+    under its own name, C{<service>.<index>}).
+    """
+    for route in list(services.values()):
+        lifecycles = route.instances if isinstance(route, MultiInstanceRoute) else [route]
+        for lifecycle in lifecycles:
+            if IPersistentBackend.providedBy(lifecycle.backend):
+                yield lifecycle
 
 
 @inlineCallbacks

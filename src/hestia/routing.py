@@ -49,9 +49,11 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 
 # -- configuration ---------------------------------------------------------------
 
-# An instance answers monitors as its parent service does (passive: is the parent's).
-# GPU claims (hestia.gpu) are for single-instance services.
-INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive", "gpu"}) | BACKEND_SECTIONS | {"cost"}
+# An instance answers monitors as its parent service does (passive: is the parent's);
+# GPU claims (hestia.gpu) are for single-instance services; schedule and prewarm
+# belong to the service (hestia.costs_config), not to one instance.
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive", "gpu", "schedule", "prewarm"}) | BACKEND_SECTIONS | {"cost"}
+MAX_COST = 1e9  # finite, so that sums and comparisons of costs stay numbers
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(
     {"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull", "/api/push",
@@ -148,9 +150,15 @@ def _instances(
         if not section:
             raise reader.fail(where, "an instance needs at least a url")
         reader.check_keys(section, INSTANCE_KEYS, where)
+        if "semaphore" in section:
+            # The Semaphore backend records its machine under the service's
+            # name and is resolved per service (hestia.semaphore); an instance
+            # has neither, so it would crash at start: refuse it here.
+            raise reader.fail(f"{where}.semaphore", "instances cannot use the semaphore backend: "
+                              "make the machine a service of its own")
         cost = section.pop("cost", 1)
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0:
-            raise reader.fail(f"{where}.cost", f"expected a number >= 0, got {cost!r}")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= MAX_COST:
+            raise reader.fail(f"{where}.cost", f"expected a number from 0 to {MAX_COST:.0e}, got {cost!r}")
         try:
             # An instance is parsed like a service of its own, inheriting the
             # parent's settings (tunables, health, env, cwd) unless it sets them.
@@ -241,6 +249,11 @@ def parse_routing(
                 raise reader.fail(f"{key}.group", f"no group named {group!r} (groups: {known})")
             if service.backend in ("instances", "route"):
                 raise reader.fail(f"{key}.group", "only a single-instance service can be in a group")
+            if groups[group].exclusive and service.backend == "static":
+                # It is always up, so it would hold the group for ever: the
+                # others would wait at the gate until their start timed out.
+                raise reader.fail(f"{key}.group", "an always-on service (no command, docker or semaphore) "
+                                  "cannot take turns in an exclusive group: Hestia cannot stop it")
             membership[name] = group
         if "depends_on" in raw:
             needed = _names(reader, raw["depends_on"], f"{key}.depends_on")
@@ -562,6 +575,9 @@ class MultiInstanceRoute:
             "state_since": max((i["state_since"] for i in instances if i["state_since"]), default=None),
             "last_request_at": iso_time(max(last)) if last else None,
             "last_error": next((i["last_error"] for i in instances if i["last_error"]), None),
+            # A reload changed how some instance runs (issue 19): each says which keys.
+            "restart_pending": any(i["restart_pending"] for i in instances),
+            "pending_changes": sorted({key for i in instances for key in i["pending_changes"]}),
             "instances": instances,
         }
 

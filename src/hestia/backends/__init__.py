@@ -16,9 +16,11 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from hestia.backends.docker import DockerBackendFactory
+from hestia.backends.exec import ExecBackendFactory
 from hestia.backends.process import ProcessBackendFactory
 from hestia.backends.semaphore import SemaphoreBackendFactory
 from hestia.backends.static import StaticBackendFactory
+from hestia.backends.wol import WakeOnLanBackendFactory
 from hestia.interfaces import IBackendFactory
 
 ENTRY_POINT_GROUP = "hestia.backends"
@@ -29,6 +31,8 @@ BUILT_IN: dict[str, Any] = {
     "static": StaticBackendFactory,
     "docker": DockerBackendFactory,
     "semaphore": SemaphoreBackendFactory,
+    "wol": WakeOnLanBackendFactory,
+    "exec": ExecBackendFactory,
 }
 
 

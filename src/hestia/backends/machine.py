@@ -1,0 +1,294 @@
+"""
+What the C{wol} and C{exec} backends share: a machine that Hestia wakes (or
+starts with a command) and puts back to sleep, and that outlives the gateway.
+
+An awake machine costs electricity or money, so the backend writes to the state
+store that it may be awake I{before} it sends the magic packet or runs the
+start command, and forgets it only once the machine has been put to sleep.  A
+gateway restarted after a SIGTERM or a SIGKILL finds the record
+(L{hestia.reconcile}): a machine recorded as ready and still answering its
+health check is taken up with its idle clock, and put to sleep when idle; one
+whose stop failed is stopped again.  The record is the service's row in the
+store, with C{data = {"phase": "awake" | "sleep_failed", "adopted": bool}}.
+
+A machine found awake when the gateway starts (its health check answers, or the
+C{exec} backend's C{status} command exits 0) is adopted: taken as ready, and put
+to sleep when idle like one Hestia woke.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from hestia import health
+from hestia.backends.commands import CommandResult, CommandRunner
+from hestia.config import ServiceConfig
+from hestia.errors import StartFailed
+from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend
+
+AWAKE = "awake"
+SLEEP_FAILED = "sleep_failed"
+PHASES = (AWAKE, SLEEP_FAILED)
+# How often a resumed gateway probes a machine recorded as ready before it
+# concludes that it does not answer.
+RECORDED_UP_PROBES = 3
+
+
+class StopFailed(Exception):
+    """The stop command failed: the machine may still be awake (and costing)."""
+
+
+def _fresh(shared: Deferred[Any]) -> Deferred[None]:
+    """A new Deferred firing when C{shared} does, so a caller's cancel never reaches it."""
+    fresh: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not fresh.called:
+            fresh.callback(None)
+        return result
+
+    shared.addBoth(fire)
+    return fresh
+
+
+@implementer(IPersistentBackend, IAdoptableBackend, IReconfigurableBackend)
+class MachineBackend:
+    """
+    The state-keeping half of a sleeping-machine backend.
+
+    Subclasses say how to wake the machine (L{_wake}), how to put it to sleep
+    (L{_sleep}), how to tell it is up without Hestia (L{_check_running}).
+
+    @ivar phase: C{None} (asleep as far as Hestia knows), C{awake} (Hestia woke
+        or adopted it), C{sleep_failed} (the stop failed: it may be awake).
+    """
+
+    kind = "machine"
+    has_lifecycle = True
+
+    def __init__(
+        self,
+        service: ServiceConfig,
+        reactor: Any,
+        agent: IAgent,
+        *,
+        adopt: bool,
+        stop_on_shutdown: bool,
+        commands: CommandRunner | None = None,
+    ) -> None:
+        self.service = service
+        self.url = service.url
+        self._reactor = reactor
+        self._agent = agent
+        self._adopt = adopt
+        self._stop_on_shutdown = stop_on_shutdown
+        self.commands = commands or CommandRunner(reactor, service.name, service.env, service.cwd)
+        self.phase: str | None = None
+        self.adopted = False
+        self.last_stop_error: str | None = None
+        self._adopting = False
+        self._stops_begun = 0
+        self._store: Any = None
+        self._recall: Deferred[None] | None = None
+        self._detached = False
+        self._log = Logger(namespace=f"hestia.service.{service.name}")
+
+    # -- what subclasses provide ------------------------------------------------------
+
+    def _wake(self) -> Deferred[None]:
+        """Wake the machine (fails with L{StartFailed})."""
+        raise NotImplementedError
+
+    def _sleep(self) -> Deferred[Any]:
+        """Put it to sleep: fires with the stop command's L{CommandResult}, or C{None} when there is none."""
+        raise NotImplementedError
+
+    def _check_running(self) -> Deferred[bool]:
+        """Is it up now, whoever woke it?"""
+        raise NotImplementedError
+
+    def _woken(self) -> None:
+        """It answers its health check (the C{wol} backend stops sending packets)."""
+
+    def _details(self) -> dict[str, Any]:
+        return {}
+
+    # -- IPersistentBackend ------------------------------------------------------------
+
+    @property
+    def survives_gateway(self) -> bool:
+        return not self._stop_on_shutdown
+
+    def use_store(self, store: Any) -> None:
+        self._store = store
+
+    def detach(self) -> None:
+        self._detached = True
+        self._woken()
+
+    @inlineCallbacks
+    def recorded_up(self):  # type: ignore[no-untyped-def]
+        yield self._recalled()
+        if self.phase is None:
+            return False
+        for attempt in range(RECORDED_UP_PROBES):
+            if attempt:
+                yield deferLater(self._reactor, 0.2, lambda: None)
+            up = yield health.probe(self._agent, self._reactor, self.url, self.service.health)
+            if up:
+                return True
+        return False
+
+    # -- IAdoptableBackend ---------------------------------------------------------------
+
+    @inlineCallbacks
+    def running_already(self):  # type: ignore[no-untyped-def]
+        if not self._adopt:
+            return False
+        stops = self._stops_begun
+        running = bool((yield self._check_running()))
+        if running and stops == self._stops_begun:
+            # The start that the gateway now asks for takes it as it is.  (Had a
+            # stop begun meanwhile, the answer would be stale: the next start wakes it.)
+            self._adopting = True
+        return running
+
+    # -- IBackend ---------------------------------------------------------------------------
+
+    def set_exit_handler(self, handler: Callable[[str, list[str]], None]) -> None:
+        # A machine does not tell Hestia when it goes down: a dead one shows as
+        # upstream errors, and the next start wakes it again.
+        pass
+
+    def start(self) -> Deferred[None]:
+        started: Deferred[None] = self._start()
+        return started
+
+    @inlineCallbacks
+    def _start(self):  # type: ignore[no-untyped-def]
+        yield self._recalled()
+        adopting, self._adopting = self._adopting, False
+        self.phase = AWAKE
+        self.adopted = adopting
+        self.last_stop_error = None
+        yield self._save("starting")  # On disk before anything can wake it.
+        if adopting:
+            self._log.info("{service} is already up: adopting it", service=self.service.name)
+            return
+        yield self._wake()
+
+    def probe(self) -> Deferred[bool]:
+        probing: Deferred[bool] = health.probe(self._agent, self._reactor, self.url, self.service.health)
+
+        def seen(up: bool) -> bool:
+            if up:
+                self._woken()
+            return up
+
+        return probing.addCallback(seen)
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        stopped: Deferred[None] = self._stop()
+        return stopped
+
+    @inlineCallbacks
+    def _stop(self):  # type: ignore[no-untyped-def]
+        self._stops_begun += 1
+        self._adopting = False
+        yield self._recalled()
+        self._woken()
+        if self.phase is None:
+            return  # Hestia did not wake it: not Hestia's to put to sleep.
+        try:
+            result = yield self._sleep()
+        except OSError as error:
+            result = None
+            yield self._sleep_failed(f"cannot run the stop command: {error}")
+        if result is None:
+            self._log.info("{service}: no stop command, the machine is left as it is", service=self.service.name)
+        elif not result.succeeded:
+            yield self._sleep_failed(result.summary("stop command"))
+        yield self._forget()
+
+    @inlineCallbacks
+    def _sleep_failed(self, reason: str):  # type: ignore[no-untyped-def]
+        self.phase = SLEEP_FAILED
+        self.last_stop_error = f"{reason} (the machine may still be awake)"
+        self._log.error("{service}: {error}", service=self.service.name, error=self.last_stop_error)
+        yield self._save("failed")  # The next gateway tries again (hestia.reconcile).
+        raise StopFailed(self.last_stop_error)
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend (issue 19): a reload's in-place settings (the health check).
+        self.service = service
+
+    def describe(self) -> dict[str, Any]:
+        machine = {None: "asleep", AWAKE: "awake", SLEEP_FAILED: "may be awake (stop failed)"}[self.phase]
+        return {
+            "machine": machine,
+            "adopted": self.adopted,
+            "last_stop_error": self.last_stop_error,
+            **self._details(),
+        }
+
+    def recent_output(self) -> list[str]:
+        return list(self.commands.output)
+
+    def add_line_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Each line a command writes also goes to C{listener(stream, line)} (see L{hestia.logs})."""
+        self.commands.add_line_listener(listener)
+
+    # -- the record ----------------------------------------------------------------------------
+
+    def _recalled(self) -> Deferred[None]:
+        """Fires once what the store holds for this service has been read (once)."""
+        if self._recall is None:
+            if self._store is None:
+                self._recall = succeed(None)
+            else:
+                self._recall = self._store.load_services().addCallbacks(self._apply_record, self._recall_failed)
+        return _fresh(self._recall)
+
+    def _apply_record(self, records: dict[str, Any]) -> None:
+        record = records.get(self.service.name) or {}
+        data = record.get("data") or {}
+        phase = data.get("phase")
+        if phase in PHASES and self.phase is None:
+            self.phase = phase
+            self.adopted = bool(data.get("adopted"))
+            self.last_stop_error = data.get("last_stop_error")
+            self._log.info("recalled {service}: {phase} (recorded {state})", service=self.service.name,
+                           phase=phase, state=record.get("state"))
+
+    def _recall_failed(self, failure: Failure) -> None:
+        self._log.failure("cannot read the state of {service}", failure, service=self.service.name)
+
+    def _save(self, state: str) -> Deferred[Any]:
+        """Commit the machine's phase; fires once it is on disk."""
+        if self._store is None or self._detached:
+            return succeed(None)
+        now = self._reactor.seconds()
+        data = {"phase": self.phase, "adopted": self.adopted, "last_stop_error": self.last_stop_error}
+        written: Deferred[Any] = self._store.save_service(self.service.name, state, now, data=data, now=now)
+        return self._store.track(written)  # type: ignore[no-any-return]
+
+    @inlineCallbacks
+    def _forget(self):  # type: ignore[no-untyped-def]
+        """It is asleep (or not Hestia's any more): nothing to find again."""
+        self.phase = None
+        self.adopted = False
+        if self._store is not None and not self._detached:
+            yield self._store.track(self._store.clear_service_fields(self.service.name, "data"))
+
+
+def start_failed(result: CommandResult, what: str) -> StartFailed:
+    """The error a failed start command gives waiting clients."""
+    return StartFailed(result.summary(what), detail=list(result.lines[-20:]))
