@@ -9,6 +9,7 @@ one from idling.
 from __future__ import annotations
 
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,45 @@ def test_the_reference_documents_every_passive_key() -> None:
         assert f"| `{key}` |" in section, key
     for agent in DEFAULT_USER_AGENTS:
         assert f"`{agent}`" in section, agent
+
+
+@pytest.mark.unit
+def test_composite_routes_answer_monitors_without_starting_anything() -> None:
+    from hestia.gateway import Gateway
+    from hestia.routing import RouteRequest
+
+    clock = Clock()
+    backends: dict[str, FakeBackend] = {}
+
+    def build(service: Any) -> FakeBackend:
+        backends[service.name] = FakeBackend()
+        return backends[service.name]
+
+    config = parse({"services": {
+        "ai": {"route_by": "model"},
+        "llama": {**SERVICE, "models": ["llama3:8b"]},
+        "pool": {"instances": [SERVICE, SERVICE]},
+    }})
+    gateway = Gateway(config, clock, agent=object(), build_backend=build)  # type: ignore[arg-type]
+    chat = DummyRequest([b""])
+    chat.method = b"POST"
+    chat.content = BytesIO(b'{"model": "llama3:8b"}')
+    routed = RouteRequest(chat, b"/api/chat", 0.0)
+    assert gateway.lifecycle("ai").acquire_passive(routed) is None
+    assert gateway.lifecycle("pool").acquire_passive(None) is None
+    assert all(backend.starts == [] for backend in backends.values())
+    # Once the model's service is ready, the monitor is forwarded to it (on a lease that is not use).
+    llama = gateway.lifecycle("llama")
+    llama.start()
+    backends["llama"].finish_start()
+    clock.advance(0)
+    backends["llama"].answer_probe(True)
+    leased = gateway.lifecycle("ai").acquire_passive(RouteRequest(chat, b"/api/chat", 0.0))
+    assert leased is not None and isinstance(leased.result, PassiveLease) and llama.in_flight == 0
+    pool = gateway.lifecycle("pool").instances
+    pool[1].start()
+    backends["pool.1"].finish_start()
+    clock.advance(0)
+    backends["pool.1"].answer_probe(True)
+    leased = gateway.lifecycle("pool").acquire_passive(None)
+    assert leased is not None and leased.result.url == pool[1].backend.url
