@@ -430,3 +430,29 @@ def test_a_reload_keeps_what_runs_on_the_device() -> None:
     clock.advance(0)
     assert a.state is State.STOPPING  # the new wiring knows a holds 16 GiB
     assert backends["b"].starts == []
+
+
+def test_a_start_stopped_while_it_waits_for_memory_leaves_the_queue() -> None:
+    parsed = parse_config({
+        "gpus": {"gpu0": {"vram": "24GiB"}},
+        "services": {name: {"url": "http://127.0.0.1:9", "command": ["true"], "gpu": {"vram": "16GiB"}}
+                     for name in ("a", "b")},
+    }, "hestia_config.yml", environ={})
+    clock = Clock()
+    backends = {name: FakeBackend() for name in "ab"}
+    lifecycles = {name: ServiceLifecycle(parsed.services[name], backends[name], clock) for name in "ab"}
+    gpus = GpuCoordinator(parsed.sections["gpus"], clock)
+    gpus.attach(lifecycles)
+    lease = lifecycles["a"].acquire()
+    backends["a"].finish_start()
+    clock.advance(0)
+    backends["a"].answer_probe(True)
+    assert lease.called  # a holds 16 GiB with its request in flight
+    waiting = lifecycles["b"].acquire()
+    waiting.addErrback(lambda _: None)
+    clock.advance(0)
+    assert gpus.devices["gpu0"].status()["waiting"] == ["b"]
+    lifecycles["b"].stop("api")
+    clock.advance(0)
+    assert gpus.devices["gpu0"].status()["waiting"] == [] and backends["b"].starts == []
+    assert lifecycles["a"].state is State.READY
