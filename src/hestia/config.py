@@ -182,6 +182,10 @@ class ServerConfig:
     max_header_size: int = 16384  # request line plus headers
     header_timeout: float = 10.0  # the whole head must arrive within this
     connection_idle_timeout: float = 60.0  # an idle keep-alive connection is closed
+    # A body's read deadline: this long, plus 1 s per body_min_rate bytes
+    # received (the defaults of Apache's mod_reqtimeout: body=20,MinRate=500).
+    body_timeout: float = 20.0
+    body_min_rate: int = 500  # bytes a second; 0 = body_timeout is the whole deadline
     redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
     watch_config: bool = False  # re-read the file when it changes (hestia.watch), read at start-up
 
@@ -213,7 +217,7 @@ TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups
 TOP_LEVEL_KEYS |= {"reload"}  # hestia.reload (issue 19)
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
-               "redirect_listen", "watch_config"}
+               "body_timeout", "body_min_rate", "redirect_listen", "watch_config"}
 TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
@@ -360,12 +364,13 @@ def _size(reader: _Reader, value: Any, key: str, maximum: int) -> int:
 def _server_limits(reader: _Reader, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The C{server:} keys of request hygiene and TLS redirects (see L{hestia.guard})."""
     limits: dict[str, Any] = {}
-    for name, maximum in (("max_body_size", MAX_BODY_SIZE), ("max_header_size", MAX_HEADER_SIZE)):
+    for name, maximum in (("max_body_size", MAX_BODY_SIZE), ("max_header_size", MAX_HEADER_SIZE),
+                          ("body_min_rate", MAX_BODY_SIZE)):
         if name in raw:
             limits[name] = _size(reader, raw[name], f"server.{name}", maximum)
     if limits.get("max_header_size", 1024) < 1024:
         raise reader.fail("server.max_header_size", "must be at least 1k")
-    for name in ("header_timeout", "connection_idle_timeout"):
+    for name in ("header_timeout", "connection_idle_timeout", "body_timeout"):
         if name in raw:
             limits[name] = reader.duration(raw[name], f"server.{name}")
             if limits[name] == 0:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -167,6 +168,12 @@ class Gateway:
         if slots is None:
             slots = self._slots[url] = DeferredSemaphore(self.config.server.max_backend_connections)
         return slots
+
+    def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
+        """Where an upgrade request (a WebSocket) to the backend at C{url} gets its own connection."""
+        from hestia.tunnel import backend_endpoint
+
+        return backend_endpoint(self.reactor, url)
 
     def lifecycle(self, name: str) -> Any:
         """The route of service C{name} (see C{services}); L{UnknownService} if none."""

@@ -161,3 +161,22 @@ class IServiceObserver(Interface):
 
     def state_changed(event: Any) -> None:
         """Called with a L{hestia.lifecycle.StateChange}."""
+
+
+class IHeadCheck(Interface):
+    """
+    A resource that can refuse a request from its head alone (hestia.guard).
+
+    The channel asks it when a body follows, before C{100 Continue} and before
+    reading the body, so that an unauthorised client cannot make Hestia read
+    or spool gigabytes.  The resource's C{render} must come to the same answer
+    (the authenticator keeps the decision on the request, so a wrong token
+    counts once).
+    """
+
+    def check_head(request: Any) -> Any:
+        """
+        @param request: the L{twisted.web.server.Request} whose method, target,
+            headers and traversal (C{prepath}/C{postpath}) are set, but not its body.
+        @return: a L{hestia.auth.Denied} (status, reason, retry_after) or C{None}.
+        """

@@ -36,8 +36,9 @@ from twisted.web.iweb import IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from hestia.auth import authorize_service
+from hestia.auth import Denied, authorize_service, may_see_output
 from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
 from hestia.headers import (
     HOP_BY_HOP,
@@ -48,10 +49,10 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.interfaces import ILease
+from hestia.interfaces import IHeadCheck, ILease
 from hestia.passive import write_passive_answer
 from hestia.routing import RouteRequest
-from hestia.tunnel import is_upgrade, open_tunnel
+from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
 
 if TYPE_CHECKING:
@@ -71,7 +72,10 @@ def write_error(request: Request, error: GatewayError, request_id: bytes | None 
         # Headers are out: the only honest signal left is a cut connection.
         request.loseConnection()
         return
-    body = json.dumps(error.to_json()).encode("utf-8") + b"\n"
+    document = error.to_json()
+    if "detail" in document and not may_see_output(request):
+        del document["detail"]  # The service's output: admin tokens only, as on the logs route.
+    body = json.dumps(document).encode("utf-8") + b"\n"
     request.setResponseCode(error.status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
@@ -105,6 +109,27 @@ class RequestRecord:
     # then is C{queued} its queue wait and C{queued + upstream} its time to
     # the response headers.
     leased: bool = False
+
+
+class RequestBody(FileBodyProducer):
+    """
+    The client's (buffered) body on its way to the backend, stoppable at any time.
+
+    A backend may answer before it has read the whole body (a 413, a 401, or
+    at once to a C{Content-Length: 0}); the client's request then finishes and
+    Twisted closes the buffer under a producer that is still reading it, which
+    ends in a logged traceback.  L{halt} stops it first.
+    """
+
+    _started = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._started = True
+        return super().startProducing(consumer)
+
+    def halt(self) -> None:
+        if self._started:
+            self.stopProducing()  # Quiet: FileBodyProducer swallows its own TaskStopped.
 
 
 class _BodyRelay(Protocol):
@@ -160,6 +185,8 @@ class Exchange:
         self._lease: ILease | None = None
         self._gone = False
         self._tunnelled = False
+        self._tunnel: Tunnel | None = None
+        self._body: RequestBody | None = None
         self._slots: DeferredSemaphore | None = None
         self._forwarded_at = 0.0
         self.loading_events = loading_events
@@ -269,7 +296,7 @@ class Exchange:
         if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
             assert request.content is not None  # Twisted buffers every request body.
             request.content.seek(0)
-            body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
+            body = self._body = RequestBody(request.content, cooperator=self.gateway.cooperator)
         slots = self.gateway.backend_slots(lease.url)
         if slots.tokens:
             # A free slot: take it directly, without a Deferred that would
@@ -286,7 +313,7 @@ class Exchange:
         slots: DeferredSemaphore,
         url: str,
         headers: list[tuple[bytes, list[bytes]]],
-        body: FileBodyProducer | None,
+        body: RequestBody | None,
     ) -> None:
         self._slots = slots
         if self._gone:
@@ -306,10 +333,12 @@ class Exchange:
 
     def _open_tunnel(self, lease: ILease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
-        Hand the connection to an upgrade tunnel (WebSocket and the like).
+        Send an upgrade request (a WebSocket) on a connection of its own.
 
-        From here on Twisted's channel no longer owns the client connection,
-        so the tunnel's end, not C{notifyFinish}, releases the lease.
+        Only the backend's C{101} makes it a tunnel (L{hestia.tunnel}): from
+        then on Twisted's channel no longer owns the client connection, so the
+        tunnel's end, not C{notifyFinish}, releases the lease.  Any other
+        answer is relayed as a normal response and the request ends as usual.
         """
 
         def closed(status: int | None, sent: int) -> None:
@@ -319,17 +348,27 @@ class Exchange:
             self.record.upstream = now - self._forwarded_at
             self.record.duration = now - self.record.began
             self._gone = True
+            self._tunnel = None
             lease.release()
             self.gateway.request_ended(self)
+
+        def refused(status: int) -> None:
+            # A normal response after all: notifyFinish ends it.
+            self._tunnelled = False
+            self.record.status = status
+            self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
+            self.request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
 
         def unreachable(failure: Failure) -> None:
             # The client connection is still Twisted's: answer 502 the usual way.
             self._tunnelled = False
+            self._tunnel = None
             self._failed(failure)
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
-        open_tunnel(self.gateway.reactor, lease.url, self.request, self.rest, headers, closed, unreachable)
+        self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
+                                   headers, closed, unreachable, refused)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
@@ -349,6 +388,9 @@ class Exchange:
                                                 lambda failure: self._backend_refused(response.code, b""))
             return
         request.setResponseCode(response.code, response.phrase)
+        # Twisted would add "Content-Type: text/html" to a response without
+        # one; the backend's response goes out as the backend sent it.
+        request.defaultContentType = None
         connection = getattr(response, "connection_headers", None)  # see gateway._ClientProtocol
         request.responseHeaders = _client_headers(request.responseHeaders, response.headers, connection)
         if connection is not None and (length := connection.getRawHeaders(b"content-length")):
@@ -447,6 +489,11 @@ class Exchange:
         if self._tunnelled and not isinstance(result, Failure):
             return  # The tunnel's own end does this.
         self._stop_keep_alive()
+        if self._tunnel is not None and not self._tunnelled:
+            self.record.bytes = self._tunnel.bytes_to_client  # A refused upgrade, relayed.
+        body, self._body = self._body, None
+        if body is not None:
+            body.halt()
         if isinstance(result, Failure):
             self._gone = True
             pending, self._pending = self._pending, None
@@ -455,6 +502,9 @@ class Exchange:
             if self._relay is not None and self._relay.transport is not None:
                 # A TransportProxyProducer: stopping it drops the backend connection.
                 cast(Any, self._relay.transport).stopProducing()
+            tunnel, self._tunnel = self._tunnel, None
+            if tunnel is not None and not tunnel.switched:
+                tunnel.abort()  # An upgrade request the backend has not answered yet.
             self.record.error = self.record.error or "client went away"
             self.record.error_kind = self.record.error_kind or "client_gone"
         self._release_slot()
@@ -518,6 +568,7 @@ def _client_ip(request: Request) -> str:
     return str(getattr(address, "host", "unix"))
 
 
+@implementer(IHeadCheck)
 class ServiceProxyResource(ReverseProxyResource):
     """
     The resource for one service: everything below C{/services/<name>/}.
@@ -549,21 +600,37 @@ class ServiceProxyResource(ReverseProxyResource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self
 
-    def render(self, request: Request) -> int:
-        request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
+    def _route(self, request: Request) -> tuple[str, bytes] | GatewayError:
+        """The service and the rest of the path C{request} goes to, or why it goes nowhere."""
         try:
             if self.host_routed:
                 if not request.uri.startswith(b"/"):  # absolute-form: never an open proxy
-                    write_error(request, BadRequest("expected an origin-form request target"), request_id)
-                    return NOT_DONE_YET
+                    return BadRequest("expected an origin-form request target")
                 routed = split_service_path(b"/services/" + self.name.encode("ascii") + request.uri)
             else:
                 routed = split_service_path(request.uri)
         except PathEscape as escape:
-            write_error(request, BadRequest(str(escape)), request_id)
-            return NOT_DONE_YET
+            return BadRequest(str(escape))
         if routed is None or routed[0] != self.name:
-            write_error(request, UnknownService("no such service", service=self.name), request_id)
+            return UnknownService("no such service", service=self.name)
+        return routed
+
+    def check_head(self, request: Request) -> Denied | None:
+        """The head's verdict (L{IHeadCheck}): what C{render} would refuse before the body is read."""
+        routed = self._route(request)
+        if isinstance(routed, GatewayError):
+            return Denied(routed.status, routed.reason, service=routed.service)
+        authenticator = getattr(getattr(request, "site", None), "authenticator", None)
+        if authenticator is None:
+            return None
+        denied: Denied | None = authenticator.check_service(request, self.name)
+        return None if denied is None else Denied(denied.status, denied.reason, denied.retry_after, self.name)
+
+    def render(self, request: Request) -> int:
+        request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
+        routed = self._route(request)
+        if isinstance(routed, GatewayError):
+            write_error(request, routed, request_id)
             return NOT_DONE_YET
         if not authorize_service(request, self.name):  # Before anything can start (hestia.auth).
             return NOT_DONE_YET

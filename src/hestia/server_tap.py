@@ -25,7 +25,7 @@ from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
 from hestia.auth import AdminGuard, Authenticator, parse_auth
-from hestia.config import Config, ConfigError
+from hestia.config import Config, ConfigError, ServerConfig
 from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
@@ -119,6 +119,21 @@ class HestiaSite(GuardedSite):
         pass
 
 
+def build_site(
+    gateway: Gateway, api: Any, authenticator: Authenticator, server: ServerConfig, reactor: Any = None
+) -> HestiaSite:
+    """
+    The site Hestia serves: the proxy and the guarded API behind guarded channels.
+
+    One function for the daemon and the in-memory tests (tests/inmemory.py),
+    so that what the tests drive is what runs.
+    """
+    kwargs = {} if reactor is None else {"reactor": reactor}
+    site = HestiaSite(GatewayRoot(gateway, AdminGuard(api, authenticator)), Limits.from_server(server), **kwargs)
+    site.authenticator = authenticator
+    return site
+
+
 class HestiaService(MultiService):
     """The whole gateway: its listening port plus the services it manages."""
 
@@ -158,11 +173,7 @@ class HestiaService(MultiService):
             costs=self.planning.ledger,
         )
         self.authenticator = Authenticator(parse_auth(config), reactor.seconds)
-        self.site = HestiaSite(
-            GatewayRoot(self.gateway, AdminGuard(self.api.resource(), self.authenticator)),
-            Limits.from_server(config.server),
-        )
-        self.site.authenticator = self.authenticator
+        self.site = build_site(self.gateway, self.api.resource(), self.authenticator, config.server)
         self.listen = listen or config.server.listen
         self.certificates: CertificateStore | None = None
         self.port_service: IService
