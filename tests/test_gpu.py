@@ -40,16 +40,34 @@ class Member:
     queue: list[int] = field(default_factory=list)
     last_request_at: float | None = None
     stops: list[Deferred[None]] = field(default_factory=list)
+    draining: bool = False
 
     def set(self, state: State) -> None:
         self.state = state
         self.state_since = self.clock.seconds()
 
     def stop(self, reason: str = "api") -> Deferred[None]:
+        assert self.in_flight == 0, f"{self.name} stopped with {self.in_flight} requests in flight"
         self.set(State.STOPPING)
         stopped: Deferred[None] = Deferred()
         self.stops.append(stopped)
         return stopped
+
+    def yield_when_drained(self, reason: str) -> Deferred[None]:
+        self.draining = True  # new requests wait in its queue from now on; finish() stops it
+        return Deferred()
+
+
+def finish(gpu: Device, member: Member) -> None:
+    """One request in flight ends (what a lease's release does)."""
+    member.in_flight -= 1
+    member.last_request_at = member.clock.seconds()
+    if member.in_flight == 0:
+        if member.draining:
+            member.draining = False
+            member.stop("gpu")
+        gpu.member_idle(member)
+        member.clock.advance(0)
 
 
 def device(vram: int = 24, **settings: Any) -> tuple[Device, Clock]:
@@ -105,10 +123,9 @@ def test_a_resident_with_a_request_or_stream_in_flight_is_never_evicted() -> Non
     busy.in_flight = 1  # a stream
     waiting = admitted(gpu, other, 16)
     clock.advance(3600)
-    assert not waiting.called and busy.state is State.READY
-    busy.in_flight = 0
-    gpu.member_idle(busy)
-    clock.advance(0)
+    # It finishes what it serves (new requests wait for its next turn), and is not stopped under it.
+    assert not waiting.called and busy.state is State.READY and busy.draining
+    finish(gpu, busy)
     assert busy.state is State.STOPPING
     stopped(gpu, clock, busy)
     assert waiting.called
@@ -138,38 +155,33 @@ def test_the_start_with_the_biggest_batch_goes_first() -> None:
     holder.in_flight = 1
     few.queue, many.queue = [1], [1, 2, 3, 4, 5]
     first, second = admitted(gpu, few, 20), admitted(gpu, many, 20)
-    holder.in_flight = 0
-    gpu.member_idle(holder)
-    clock.advance(0)
+    finish(gpu, holder)
     stopped(gpu, clock, holder)
     assert second.called and not first.called  # five requests for one model before one for another
 
 
 def test_no_start_is_overtaken_more_than_max_skips_times() -> None:
-    gpu, clock = device(24, max_skips=1)
+    gpu, clock = device(24, max_skips=1, min_residency=10.0)
     holder = Member("holder", clock)
     admitted(gpu, holder, 12)
-    ready(gpu, holder)
-    holder.in_flight = 1  # busy: the big start cannot have its memory yet
+    ready(gpu, holder)  # at t=0: may not be stopped before t=10
+    clock.advance(1)
     big = Member("big", clock)
-    big_admitted = admitted(gpu, big, 20)
+    order: list[str] = []
+    admitted(gpu, big, 20).addCallback(lambda _: order.append("big"))
     small = Member("small", clock)
     assert admitted(gpu, small, 6).called  # fits beside the holder: overtakes big once
+    ready(gpu, small)  # at t=1: may not be stopped before t=11
     later = Member("later", clock)
-    order: list[str] = []
-    big_admitted.addCallback(lambda _: order.append("big"))
     later_admitted = admitted(gpu, later, 2).addCallback(lambda _: order.append("later"))
     assert not later_admitted.called  # would fit, but big has been overtaken max_skips times
     assert gpu.status()["waiting"] == ["big", "later"]
-    holder.in_flight = 0
-    gpu.member_idle(holder)
-    clock.advance(0)
-    small.set(State.READY)
-    gpu.member_changed(small)
-    clock.advance(0)
-    for member in (holder, small):
-        if member.state is State.STOPPING:
-            stopped(gpu, clock, member)
+    clock.advance(9)  # t=10: the holder may go, but that alone is not room enough for big
+    assert holder.state is State.READY
+    clock.advance(1)  # t=11: both may go: both make room for big
+    assert holder.state is State.STOPPING and small.state is State.STOPPING
+    stopped(gpu, clock, holder)
+    stopped(gpu, clock, small)
     assert order == ["big", "later"]  # big first; then later fits beside it
 
 
@@ -208,9 +220,7 @@ def test_declared_use_never_exceeds_the_device_and_every_start_is_answered(
     outcomes: list[tuple[Deferred[None], list[Any]]] = []
 
     def check() -> None:
-        assert gpu.used() <= 24 * GiB
-        for name in gpu.evicting:
-            assert gpu.residents[name].member.in_flight == 0  # never one with a request in flight
+        assert gpu.used() <= 24 * GiB  # (and Member.stop asserts nothing is in flight)
 
     def request(member: Member, vram: int) -> None:
         member.queue.append(1)
@@ -219,7 +229,7 @@ def test_declared_use_never_exceeds_the_device_and_every_start_is_answered(
             waiting = admitted(gpu, member, vram)
             waiting.addBoth(box.append)
             outcomes.append((waiting, box))
-        elif member.state is State.READY:
+        elif member.state is State.READY and not member.draining:
             member.queue.pop()
             member.in_flight += 1
 
@@ -227,9 +237,7 @@ def test_declared_use_never_exceeds_the_device_and_every_start_is_answered(
         if kind == "request":
             request(member, vram)
         elif kind == "finish" and member.in_flight:
-            member.in_flight -= 1
-            member.last_request_at = clock.seconds()
-            gpu.member_idle(member)
+            finish(gpu, member)
         elif kind == "ready" and member.state is State.STARTING and member.name in gpu.residents:
             member.in_flight += len(member.queue)  # the whole batch goes through
             member.queue.clear()
@@ -237,7 +245,12 @@ def test_declared_use_never_exceeds_the_device_and_every_start_is_answered(
         elif kind == "stop-done" and member.state is State.STOPPING:
             member.stops[-1].callback(None)
             stopped(gpu, clock, member)
-        elif kind == "idle-stop" and member.state is State.READY and not member.in_flight:
+            if member.queue:  # requests held while it drained start it again, as the lifecycle does
+                box: list[Any] = []
+                waiting = admitted(gpu, member, vram)
+                waiting.addBoth(box.append)
+                outcomes.append((waiting, box))
+        elif kind == "idle-stop" and member.state is State.READY and not member.in_flight and not member.draining:
             member.stop("idle")
         elif kind == "time":
             clock.advance(1 + vram)
@@ -332,6 +345,8 @@ def test_two_lifecycles_on_one_device_take_turns() -> None:
     lease_b = b.acquire()
     clock.advance(0)
     assert backends["b"].starts == [] and a.state is State.READY  # a's request is in flight
+    held = a.acquire()  # a finishes what it serves; this one waits for a's next turn
+    assert not held.called and a.in_flight == 1
     lease_a.result.release()
     clock.advance(0)
     assert a.state is State.STOPPING and a.state_reason == "gpu"
@@ -342,6 +357,16 @@ def test_two_lifecycles_on_one_device_take_turns() -> None:
     clock.advance(0)
     backends["b"].answer_probe(True)
     assert lease_b.called and b.status()["gpu"]["device_status"]["residents"] == {"b": 16 * GiB}
+    assert b.status()["gpu"]["device_status"]["waiting"] == ["a"]  # the held request restarted a: it waits
+    lease_b.result.release()  # b's batch is done: b makes room
+    clock.advance(0)
+    backends["b"].finish_stop()
+    clock.advance(0)
+    backends["a"].finish_start()
+    clock.advance(0)
+    backends["a"].answer_probe(True)
+    assert held.called and a.in_flight == 1 and b.state is State.STOPPED
+    held.result.release()
     gpus.detach()
     assert a.memory_gate is None and "gpu" not in a.status()
 

@@ -13,10 +13,12 @@ Each service declares what it takes of one device.  A start is admitted to
 its device (L{Device.admit}, the lifecycle's C{memory_gate}, passed after the
 exclusive-group and dependency gate) once its memory is free.  If it is not:
 
-  - idle residents are stopped to make room, least recently used first.  A
-    resident is idle when it is ready with no request (or stream) in flight
-    and nothing queued, and has been ready for the device's C{min_residency};
-  - otherwise the start waits, and its requests wait in its queue under the
+  - ready residents that have been ready for the device's C{min_residency}
+    make room: idle ones (no request or stream in flight, nothing queued) are
+    stopped, least recently used first; if that is not enough, busy ones
+    finish what they have in flight (never cut) while their new requests
+    wait for their next turn, and then stop;
+  - meanwhile the start waits, and its requests wait in its queue under the
     usual rules (503 when the queue is full, 504 after C{queue_timeout} or
     C{start_timeout}): nothing waits for ever.
 
@@ -180,6 +182,9 @@ class Member(Protocol):
 
     def stop(self, reason: str = "api") -> Deferred[None]: ...
 
+    def yield_when_drained(self, reason: str) -> Deferred[None]:
+        """Hold new requests, let those in flight finish, then stop."""
+
 
 @dataclass
 class _Admission:
@@ -300,22 +305,33 @@ class Device:
         admission.deferred.callback(None)
 
     def _evict_for(self, candidate: _Admission, coming: int) -> bool:
-        """Stop idle residents, least recently used first, if that makes room; else arm the residency timer."""
+        """
+        Make room for C{candidate} if stopping ready residents can: the idle
+        ones first, least recently used first, and only then busy ones, which
+        finish their requests in flight (streams too) before they stop, while
+        their new requests wait for their next turn on the device.  None that
+        has been ready for less than C{min_residency} (the residency timer
+        wakes the device when one may go).
+        """
         now = self.reactor.seconds()
-        idle: list[_Resident] = []
+        ready: list[_Resident] = []
         later: list[float] = []
         for name, resident in self.residents.items():
             member = resident.member
-            if name in self.evicting or member.state.value != "ready" or member.in_flight or len(member.queue):
+            if name in self.evicting or member.state.value != "ready":
                 continue
             resident_until = member.state_since + self.config.min_residency
             if resident_until > now:
                 later.append(resident_until)
                 continue
-            idle.append(resident)
-        idle.sort(key=lambda r: (r.member.last_request_at or r.member.state_since, r.member.name))
+            ready.append(resident)
+
+        def busy(resident: _Resident) -> bool:
+            return bool(resident.member.in_flight or len(resident.member.queue))
+
+        ready.sort(key=lambda r: (busy(r), r.member.last_request_at or r.member.state_since, r.member.name))
         chosen: list[_Resident] = []
-        for resident in idle:
+        for resident in ready:
             if coming >= candidate.vram:
                 break
             chosen.append(resident)
@@ -327,9 +343,15 @@ class Device:
         for resident in chosen:
             name = resident.member.name
             self.evicting.add(name)
-            log.info("{service} stopped to make room on {device} for {next}", service=name, device=self.name,
-                     next=candidate.member.name)
-            resident.member.stop("gpu").addErrback(_log_stop_failure, name)
+            if busy(resident):
+                log.info("{service} finishes its requests, then makes room on {device} for {next}", service=name,
+                         device=self.name, next=candidate.member.name)
+                stopping = resident.member.yield_when_drained("gpu")
+            else:
+                log.info("{service} stopped to make room on {device} for {next}", service=name, device=self.name,
+                         next=candidate.member.name)
+                stopping = resident.member.stop("gpu")
+            stopping.addErrback(_log_stop_failure, name)
         return True
 
     def _wake_at(self, when: float) -> None:

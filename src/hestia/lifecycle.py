@@ -855,6 +855,33 @@ class ServiceLifecycle:
         restarting = self._drain(self.config.stop_timeout).addCallback(drained).addBoth(released)
         return restarting.addCallback(stopped).addBoth(tell_joiners)
 
+    def yield_when_drained(self, reason: str) -> Deferred[None]:
+        """
+        Issue 17 (hestia.gpu): make room on a GPU without cutting anyone off.
+
+        New requests wait in the queue; those in flight (streams too) finish,
+        however long they take; then the service stops, and the requests that
+        waited start it again (through its gates) once it has stopped.
+        """
+        if self.state is not State.READY or self._holding or self._shutting_down:
+            return succeed(None)
+        self._holding = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        drained: Deferred[None] = succeed(None)
+        if self.in_flight:
+            drained = Deferred()
+            self._drain_waiters.append(drained)
+
+        def stop(_: object) -> Deferred[None] | None:
+            self._holding = False
+            if self.state is State.READY and not self._shutting_down:
+                return self._begin_stop(reason)
+            return None
+
+        return drained.addCallback(stop)
+
     def retire(self, reason: str = "removed") -> Deferred[None]:
         """
         The service left the configuration: stop it once the requests in
