@@ -243,3 +243,21 @@ def test_composite_routes_answer_monitors_without_starting_anything() -> None:
     backends["pool.1"].answer_probe(True)
     leased = gateway.lifecycle("pool").acquire_passive(None)
     assert leased is not None and leased.result.url == pool[1].backend.url
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("top_level", "expected"), [(None, PassiveRule()), (False, None),
+                                                     ({"paths": ["/ping"]}, PassiveRule(paths=("/ping",)))])
+def test_a_labelled_container_answers_monitors_by_the_top_level_rule(top_level: Any, expected: Any) -> None:
+    from hestia.discovery import DiscoverySettings, DockerDiscovery
+    from hestia.gateway import Gateway
+
+    document: dict[str, Any] = {"services": {}}
+    if top_level is not None:
+        document["passive"] = top_level
+    clock = Clock()
+    gateway = Gateway(parse(document), clock, agent=object(),  # type: ignore[arg-type]
+                      build_backend=lambda service: FakeBackend(service.url))
+    discovery = DockerDiscovery(gateway, DiscoverySettings(discover=True), clock, engine=object())  # type: ignore[arg-type]
+    discovery._apply([{"Id": "id-web", "Names": ["/web"], "Labels": {"hestia.port": "8000"}}])
+    assert gateway.lifecycle("web").config.passive == expected

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
 from twisted.web.server import Request
 
-from hestia.config import ServiceConfig, _Reader
+from hestia.config import Config, ServiceConfig, _Reader
 
 # Substrings of the User-Agent that common monitors send (compared without case).
 DEFAULT_USER_AGENTS = (
@@ -104,8 +104,6 @@ def resolve_passive(
 
     @raise ConfigError: naming the file and key.
     """
-    from dataclasses import replace
-
     reader = _Reader(source)
     default = PassiveRule() if top_level is None else parse_passive(reader, top_level, "passive")
     resolved = {}
@@ -115,6 +113,12 @@ def resolve_passive(
         rule = default if own is None else parse_passive(reader, own, f"services.{name}.passive")
         resolved[name] = replace(service, passive=rule)
     return resolved
+
+
+def default_passive_rule(config: Config) -> PassiveRule | None:
+    """The top-level rule, for services not from the file (labelled containers)."""
+    raw = config.sections.get("passive")
+    return PassiveRule() if raw is None else parse_passive(_Reader(config.source), raw, "passive")
 
 
 def write_passive_answer(request: Request, service: str, state: str) -> None:
