@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 
+from hestia.admission import Admission, AttemptEndpointFactory, ConnectTimes
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
@@ -27,7 +28,7 @@ from hestia.groups import Coordinator, GroupMemberRoute
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
-from hestia.lifecycle import Observer, ServiceLifecycle, State
+from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
 from hestia.routing import ModelRoute, MultiInstanceRoute
 
@@ -125,6 +126,7 @@ class Gateway:
         """
         self.config = config
         self.reactor = reactor
+        self._own_agent = agent is None
         if agent is None:
             agent, pool = make_agent(reactor, config.server.max_backend_connections)
         self.agent = agent
@@ -141,7 +143,10 @@ class Gateway:
         self.request_observers: list[RequestObserver] = []
         self._proxies: dict[tuple[str, bool], ServiceProxyResource] = {}
         self._in_flight_requests = 0
-        self._slots: dict[str, DeferredSemaphore] = {}
+        # Backend URL -> its admission window (hestia.admission).
+        self._admissions: dict[str, Admission] = {}
+        self._connect_agents: dict[int, IAgent] = {}
+        self._connect_times = ConnectTimes()
         self._drained: list[Deferred[None]] = []
         # Lifecycles removed by a reload that have not stopped yet, by name (issue 19).
         self._retiring: dict[str, Deferred[Any]] = {}
@@ -156,18 +161,75 @@ class Gateway:
 
     # -- services ----------------------------------------------------------------
 
-    def backend_slots(self, url: str) -> DeferredSemaphore:
-        """
-        The turns to send a request to the backend at C{url}.
+    # -- admission to the backends (issue 13, hestia.admission) ------------------
 
-        At most C{server.max_backend_connections} requests are in progress with
-        one backend at a time; the rest wait here (they already hold their
-        lease, so the service stays up for them).
+    def admission(self, url: str, route: Any) -> Admission:
         """
-        slots = self._slots.get(url)
-        if slots is None:
-            slots = self._slots[url] = DeferredSemaphore(self.config.server.max_backend_connections)
-        return slots
+        The admission window to the backend at C{url}.
+
+        At most C{max_concurrency} (and C{server.max_backend_connections})
+        requests are in progress with one backend at a time; the rest wait in
+        order inside L{Admission} (they already hold their lease, so the
+        service stays up for them).
+
+        @param route: whose settings a window made here takes (the lifecycle
+            that owns C{url} registers its own first, see L{_watch_admission}).
+        """
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(route)
+        return admission
+
+    def _new_admission(self, route: Any) -> Admission:
+        config = route.config
+        admission = Admission(
+            self.reactor,
+            config.max_concurrency,
+            config.queue_limit,
+            lambda: {"service": route.name, "state": route.state.value},
+            cap=self.config.server.max_backend_connections,
+        )
+        return admission
+
+    def _watch_admission(self, lifecycle: ServiceLifecycle) -> None:
+        """Slow start again each time C{lifecycle} becomes ready."""
+        url = lifecycle.backend.url
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(lifecycle)
+        else:  # a rebuilt service (reload): its new limits
+            admission.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
+        lifecycle.admission = admission
+
+        def restarted(change: StateChange) -> None:
+            if change.new is State.READY:
+                # The URL of a backend may be known only once it runs.
+                current = self.admission(lifecycle.backend.url, lifecycle)
+                current.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
+                lifecycle.admission = current
+                current.restart()
+
+        lifecycle.add_observer(restarted)
+
+    def agent_for_attempt(self, attempt: int) -> IAgent:
+        """
+        The client for connect attempt C{attempt} of one request.
+
+        The gateway's own client comes in several connect timeouts over one
+        connection pool (L{ConnectRetry.timeout}, from the backend's recent
+        connect times): a first connect gives up on a dropped SYN after a few
+        round trips rather than waiting out the kernel's 1 s retransmission.
+        An injected client (tests) is used as is.
+        """
+        if not self._own_agent:
+            return self.agent
+        attempt = min(attempt, 12)  # the timeout stops growing well before
+        agent = self._connect_agents.get(attempt)
+        if agent is None:
+            agent = self._connect_agents[attempt] = Agent.usingEndpointFactory(
+                self.reactor, AttemptEndpointFactory(self.reactor, attempt, self._connect_times), pool=self.pool
+            )
+        return agent
 
     def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
         """Where an upgrade request (a WebSocket) to the backend at C{url} gets its own connection."""
@@ -212,6 +274,7 @@ class Gateway:
         previous = self._retiring.get(service.name)
         if previous is not None:
             lifecycle.start_after(previous)  # its predecessor of the same name still drains
+        self._watch_admission(lifecycle)
         return lifecycle
 
     def _backend_for(self, service: ServiceConfig) -> IBackend:

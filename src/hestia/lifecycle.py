@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -49,6 +49,9 @@ from hestia.errors import (
 )
 from hestia.interfaces import IBackend, ILease, IReconfigurableBackend
 from hestia.queue import WaitQueue
+
+if TYPE_CHECKING:
+    from hestia.admission import Admission
 
 log = Logger(namespace="hestia.lifecycle")
 
@@ -141,6 +144,7 @@ class ServiceLifecycle:
     # The first probes come quickly, then back off to the health interval:
     # a fast service is seen within milliseconds, a slow one costs little.
     FIRST_PROBE_DELAY = 0.005
+    PROBE_GAP_SHARE = 0.005
 
     def __init__(
         self,
@@ -189,6 +193,9 @@ class ServiceLifecycle:
         # and extra sections of status() (the GPU claim), by name.
         self.idle_observers: list[Callable[[ServiceLifecycle], None]] = []
         self.status_sections: dict[str, Callable[[], Any]] = {}
+        # The backend's admission window (hestia.admission), set by the
+        # gateway; shown in the status and reconfigured on reload.
+        self.admission: Admission | None = None
         # Reload (issue 19, see the section at the end): what the backend was
         # built from, which lags behind config while a restart is pending, and
         # how to build the next one (set by the gateway).
@@ -374,6 +381,7 @@ class ServiceLifecycle:
             "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
             "details": self.backend.describe(),
             **{name: section() for name, section in self.status_sections.items()},
+            "concurrency": self.admission.status() if self.admission is not None else None,
             **self._reload_status(),
         }
 
@@ -442,7 +450,14 @@ class ServiceLifecycle:
         self._probe_call = None
         if generation != self._generation:
             return
-        next_delay = min(max(last_delay * 2, self.FIRST_PROBE_DELAY), self.config.health.interval)
+        # The gap grows with the time the start has taken so far (issue 13):
+        # readiness is seen within about 0.5% of the start time, at least
+        # FIRST_PROBE_DELAY and at most the health interval.  A doubling gap
+        # reached the interval within 15 ms, so a half-second start was seen
+        # up to 20 ms late, 10 ms on average; a refused probe costs ~0.1 ms of
+        # CPU, so 200 per second for a short start is cheap.
+        elapsed = self._reactor.seconds() - self._start_began
+        next_delay = min(max(elapsed * self.PROBE_GAP_SHARE, self.FIRST_PROBE_DELAY), self.config.health.interval)
         probing: Deferred[bool] = maybeDeferred(self.backend.probe)
         self._pending = probing
         probing.addCallbacks(
@@ -773,6 +788,8 @@ class ServiceLifecycle:
         if IReconfigurableBackend.providedBy(self.backend):
             self.backend.reconfigure(self.built_from)
         self.queue.limit = config.queue_limit
+        if self.admission is not None:
+            self.admission.configure(config.max_concurrency, config.queue_limit)
         if self.state is State.READY and not self._holding:
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.cancel()

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
@@ -38,8 +39,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from hestia.admission import CONNECT_RETRY, Admission
 from hestia.auth import Denied, authorize_service, may_see_output
-from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
+from hestia.errors import BadRequest, GatewayError, QueueFull, ResponseTimedOut, UnknownService, UpstreamUnreachable
 from hestia.headers import (
     HOP_BY_HOP,
     PathEscape,
@@ -109,6 +111,11 @@ class RequestRecord:
     # then is C{queued} its queue wait and C{queued + upstream} its time to
     # the response headers.
     leased: bool = False
+    # Failed connects that were tried again (hestia.admission.ConnectRetry).
+    connect_retries: int = 0
+    # Seconds from the lease to the first send: the wait for a turn in the
+    # backend's admission window (None: never sent).
+    slot_wait: float | None = None
 
 
 class RequestBody(FileBodyProducer):
@@ -187,7 +194,18 @@ class Exchange:
         self._tunnelled = False
         self._tunnel: Tunnel | None = None
         self._body: RequestBody | None = None
-        self._slots: DeferredSemaphore | None = None
+        # The turn with the backend this request holds (hestia.admission).
+        self._admission: Admission | None = None
+        self._backend_headers: list[tuple[bytes, list[bytes]]] = []
+        self._attempt = 0  # connect attempts made so far, less one
+        self._refused_since: float | None = None
+        # The response_timeout timer until the head arrives, then the
+        # response_idle_timeout one while the body streams.
+        self._response_timer: IDelayedCall | None = None
+        self._body_at = 0.0
+        # A 504 for response_timeout went out: the cancelled backend request's
+        # own failure must not answer again.
+        self._answered_by_gateway = False
         self._forwarded_at = 0.0
         self.loading_events = loading_events
         self._early = False  # the client has its headers already (loading events)
@@ -292,44 +310,126 @@ class Exchange:
         if is_upgrade(request):
             self._open_tunnel(lease, headers)
             return
-        body = None
-        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
-            assert request.content is not None  # Twisted buffers every request body.
-            request.content.seek(0)
-            body = self._body = RequestBody(request.content, cooperator=self.gateway.cooperator)
-        slots = self.gateway.backend_slots(lease.url)
-        if slots.tokens:
-            # A free slot: take it directly, without a Deferred that would
-            # fire at once anyway (what acquire() does in this case).
-            slots.tokens -= 1
-            self._send(slots, lease.url, headers, body)
-            return
-        turn = slots.acquire()
-        self._pending = turn
-        turn.addCallbacks(lambda _: self._send(slots, lease.url, headers, body), self._failed)
+        self._backend_headers = headers
+        self._take_turn(self.gateway.admission(lease.url, self.lifecycle))
 
-    def _send(
-        self,
-        slots: DeferredSemaphore,
-        url: str,
-        headers: list[tuple[bytes, list[bytes]]],
-        body: RequestBody | None,
-    ) -> None:
-        self._slots = slots
+    # -- turns with the backend (issue 13: hestia.admission) -------------------------
+
+    def _queue_deadline(self) -> float | None:
+        """When this request's time in the queue ends: arrival + C{queue_timeout}."""
+        timeout = self.lifecycle.config.queue_timeout
+        return self.record.began + timeout if timeout > 0 else None
+
+    def _take_turn(self, admission: Admission, first: bool = False) -> None:
+        """
+        Send the request once the backend's admission window has room.
+
+        @param first: a retry after a failed connect, which goes back to the
+            head of the queue (it was first in line already).
+        """
+        if not first and admission.try_take():
+            # Room, and nobody waiting before us: the warm path, no Deferred.
+            self._send(admission)
+            return
+        try:
+            turn = admission.wait(self._queue_deadline(), first=first)
+        except QueueFull as full:
+            self._failed(Failure(full))
+            return
+        if turn.called:
+            self._send(admission)
+            return
+        self._pending = turn
+        turn.addCallbacks(lambda _: self._send(admission), self._failed)
+
+    def _send(self, admission: Admission) -> None:
+        self._pending = None
+        self._admission = admission
         if self._gone:
             self._release_slot()
             return
-        self._forwarded_at = self.gateway.reactor.seconds()
-        sending = self.gateway.agent.request(
-            self.request.method, join_url(url, self.rest), Headers(dict(headers)), body
+        lease = self._lease
+        assert lease is not None
+        request = self.request
+        body = None
+        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
+            assert request.content is not None  # Twisted buffers every request body.
+            request.content.seek(0)  # a fresh producer per attempt (a retried connect)
+            body = self._body = RequestBody(request.content, cooperator=self.gateway.cooperator)
+        reactor = self.gateway.reactor
+        self._forwarded_at = reactor.seconds()
+        if self.record.slot_wait is None:
+            self.record.slot_wait = self._forwarded_at - self.record.began - self.record.queued
+        sending = self.gateway.agent_for_attempt(self._attempt).request(
+            request.method, join_url(lease.url, self.rest), Headers(dict(self._backend_headers)), body
         )
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and not sending.called:
+            self._response_timer = reactor.callLater(timeout, self._response_timed_out, timeout)
         self._pending = sending
         sending.addCallbacks(self._respond, self._failed)
 
     def _release_slot(self) -> None:
-        slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.release()
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.release()
+
+    def _cancel_response_timer(self) -> None:
+        timer, self._response_timer = self._response_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _response_timed_out(self, timeout: float) -> None:
+        """
+        No response head within C{response_timeout}: answer 504, cancel the
+        backend request (which closes its connection) and free the slot.
+        """
+        self._response_timer = None
+        sending, self._pending = self._pending, None
+        self._release_slot()
+        self._answer_response_timeout(timeout)
+        if sending is not None:
+            sending.cancel()
+
+    def _answer_response_timeout(self, timeout: float) -> None:
+        self._answered_by_gateway = True
+        error = ResponseTimedOut(
+            f"backend sent no response within response_timeout {timeout:g}s",
+            service=self.lifecycle.name,
+            state=self.lifecycle.state.value,
+        )
+        self.record.status = error.status
+        self.record.error = error.reason
+        self.record.error_kind = "response_timeout"
+        log.warn("{service}: no response within {timeout}s to {method} {path}: answered 504",
+                 service=self.lifecycle.name, timeout=timeout, method=self.record.method, path=self.record.path)
+        if self._early:  # loading events: the stream is open, its end says why
+            self._end_with_error_event(error.reason, code=type(error).__name__)
+            return
+        write_error(self.request, error, self.request_id)
+
+    def _retry_connect(self, failure: Failure) -> bool:
+        """
+        Try again a connect that failed, while the request's queue time lasts.
+
+        The request never reached the backend, so this is safe whatever its
+        method (L{hestia.admission.ConnectRetry} has the rule).
+        """
+        if self._lease is None or self._tunnelled:
+            return False
+        now = self.gateway.reactor.seconds()
+        if self._refused_since is None and _refused(failure):
+            self._refused_since = now
+        pause = CONNECT_RETRY.next_attempt(self._attempt, now, self._queue_deadline(), self._refused_since)
+        if pause is None:
+            return False
+        self._attempt += 1
+        self.record.connect_retries += 1
+        admission = self.gateway.admission(self._lease.url, self.lifecycle)
+        waiting = deferLater(self.gateway.reactor, pause, lambda: None)
+        self._pending = waiting
+        waiting.addCallbacks(lambda _: self._take_turn(admission, first=True), self._failed)
+        return True
 
     def _open_tunnel(self, lease: ILease, headers: list[tuple[bytes, list[bytes]]]) -> None:
         """
@@ -342,6 +442,7 @@ class Exchange:
         """
 
         def closed(status: int | None, sent: int) -> None:
+            self._cancel_response_timer()
             now = self.gateway.reactor.seconds()
             self.record.status = status
             self.record.bytes = sent
@@ -354,6 +455,7 @@ class Exchange:
 
         def refused(status: int) -> None:
             # A normal response after all: notifyFinish ends it.
+            self._cancel_response_timer()
             self._tunnelled = False
             self.record.status = status
             self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
@@ -361,17 +463,42 @@ class Exchange:
 
         def unreachable(failure: Failure) -> None:
             # The client connection is still Twisted's: answer 502 the usual way.
+            self._cancel_response_timer()
             self._tunnelled = False
             self._tunnel = None
             self._failed(failure)
+
+        def undecided(timeout: float) -> None:
+            # No 101 and no other answer within response_timeout (issue 12,
+            # hole 4): drop the backend connection and answer 504.
+            self._response_timer = None
+            tunnel = self._tunnel
+            if tunnel is None or tunnel.switched or tunnel.status is not None:
+                return
+            tunnel.abort()
+            self._tunnelled = False
+            self._tunnel = None
+            self._answer_response_timeout(timeout)
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
         self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
                                    headers, closed, unreachable, refused)
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and self._tunnel is not None and self._tunnelled:
+            self._response_timer = self.gateway.reactor.callLater(timeout, undecided, timeout)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        idle = self.lifecycle.config.response_idle_timeout
+        if idle > 0 and not self._gone:
+            # One timer for the whole body: each piece only notes the time,
+            # and the timer, when due, waits out the rest of the period.
+            self._body_at = self.gateway.reactor.seconds()
+            self._response_timer = self.gateway.reactor.callLater(idle, self._body_idle, idle)
+        if self._admission is not None:
+            self._admission.answered()
         self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
         self.record.status = response.code
         request = self.request
@@ -404,10 +531,28 @@ class Exchange:
     def body_received(self, data: bytes) -> None:
         if not self._gone:
             self.record.bytes += len(data)
+            self._body_at = self.gateway.reactor.seconds()
             self.request.write(data)
+
+    def _body_idle(self, idle: float) -> None:
+        """No byte moved for C{response_idle_timeout}: cut both connections (issue 12: nothing waits forever)."""
+        self._response_timer = None
+        silent = self.gateway.reactor.seconds() - self._body_at
+        if silent < idle:
+            self._response_timer = self.gateway.reactor.callLater(idle - silent, self._body_idle, idle)
+            return
+        self.record.error = f"response body silent for response_idle_timeout {idle:g}s"
+        self.record.error_kind = "truncated"
+        log.warn("{service}: response body to {method} {path} silent for {idle}s: cut",
+                 service=self.lifecycle.name, idle=idle, method=self.record.method, path=self.record.path)
+        relay = self._relay
+        if relay is not None and relay.transport is not None:
+            cast(Any, relay.transport).stopProducing()  # drops the backend connection
+        self.request.loseConnection()
 
     def body_ended(self, reason: Failure) -> None:
         self._relay = None
+        self._cancel_response_timer()
         self._release_slot()
         if self._gone:
             return
@@ -417,12 +562,13 @@ class Exchange:
         else:
             # The backend broke off mid-body: cut the client off too, so that it
             # does not take a truncated body for a whole one.
-            self.record.error = f"backend broke off the response: {reason.getErrorMessage()}"
+            self.record.error = self.record.error or f"backend broke off the response: {reason.getErrorMessage()}"
             self.record.error_kind = "truncated"
             self.request.loseConnection()
 
     def _backend_refused(self, code: int, body: bytes) -> None:
         """The backend answered an early-opened stream with an error: pass it on as an event."""
+        self._cancel_response_timer()
         self._release_slot()
         try:
             error = json.loads(body).get("error")
@@ -435,10 +581,17 @@ class Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        connect_failed = self._admission is not None and _connect_failure(failure)
+        if connect_failed:
+            assert self._admission is not None
+            self._admission.connect_failed()
         self._release_slot()
-        if self._gone or failure.check(CancelledError):
+        if self._gone or self._answered_by_gateway or failure.check(CancelledError):
             return
         if self._fail_over(failure):
+            return
+        if connect_failed and self._retry_connect(failure):
             return
         error = failure.value
         if not isinstance(error, GatewayError):
@@ -489,6 +642,7 @@ class Exchange:
         if self._tunnelled and not isinstance(result, Failure):
             return  # The tunnel's own end does this.
         self._stop_keep_alive()
+        self._cancel_response_timer()
         if self._tunnel is not None and not self._tunnelled:
             self.record.bytes = self._tunnel.bytes_to_client  # A refused upgrade, relayed.
         body, self._body = self._body, None
@@ -547,6 +701,13 @@ def _connect_failure(failure: Failure) -> bool:
     if failure.check(ResponseNeverReceived, ResponseFailed):
         return any(_connect_failure(reason) for reason in getattr(failure.value, "reasons", []))
     return failure.check(ConnectError, TimeoutError) is not None
+
+
+def _refused(failure: Failure) -> bool:
+    """Whether a connect failure was a refusal (nothing listens), not a timeout."""
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(_refused(reason) for reason in getattr(failure.value, "reasons", []))
+    return failure.check(ConnectionRefusedError) is not None
 
 
 def _describe_upstream_failure(failure: Failure) -> str:

@@ -55,6 +55,7 @@ SETTINGS: Mapping[str, Applies] = {
     "health": IN_PLACE,
     # Response deadline and concurrency (issue 13).
     "response_timeout": IN_PLACE,
+    "response_idle_timeout": IN_PLACE,
     "max_concurrency": IN_PLACE,
     # Costs, schedules, predictive warm-up (issue 16).
     "cost_per_hour": IN_PLACE,
