@@ -13,13 +13,14 @@
 #
 # Environment: HESTIA_CONFIG (default ./hestia_config.yml), HESTIA_LISTEN, PYTHON (default python3),
 # HESTIA_URL for `status` (default http://localhost:8080), HESTIA_WATCH_CONFIG=0 to run without
-# watching the file. DEV_ENVIRONMENT.md is the whole development guide.
+# watching the file, HESTIA_RUN_DIR (the pidfile's directory, default ./.run).
+# DEV_ENVIRONMENT.md is the whole development guide.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-RUN_DIR="$ROOT/.run"
+RUN_DIR="${HESTIA_RUN_DIR:-$ROOT/.run}"
 cd "$ROOT"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -33,7 +34,7 @@ setup() {
   if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing Hestia and its test tools into .venv"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e ".[test,lint]"
+    "$PY" -m pip install -q -e ".[test,lint,dev]"
     # The example third-party routing strategy: the tests show Hestia finding it.
     "$PY" -m pip install -q -e strategies/hestia-time-window
     touch "$stamp"
@@ -53,7 +54,8 @@ run() {
   # Hot reload: a saved change of the file is applied like SIGHUP (HESTIA_WATCH_CONFIG=0: off).
   local watch=(--watch-config)
   [ "${HESTIA_WATCH_CONFIG:-1}" = 0 ] && watch=()
-  exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "${watch[@]}" "$@"
+  # .venv/bin first: the shipped config's demo service is the `hestia-demo` command.
+  PATH="$VENV/bin:$PATH" exec "$VENV/bin/twistd" --nodaemon --pidfile="$RUN_DIR/hestia.pid" hestia --config "$config" "${watch[@]}" "$@"
 }
 
 # A test run that hangs (a stuck process, a thread keeping Python alive) must fail, not stall CI:
@@ -203,5 +205,5 @@ case "${1:-}" in
   test) shift; test_suite "$@" ;;
   status) shift; status "$@" ;;
   stop) stop ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -8,6 +8,12 @@
 #   scripts/podman-engine.sh stop      stop the API service started by `start`
 #   scripts/podman-engine.sh status    say whether it runs and answers; exit 0 if so
 #   scripts/podman-engine.sh image     (re)build the test image if absent
+#   scripts/podman-engine.sh podman ARGS...
+#                                      run podman with the engine's store, runtime and
+#                                      containers.conf (what the container tests use)
+#   scripts/podman-engine.sh base-image
+#                                      build the Dockerfile's base image from Debian
+#                                      packages if absent (for the container suite)
 #
 # Environment:
 #   HESTIA_PODMAN_SOCK            socket path (default /run/hestia-podman/podman.sock);
@@ -47,6 +53,10 @@ PIDFILE="$STATE_DIR/podman.pid"
 LOGFILE="$STATE_DIR/podman-service.log"
 CONF="$STATE_DIR/containers.conf"
 IMAGE="localhost/hestia-busybox:latest"
+# The Dockerfile's FROM. No image registry is reachable here, so `base-image` makes one
+# with the same name from Debian packages (mmdebstrap), labelled so it can be told apart.
+BASE_IMAGE="${HESTIA_BASE_IMAGE:-docker.io/library/python:3.11-slim}"
+BASE_LABEL="org.opencontainers.image.title=hestia-test-base"
 
 # Packages (Debian bookworm names):
 #   podman          the engine; `podman system service` is the Docker-compatible API.
@@ -63,7 +73,8 @@ IMAGE="localhost/hestia-busybox:latest"
 #                   iptables (nf_tables backend here). slirp4netns/pasta are only needed
 #                   for *rootless* podman, which this script does not use.
 #   curl            the readiness probe (`curl --unix-socket $SOCK http://d/_ping`).
-PACKAGES=(podman runc busybox-static catatonit netavark iptables curl)
+#   aardvark-dns    container names in DNS on user networks (compose's default network).
+PACKAGES=(podman runc busybox-static catatonit netavark aardvark-dns iptables curl)
 
 # Global podman options, shared by the service and by the image build so that both
 # see the same store and runtime:
@@ -105,7 +116,8 @@ cmd_install() {
     log "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q "${missing[@]}"
+    # Never upgrade what is installed (scripts/install-system-deps.sh explains and checks).
+    apt-get install -y -q --no-install-recommends --no-upgrade "${missing[@]}"
 }
 
 # The limits the engine may hand to containers. In this sandbox even root lacks
@@ -210,6 +222,43 @@ cmd_image() {
     log "built $IMAGE"
 }
 
+cmd_base_image() {
+    # A stand-in for python:3.11-slim: Debian bookworm's python3 (3.11) with venv, built by
+    # mmdebstrap (about 30 s with a warm apt cache) and imported as a one-layer image. Built
+    # once and kept: the container suite reuses it across runs (never pruned by us).
+    need_root
+    [[ -f "$CONF" ]] || write_conf
+    if run_podman image exists "$BASE_IMAGE"; then
+        local title
+        title="$(run_podman image inspect --format '{{index .Labels "org.opencontainers.image.title"}}' "$BASE_IMAGE" 2>/dev/null || true)"
+        log "base image $BASE_IMAGE present${title:+ ($title)}"
+        return 0
+    fi
+    command -v mmdebstrap >/dev/null || die "mmdebstrap missing: run scripts/install-system-deps.sh"
+    log "building $BASE_IMAGE with mmdebstrap --variant=minbase (python3, python3-venv)"
+    local tarball
+    tarball="$(mktemp --suffix=.tar)"
+    # The host's own apt sources (mmdebstrap reads them when given none): the same mirror
+    # and snapshot as the machine, nothing else reached.
+    if ! mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \
+        --aptopt='APT::Install-Recommends "false"' \
+        --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
+        bookworm "$tarball" >&2; then
+        rm -f "$tarball"
+        die "mmdebstrap failed"
+    fi
+    if ! run_podman import --quiet \
+        --change 'CMD ["python3"]' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
+        --change "LABEL $BASE_LABEL" \
+        "$tarball" "$BASE_IMAGE" >/dev/null; then
+        rm -f "$tarball"
+        die "podman import of the base image failed"
+    fi
+    rm -f "$tarball"
+    log "built $BASE_IMAGE"
+}
+
 launch_service() { # starts `podman system service` and waits until it answers
     # --time=0: never exit when idle (the default is 5 s of inactivity).
     # setsid: detach from this shell's session so that the engine outlives it.
@@ -219,7 +268,13 @@ launch_service() { # starts `podman system service` and waits until it answers
     local pid=$! i
     echo "$pid" >"$PIDFILE"
     for ((i = 0; i < 300; i++)); do # up to 30 s
-        ping_ok && return 0
+        if ping_ok; then
+            # Like Debian's podman.socket (SocketMode=0660, group root) and Docker's socket
+            # (0660, group docker): a client in the socket's group may use it, as the Hestia
+            # container of docker-compose.yml does (group_add: DOCKER_GID).
+            chmod 0660 "$SOCK"
+            return 0
+        fi
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -n 20 "$LOGFILE" >&2 || true
             die "podman system service exited; log: $LOGFILE"
@@ -303,8 +358,14 @@ start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 image) cmd_image ;;
+base-image) cmd_base_image ;;
+podman)
+    shift
+    [[ -f "$CONF" ]] || write_conf
+    run_podman "$@"
+    ;;
 *)
-    echo "usage: $0 {install|start|stop|status|image}" >&2
+    echo "usage: $0 {install|start|stop|status|image|base-image|podman ARGS...}" >&2
     exit 2
     ;;
 esac

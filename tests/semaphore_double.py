@@ -6,8 +6,10 @@ launching Semaphore tasks.  A hand-rolled mock that answers whatever the gateway
 expects would let protocol bugs through, so this double is held to two
 independent references and records every departure from them:
 
-* ``api-docs.yml``, Semaphore's own Swagger 2.0 description (loaded once; path from
-  ``$SEMAPHORE_API_DOCS`` or ``<repo>/../shared/semaphore/api-docs.yml``).  Every
+* ``tests/semaphore_contract.yml``, the part of Semaphore's own Swagger 2.0
+  description that Hestia relies on, copied unchanged into the repository by
+  ``tests/semaphore_contract.py`` (loaded once; ``$SEMAPHORE_API_DOCS`` may name
+  Semaphore's whole ``api-docs.yml`` instead).  Every
   ``in: body`` request is validated against the operation's schema (``#/definitions``
   refs resolved through a ``referencing`` registry, Draft 4 semantics like Swagger
   2.0): a failure is answered 400 and recorded as a *protocol violation*.  Every
@@ -15,7 +17,8 @@ independent references and records every departure from them:
   schema: a failure is a bug in the double and is recorded too.  Requests to paths
   or methods the spec does not have are violations; spec operations the double
   does not model answer 501 and are recorded, so nobody silently relies on them.
-* ``NOTES.md`` beside the spec (behaviour of the real server the spec omits).
+* Semaphore's ``NOTES.md`` (behaviour of the real server the spec omits; kept in
+  the contract as ``x-hestia-notes``).
   Rules implemented here, in NOTES order:
 
   - Auth: ``Authorization: Bearer <token>``; unknown or missing token -> 401 with an
@@ -165,7 +168,7 @@ from twisted.web import resource, server
 
 JSON = dict[str, Any]
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPEC_PATH = REPO_ROOT.parent / "shared" / "semaphore" / "api-docs.yml"
+DEFAULT_SPEC_PATH = REPO_ROOT / "tests" / "semaphore_contract.yml"
 SPEC_URI = "urn:semaphore:api-docs"
 
 FINISHED = frozenset({"success", "error", "stopped"})
@@ -1626,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project-id", type=int, default=1)
     ap.add_argument("--state-dir", required=True)
     ap.add_argument("--scenario-file")
-    ap.add_argument("--spec", help="api-docs.yml (default: $SEMAPHORE_API_DOCS or the shared copy)")
+    ap.add_argument("--spec", help="the spec (default: $SEMAPHORE_API_DOCS or tests/semaphore_contract.yml)")
     ap.add_argument("--keep-vms-on-exit", action="store_true",
                     help="leave VM processes running on SIGTERM, to simulate a server restart")
     args = ap.parse_args(argv)

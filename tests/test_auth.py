@@ -257,6 +257,7 @@ V1_ROUTES = [
     ("GET", "/v1/metrics"),
     ("POST", "/v1/services/echo/start"),
     ("POST", "/v1/services/echo/stop"),
+    ("POST", "/v1/services/echo/restart"),
     ("POST", "/v1/reload"),
     ("GET", "/v1/no-such-route"),
 ]

@@ -157,6 +157,23 @@ def test_start_wait_stop(gw: Gw) -> None:
 
 
 @pytest.mark.integration
+def test_start_wait_on_a_running_service_says_it_was_already_running(gw: Gw) -> None:
+    first = hestia_cli("start", "echo", "--wait", url=gw.gw.url)
+    assert first.returncode == Exit.OK, first.stderr
+    again = hestia_cli("start", "echo", "--wait", url=gw.gw.url)
+    assert again.returncode == Exit.OK, again.stderr
+    assert again.stdout == "echo: already running\n"  # not the last start's "started in 0.5s"
+
+
+@pytest.mark.unit
+def test_version() -> None:
+    from hestia import __version__
+
+    result = hestia_cli("--version")
+    assert (result.returncode, result.stdout) == (0, f"hestia {__version__}\n")
+
+
+@pytest.mark.integration
 def test_start_wait_reports_failure_reason(gw: Gw) -> None:
     result = hestia_cli("start", "broken", "--wait", url=gw.gw.url)
     assert result.returncode == Exit.FAILED

@@ -395,7 +395,7 @@ class ConfigTests(unittest.SynchronousTestCase):
             ({"hestia.port": "80"}, "container Jelly_Fin: hestia.name: service names must match"),
             ({"hestia.name": "jf"}, "container Jelly_Fin: hestia.url: missing"),
             ({"hestia.name": "jf", "hestia.url": "ftp://x"}, "container Jelly_Fin: hestia.url: expected an http"),
-            ({"hestia.name": "jf", "hestia.port": "99999"}, "container Jelly_Fin: hestia.port: not a port"),
+            ({"hestia.name": "jf", "hestia.port": "99999"}, "container Jelly_Fin: hestia.port: must be at most 65535"),
             ({"hestia.name": "jf", "hestia.port": "1", "hestia.health_path": "x"},
              "container Jelly_Fin: hestia.health_path: must start with '/'"),
         ]

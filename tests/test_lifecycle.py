@@ -89,19 +89,26 @@ def test_one_start_serves_every_waiter() -> None:
     ]
 
 
-def test_probes_back_off_to_the_health_interval() -> None:
+def test_probe_gaps_grow_with_the_start_time_up_to_the_health_interval() -> None:
     lifecycle, backend, clock, _ = make(health={"tcp": True, "interval": 0.04})
     lifecycle.acquire()
     backend.finish_start()
-    delays = []
-    for _ in range(6):
-        before = clock.seconds()
-        if len(backend.probes) == len(delays):
-            clock.advance(min(call.getTime() for call in clock.getDelayedCalls()) - clock.seconds())
-        delays.append(round(clock.seconds() - before, 3))
+    clock.advance(0)  # the first probe: at once
+    gaps: dict[float, float] = {}  # start time so far -> gap before the next probe
+    while clock.seconds() < 10:
+        assert len(backend.probes) == len(gaps) + 1
         backend.answer_probe(False)
-    # First probe at once, then quickly growing gaps capped at the interval.
-    assert delays == [0.0, 0.005, 0.01, 0.02, 0.04, 0.04]
+        probe = lifecycle._probe_call
+        assert probe is not None
+        gaps[round(clock.seconds(), 4)] = round(probe.getTime() - clock.seconds(), 4)
+        clock.advance(probe.getTime() - clock.seconds())
+    # The first probe at once; 5 ms gaps while the start is young (a fresh
+    # backend is seen within 5 ms); then about 0.5% of the time waited so
+    # far, capped at the interval.
+    assert next(iter(gaps)) == 0.0
+    assert {gap for at, gap in gaps.items() if at < 1.0} == {0.005}
+    assert all(gap == pytest.approx(max(0.005, min(0.04, at / 200)), abs=1e-4) for at, gap in gaps.items())
+    assert gaps[max(gaps)] == 0.04
 
 
 def test_no_probing_when_nothing_starts() -> None:

@@ -354,8 +354,10 @@ def test_unit_stop_reasons(how: str, reason: str) -> None:
     elif how == "exited":
         unit.fakes["svc"].exit("exit status 4")
     else:
-        changed = dict(unit.services["svc"], idle_timeout=20)
-        unit.gateway.apply(parse_config({"services": {"svc": changed}}, "test.yml", environ={}))
+        # A reload stops a service only when told to (issue 19): a new command, restart: now.
+        changed = dict(unit.services["svc"], command=["y"])
+        unit.gateway.apply(parse_config({"services": {"svc": changed}, "reload": {"restart": "now"}},
+                                        "test.yml", environ={}))
     counts = {each: unit.sample("hestia_service_stops_total", service="svc", reason=each) for each in STOP_REASONS}
     assert counts == {each: (1.0 if each == reason else 0.0) for each in STOP_REASONS}
 

@@ -7,14 +7,25 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from hestia import state as state_module
 from hestia.lifecycle import State, StateChange
-from hestia.state import SCHEMA_VERSION, StateStore, state_recorder
+from hestia.state import (
+    SCHEMA_VERSION,
+    StateStore,
+    StateStoreError,
+    StoreClosed,
+    check_state_file,
+    state_recorder,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -74,3 +85,121 @@ class StateStoreTests(TestCase):
         self.assertEqual(events[1]["duration"], 1.5)
         services = yield self.store.load_services()
         self.assertEqual(services["web"]["state"], "stopping")
+
+
+class LockedStateTests(TestCase):
+    """
+    Issue 12, hole 7: a lock held by another process is waited for a bounded
+    time, and a closing store stops waiting at once (shutdown never hangs in SQLite).
+    """
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="hestia-state-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = str(Path(directory) / "hestia.db")
+        check_state_file(self.path)
+        # Another process's lock: a connection of its own holding the write lock.
+        self.other = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(self.other.close)
+
+    def hold_lock(self) -> None:
+        self.other.execute("BEGIN EXCLUSIVE")
+        self.other.execute("INSERT INTO events (service, at, kind) VALUES ('x', 0, 'start')")
+        self.addCleanup(lambda: self.other.in_transaction and self.other.execute("ROLLBACK"))
+
+    @inlineCallbacks
+    def test_a_write_waits_for_the_lock_a_bounded_time(self):  # type: ignore[no-untyped-def]
+        store = StateStore(self.path, lock_timeout=0.3)
+        self.addCleanup(store.close)
+        yield store.open()
+        self.hold_lock()
+        with self.assertRaises(StateStoreError) as caught:
+            yield store.record_event("web", "start", 1.0)
+        self.assertIn("locked by another process for more than 0.3s", str(caught.exception))
+        self.assertIn(self.path, str(caught.exception))
+        self.other.execute("ROLLBACK")
+        yield store.record_event("web", "start", 1.0)  # the lock gone, writes go through again
+        self.assertEqual(len((yield store.events("web"))), 1)
+
+    @inlineCallbacks
+    def test_closing_stops_a_wait_for_the_lock(self):  # type: ignore[no-untyped-def]
+        store = StateStore(self.path, lock_timeout=600)  # the old store would wait this long
+        yield store.open()
+        self.hold_lock()
+        waiting = threading.Event()
+        real = state_module._is_locked
+
+        def seen(error: sqlite3.Error) -> bool:
+            waiting.set()
+            return real(error)
+
+        self.patch(state_module, "_is_locked", seen)
+        write = store.record_event("web", "start", 1.0)
+        queued = store.save_service("web", "starting", 1.0, now=1.0)
+        store.track(write)
+        store.track(queued)
+        self.assertTrue((yield deferToThread(waiting.wait, 30)), "the write never met the lock")
+        store.close()  # joins the worker thread: returns only once the wait ended
+        for pending in (write, queued):
+            with self.assertRaises(StoreClosed):
+                yield pending
+        self.assertEqual(store.pending, 0)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "expected"),
+    [
+        (lambda path: path.mkdir(), "is not a regular file"),
+        (lambda path: path.write_bytes(b"\x00garbage" * 512), "not a usable SQLite database"),
+        (lambda path: sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 7}"),
+         f"schema version {SCHEMA_VERSION + 7}, newer"),
+    ],
+    ids=["directory", "corrupt", "newer"],
+)
+def test_check_state_file_names_the_file_and_the_problem(tmp_path: Path, prepare: Any, expected: str) -> None:
+    path = tmp_path / "hestia.db"
+    prepare(path)
+    with pytest.raises(StateStoreError) as caught:
+        check_state_file(str(path))
+    assert str(caught.value).startswith(f"{path}: ") and expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_check_state_file_creates_and_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "hestia.db"
+    assert check_state_file(str(path)) == 0
+    assert check_state_file(str(path)) == SCHEMA_VERSION
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_closed_store_answers_503_on_the_events_route_and_never_hangs(tmp_path: Path) -> None:
+    from treq.testing import StubTreq
+    from twisted.internet.task import Clock
+
+    from hestia.api import ManagementAPI
+    from hestia.config import parse_config
+    from hestia.gateway import Gateway
+    from hestia.testing import FakeBackend
+
+    path = str(tmp_path / "hestia.db")
+    check_state_file(path)
+    store = StateStore(path)
+    store.close()  # shutting down: the worker thread is gone
+    config = parse_config({"services": {"web": {"url": "http://w:1"}}}, "t.yml", {})
+    gateway = Gateway(config, Clock(), build_backend=lambda service: FakeBackend(url=service.url,
+                                                                                  has_lifecycle=False))
+    client = StubTreq(ManagementAPI(gateway, store=store).resource())
+    answered: list[Any] = []
+    client.get("http://gw/services/web/events").addBoth(answered.append)
+    client.flush()
+    assert answered, "the events route never answered"
+    response = answered[0]
+    assert response.code == 503
+    body: list[Any] = []
+    response.json().addBoth(body.append)
+    client.flush()
+    assert "state database" in body[0]["error"] and body[0]["retry_after"] == 5
+    with pytest.raises(StoreClosed):
+        failed: list[Any] = []
+        store.record_event("web", "start", 1.0).addErrback(failed.append)
+        failed[0].raiseException()

@@ -18,10 +18,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from hestia import __version__
-from hestia.errors import GatewayError, UnknownService
+from hestia.errors import BadRequest, GatewayError, ServiceUnavailable, UnknownService
 from hestia.lifecycle import State
+from hestia.state import StateStoreError, StoreClosed
 
 if TYPE_CHECKING:
+    from hestia.costs import CostLedger
     from hestia.gateway import Gateway
     from hestia.logs import ServiceOutput
     from hestia.metrics import HestiaMetrics
@@ -56,6 +58,7 @@ class ManagementAPI:
         store: StateStore | None = None,
         metrics: HestiaMetrics | None = None,
         output: ServiceOutput | None = None,
+        costs: CostLedger | None = None,
     ) -> None:
         """
         @param metrics: served at C{/v1/metrics} (L{hestia.metrics}).
@@ -66,6 +69,7 @@ class ManagementAPI:
         self.store = store
         self.metrics = metrics
         self.output = output
+        self.costs = costs
         from hestia.events_stream import EventHub
 
         self.events_hub = EventHub(gateway)
@@ -90,7 +94,7 @@ class ManagementAPI:
             request,
             {
                 "services": [
-                    {**lifecycle.status(), **self.events_hub.activity(name)}
+                    {**lifecycle.status(), **self.events_hub.activity(name), **self._cost_fields(name)}
                     for name, lifecycle in self.gateway.services.items()
                 ]
             },
@@ -98,7 +102,34 @@ class ManagementAPI:
 
     @app.route("/services/<name>/status", methods=["GET"])
     def status(self, request: Request, name: str) -> bytes:
-        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name)})
+        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name),
+                                   **self._cost_fields(name)})
+
+    # -- costs (issue 16, hestia.costs) -------------------------------------------
+
+    def _cost_fields(self, name: str) -> dict[str, Any]:
+        return self.costs.status_fields(name) if self.costs is not None else {}
+
+    @app.route("/costs", methods=["GET"])
+    @inlineCallbacks
+    def costs_report(self, request: Request) -> Any:
+        from hestia.costs import PERIODS
+
+        period = (request.args.get(b"period") or [b"all"])[0].decode("ascii", "replace")
+        if period not in PERIODS:
+            raise BadRequest(f"period must be one of {', '.join(PERIODS)}")
+        if self.costs is None:
+            raise UnknownService("costs are not enabled")
+        report = yield self.costs.report(period)
+        return json_body(request, report)
+
+    @app.route("/costs/timeline", methods=["GET"])
+    @inlineCallbacks
+    def costs_timeline(self, request: Request) -> Any:
+        if self.costs is None:
+            raise UnknownService("costs are not enabled")
+        timeline = yield self.costs.timeline(7.0)
+        return json_body(request, timeline)
 
     @app.route("/services/<name>/events/stream", methods=["GET"])
     def events_stream(self, request: Request, name: str) -> Deferred[None]:
@@ -140,7 +171,12 @@ class ManagementAPI:
             limit = max(1, min(1000, int((request.args.get(b"limit") or [b"50"])[0])))
         except ValueError:
             limit = 50
-        history = [] if self.store is None else (yield self.store.events(name, limit))
+        try:
+            history = [] if self.store is None else (yield self.store.events(name, limit))
+        except (StateStoreError, StoreClosed) as error:
+            # Locked by another process for longer than the store waits, or shutting down.
+            raise ServiceUnavailable(f"the state database cannot be read now: {error}", service=name,
+                                     retry_after=5.0) from None
         return json_body(request, {"name": name, "events": history})
 
     @app.route("/metrics", methods=["GET", "HEAD"])
@@ -191,6 +227,22 @@ class ManagementAPI:
         lifecycle = self.gateway.lifecycle(name)
         yield lifecycle.stop("api")
         return json_body(request, lifecycle.status(), 200)
+
+    @app.route("/services/<name>/restart", methods=["POST"])
+    @inlineCallbacks
+    def restart(self, request: Request, name: str) -> Any:
+        """
+        Drain, stop and start again with the configuration as it is now (issue 19):
+        how a pending C{restart_pending} change is applied.  C{?wait=true} answers
+        once it is ready again; otherwise 202 at once.
+        """
+        self.gateway.lifecycle(name)
+        restarting: Deferred[None] = self.gateway.restart(name)
+        if _flag(request, b"wait"):
+            yield restarting
+            return json_body(request, self.gateway.lifecycle(name).status(), 200)
+        restarting.addErrback(lambda failure: None)  # Seen in status and the log.
+        return json_body(request, self.gateway.lifecycle(name).status(), 202)
 
     @app.route("/reload", methods=["POST"])
     def reload(self, request: Request) -> bytes:

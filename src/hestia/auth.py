@@ -34,12 +34,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from hestia.config import Config, ConfigError
+from hestia.config import Config, ConfigError, _Reader
+from hestia.interfaces import IHeadCheck
 
 log = Logger(namespace="hestia.auth")
 
@@ -119,13 +122,13 @@ def parse_auth(config: Config, environ: Mapping[str, str] | None = None) -> Auth
         if token.digest in seen:
             raise ConfigError(source, f"auth.tokens.{token.name}", "has the same value as another token")
         seen.add(token.digest)
-    max_failures = raw.get("max_failures", AuthConfig.max_failures)
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1:
-        raise ConfigError(source, "auth.max_failures", "expected a whole number of at least 1")
-    window = raw.get("failure_window", AuthConfig.failure_window)
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
+    # The shared readers bound every number (no NaN, no .inf: hestia.config).
+    reader = _Reader(source)
+    max_failures = reader.integer(raw.get("max_failures", AuthConfig.max_failures), "auth.max_failures", minimum=1)
+    window = reader.duration(raw.get("failure_window", AuthConfig.failure_window), "auth.failure_window")
+    if window <= 0:
         raise ConfigError(source, "auth.failure_window", "expected a number of seconds above 0")
-    return AuthConfig(tokens, max_failures, float(window), passing)
+    return AuthConfig(tokens, max_failures, window, passing)
 
 
 def _token(source: str, index: int, raw: Any, config: Config, environ: Mapping[str, str]) -> Token:
@@ -206,6 +209,7 @@ class Denied:
     status: int
     reason: str
     retry_after: float | None = None
+    service: str | None = None
 
 
 class Authenticator:
@@ -251,6 +255,18 @@ class Authenticator:
 
     def _check(self, request: Request, allowed: Callable[[Token], bool], *, allow_bearer: bool,
                scope: str) -> Denied | None:
+        # Decided once per request and scope: the channel asks when the head is
+        # in (before a body), the resource again when it renders; a wrong token
+        # must count once against the client.
+        decided: tuple[str, Denied | None] | None = getattr(request, "hestia_auth_decision", None)
+        if decided is not None and decided[0] == scope:
+            return decided[1]
+        denied = self._decide(request, allowed, allow_bearer=allow_bearer, scope=scope)
+        request.hestia_auth_decision = (scope, denied)  # type: ignore[attr-defined]
+        return denied
+
+    def _decide(self, request: Request, allowed: Callable[[Token], bool], *, allow_bearer: bool,
+                scope: str) -> Denied | None:
         client = _client(request)
         presented = _presented(request, allow_bearer)
         limited = self._limited(client)
@@ -268,6 +284,7 @@ class Authenticator:
             log.warn("token {name} may not reach {scope}", name=token.name, scope=scope)
             return Denied(403, f"token {token.name!r} does not grant {scope}")
         request.hestia_token_name = token.name  # type: ignore[attr-defined]
+        request.hestia_token_admin = token.admin  # type: ignore[attr-defined]
         return None
 
     def _match(self, presented: bytes) -> Token | None:
@@ -311,16 +328,35 @@ def _client(request: Request) -> str:
 
 
 def _presented(request: Request, allow_bearer: bool) -> bytes | None:
-    """The token the client sent: C{X-Hestia-Token} first, then a bearer token."""
-    values = request.requestHeaders.getRawHeaders(TOKEN_HEADER)
-    if values:
-        return values[0].strip() or None
+    """
+    The token the client sent: C{X-Hestia-Token} first, then a bearer token.
+
+    An empty C{X-Hestia-Token} (a client that sets the header from an unset
+    variable) is no token: it does not hide a bearer token sent with it.
+    """
+    for value in request.requestHeaders.getRawHeaders(TOKEN_HEADER) or []:
+        if value.strip():
+            return value.strip()
     if allow_bearer:
         for value in request.requestHeaders.getRawHeaders(AUTHORIZATION) or []:
             match = _BEARER.match(value)
             if match:
                 return match.group(1)
     return None
+
+
+def may_see_output(request: Request) -> bool:
+    """
+    Whether C{request} may be shown a service's own output (an error's C{detail}).
+
+    The output can hold secrets (a notebook's token URL, a key printed at
+    start), and C{/v1/services/<name>/logs} shows it to admin tokens only; an
+    error body follows the same rule.  With auth off everyone may.
+    """
+    authenticator: Authenticator | None = getattr(getattr(request, "site", None), "authenticator", None)
+    if authenticator is None or not authenticator.enabled:
+        return True
+    return bool(getattr(request, "hestia_token_admin", False))
 
 
 def write_denied(request: Request, denied: Denied, service: str | None = None) -> None:
@@ -378,6 +414,7 @@ def is_open_route(method: bytes, segments: list[bytes]) -> bool:
 _ASSET = re.compile(rb"^[A-Za-z0-9_-]+\.[a-z0-9]+$")
 
 
+@implementer(IHeadCheck)
 class AdminGuard(Resource):
     """
     Wraps the C{/v1} Klein resource: only C{admin} tokens get past, except to
@@ -394,7 +431,19 @@ class AdminGuard(Resource):
         self.api = api
         self.authenticator = authenticator
 
+    def check_head(self, request: Request) -> Denied | None:
+        if is_open_route(request.method, list(request.postpath or [])):
+            return None
+        return self.authenticator.check_admin(request)
+
     def render(self, request: Request) -> Any:
+        try:
+            # Klein decodes the path as UTF-8 and answers a traceback's worth
+            # of log and a text/html 400 when it cannot: refuse it here, in JSON.
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            write_denied(request, Denied(400, "the path is not percent-encoded UTF-8"))
+            return NOT_DONE_YET
         if not is_open_route(request.method, list(request.postpath or [])):
             denied = self.authenticator.check_admin(request)
             if denied is not None:

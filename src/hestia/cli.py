@@ -6,8 +6,10 @@ The C{hestia} command: a small client of the C{/v1} management API.
     hestia status [NAME]          a table of services (or one service)
     hestia start NAME [--wait]    start; with --wait, a live progress line until ready
     hestia stop NAME
+    hestia restart NAME           drain, stop and start with the current settings
     hestia logs NAME [-f] [--tail N]
     hestia check-config [FILE]    validate a configuration without starting anything
+    hestia costs [--period P]     running time, cost and savings per service (day, week, month, all)
 
 It talks to C{$HESTIA_URL} (default C{http://localhost:8080}) with
 C{$HESTIA_TOKEN} as a bearer token when set.  It uses only the standard
@@ -30,6 +32,8 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from typing import IO, Any, NoReturn
+
+from hestia import __version__
 
 DEFAULT_URL = "http://localhost:8080"
 
@@ -163,6 +167,26 @@ def status_table(services: Sequence[dict[str, Any]], now: float | None = None) -
     )
 
 
+def costs_table(report: dict[str, Any]) -> str:
+    """C{GET /v1/costs} as an aligned text table, with a total row."""
+    currency = str(report.get("currency", ""))
+    header = ("NAME", "RUNNING", f"COST {currency}", f"ALWAYS ON {currency}", f"SAVED {currency}",
+              "STARTS", "COLD", "PREWARM")
+    rows = [header]
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for entry in report.get("services", []):
+        numbers = [float(entry.get(key) or 0) for key in ("running_seconds", "cost", "always_on_cost", "saved")]
+        totals = [a + b for a, b in zip(totals, numbers, strict=True)]
+        rows.append((str(entry.get("name", "?")), human_duration(numbers[0]), f"{numbers[1]:.2f}",
+                     f"{numbers[2]:.2f}", f"{numbers[3]:.2f}", str(entry.get("starts", 0)),
+                     str(entry.get("cold_starts", 0)), str(entry.get("prewarm_starts", 0))))
+    rows.append(("TOTAL", human_duration(totals[0]), f"{totals[1]:.2f}", f"{totals[2]:.2f}", f"{totals[3]:.2f}",
+                 "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return f"since {report.get('since')}\n" + "\n".join(lines)
+
+
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
@@ -187,6 +211,10 @@ def cmd_start(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
     status = client.json("POST", f"/v1/services/{name}/start")
     if not args.wait:
         out.write(f"{args.name}: {status.get('state')}\n")
+        return Exit.OK
+    if status.get("state") == "ready":
+        # Ready before this start: its last_start_duration is an older start's.
+        out.write(f"{args.name}: already running\n")
         return Exit.OK
     timeout = args.timeout if args.timeout is not None else float(status.get("start_timeout") or 120) + 10
     deadline = time.monotonic() + timeout
@@ -234,6 +262,18 @@ def cmd_start(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
 def cmd_stop(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
     status = client.json("POST", f"/v1/services/{_quote(args.name)}/stop")
     out.write(f"{args.name}: {status.get('state')}\n")
+    return Exit.OK
+
+
+def cmd_restart(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
+    name = _quote(args.name)
+    before = client.json("GET", f"/v1/services/{name}/status")
+    # Draining waits up to stop_timeout, then a whole start: give it both.
+    timeout = args.timeout if args.timeout is not None else float(before.get("start_timeout") or 120) + 60
+    status = client.json("POST", f"/v1/services/{name}/restart?wait=true", timeout=timeout)
+    applied = before.get("pending_changes") or []
+    note = f" with new {', '.join(applied)}" if applied else ""
+    out.write(f"{args.name}: {status.get('state')} (restarted{note})\n")
     return Exit.OK
 
 
@@ -288,10 +328,12 @@ def _print_log_document(document: Any, out: IO[str]) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace, out: IO[str]) -> Exit:
-    from hestia.config import ConfigError, describe_command, load_config
+    from hestia.config import ConfigError, describe_command
+    from hestia.preflight import load_checked
 
     try:
-        config = load_config(args.file)
+        # The daemon's own checks (token sources, listen endpoints too).
+        config = load_checked(args.file)
     except ConfigError as error:
         # Word for word what `twistd hestia` says before refusing to start.
         raise CommandError(f"config error: {error}", Exit.USAGE) from None
@@ -302,6 +344,12 @@ def cmd_check_config(args: argparse.Namespace, out: IO[str]) -> Exit:
     return Exit.OK
 
 
+def cmd_costs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
+    report = client.json("GET", f"/v1/costs?period={_quote(args.period)}")
+    out.write((json.dumps(report, indent=2) if args.json else costs_table(report)) + "\n")
+    return Exit.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hestia",
@@ -309,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 failed, 2 usage/config error, 3 not found, 4 not authorised, "
         "5 gateway unreachable, 6 timed out",
     )
+    parser.add_argument("--version", action="version", version=f"hestia {__version__}")
     parser.add_argument("--url", default=None, help=f"gateway URL (default $HESTIA_URL or {DEFAULT_URL})")
     parser.add_argument("--token", default=None, help="admin token (default $HESTIA_TOKEN)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -325,10 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="stop a service")
     stop.add_argument("name", metavar="NAME")
 
+    restart = commands.add_parser("restart", help="restart a service, applying a pending configuration change")
+    restart.add_argument("name", metavar="NAME")
+    restart.add_argument("--timeout", type=float, default=None, help="seconds to wait (default start_timeout + 60)")
+
     logs = commands.add_parser("logs", help="a service's recent output")
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--tail", type=int, default=100, help="lines of history (default 100)")
+
+    costs = commands.add_parser("costs", help="running time, cost and savings per service")
+    costs.add_argument("--period", choices=("day", "week", "month", "all"), default="all")
+    costs.add_argument("--json", action="store_true", help="print the raw JSON")
 
     check = commands.add_parser("check-config", help="validate a configuration file without starting")
     check.add_argument("file", nargs="?", metavar="FILE", help="default $HESTIA_CONFIG or ./hestia_config.yml")
@@ -347,7 +404,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
             args.url or os.environ.get("HESTIA_URL") or DEFAULT_URL,
             args.token if args.token is not None else os.environ.get("HESTIA_TOKEN"),
         )
-        handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "logs": cmd_logs}[args.command]
+        handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
+                   "logs": cmd_logs, "costs": cmd_costs}[args.command]
         return int(handler(client, args, out))
     except CommandError as error:
         err.write(f"hestia: {error}\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
 import re
 import shlex
@@ -32,8 +33,20 @@ import yaml
 SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 DEFAULT_CONFIG_FILE = "hestia_config.yml"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# re.ASCII: "\d" would also match "²" or "٣", which int() and float() refuse.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
+_WHOLE_NUMBER = re.compile(r"^\s*\d{1,20}\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+# The bounds every number in the file must keep (issue 12, hole 6).  A timer
+# of .inf or 1e300 seconds cannot be shown as a date, NaN compares false with
+# everything (so it slips past every "< 0" check) and is not JSON; no
+# setting means anything beyond these.
+MAX_DURATION = 30 * 86400.0  # 30 days: longer is "never", which keep_warm says
+MAX_COUNT = 100_000  # queue lengths, connection caps, failure counts
+MAX_ID = 2**31 - 1  # ids of other systems (Semaphore templates, projects)
+MAX_BODY_SIZE = 1024**4  # 1 TiB
+MAX_HEADER_SIZE = 1024**2  # 1 MiB of request line plus headers
 
 
 class ConfigError(Exception):
@@ -45,9 +58,18 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, key: str, message: str) -> None:
         self.source = source
-        self.key = key
-        self.message = message
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.key = _one_line(key)
+        self.message = _one_line(message)
+        super().__init__(f"{source}: {self.key}: {self.message}" if key else f"{source}: {self.message}")
+
+
+# Control characters in a key or a value (a YAML key may hold a newline) are
+# shown escaped, so that an error stays one line.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -58,9 +80,9 @@ class HealthCheck:
     @ivar path: an HTTP path answered with 2xx once ready, or C{None}.
     @ivar tcp: C{True} when a TCP connect is the only check.
     @ivar interval: the longest gap between two probes while starting; the
-        first probes come faster, so that a quick service is seen quickly.
-        20 ms keeps a held request within 50 ms of readiness (issue 2) with
-        room to spare; a refused probe costs well under a millisecond.
+        gap is 0.5% of the time the start has taken so far, at least 5 ms
+        (issue 13), so that a quick service is seen within 5 ms; a refused
+        probe costs about 0.1 ms of CPU.
     @ivar timeout: how long one probe may take.
     """
 
@@ -79,6 +101,13 @@ class Tunables:
     queue_limit: int = 100
     queue_timeout: float = 120.0
     stop_timeout: float = 10.0
+    # Requests in progress with the backend at once, once slow start has
+    # widened the window (hestia.admission); the rest wait in order.
+    max_concurrency: int = 64
+    # Seconds from sending a request to the backend's response head; 0 = none.
+    response_timeout: float = 300.0
+    # Longest silence in a response body (no byte moved); 0 = none.
+    response_idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,18 @@ class ServiceConfig:
     # What a browser navigation to a cold service gets: "page" (a waiting page
     # that reloads into the real one) or "hold" (held like any API client).
     on_cold: str = "page"
+    # Issue 17: hestia.passive.PassiveRule for monitors' requests, or None (off).
+    passive: Any = None
+    # Issue 17: stop a start that requests triggered once all of them have left.
+    cancel_abandoned_start: bool = False
+    # Issue 17: hestia.gpu.GpuClaim (device and memory), or None.
+    gpu: Any = None
+    # Costs, schedules and predictive warm-up (issue 16; hestia.costs_config):
+    # the price of an hour running (None: not given, an instance inherits its
+    # service's), the schedule's windows, the prewarm settings.
+    cost_per_hour: float | None = None
+    schedule: tuple[Any, ...] = ()
+    prewarm: Any = None
 
     @property
     def idle_timeout(self) -> float:
@@ -133,6 +174,18 @@ class ServiceConfig:
     def stop_timeout(self) -> float:
         return self.tunables.stop_timeout
 
+    @property
+    def max_concurrency(self) -> int:
+        return self.tunables.max_concurrency
+
+    @property
+    def response_timeout(self) -> float:
+        return self.tunables.response_timeout
+
+    @property
+    def response_idle_timeout(self) -> float:
+        return self.tunables.response_idle_timeout
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -148,6 +201,10 @@ class ServerConfig:
     max_header_size: int = 16384  # request line plus headers
     header_timeout: float = 10.0  # the whole head must arrive within this
     connection_idle_timeout: float = 60.0  # an idle keep-alive connection is closed
+    # A body's read deadline: this long, plus 1 s per body_min_rate bytes
+    # received (the defaults of Apache's mod_reqtimeout: body=20,MinRate=500).
+    body_timeout: float = 20.0
+    body_min_rate: int = 500  # bytes a second; 0 = body_timeout is the whole deadline
     redirect_listen: str | None = None  # plain-HTTP listener that redirects to HTTPS
     watch_config: bool = False  # re-read the file when it changes (hestia.watch), read at start-up
 
@@ -169,15 +226,19 @@ class Config:
     sections: Mapping[str, Any] = field(default_factory=dict)
     # hestia.routing.RoutingPlan: instances, model routes, groups, dependencies.
     routing: Any = None
+    # hestia.costs_config.CostSettings: currency and time zone (issue 16).
+    costs: Any = None
 
 
 # Keys each level accepts.  A feature that adds a key registers it here, so
 # that a typo anywhere is still an error.
 TOP_LEVEL_KEYS = {"server", "defaults", "services", "semaphore", "auth", "groups", "docker"}
+TOP_LEVEL_KEYS |= {"reload"}  # hestia.reload (issue 19)
 SERVER_KEYS = {"listen", "state_path", "log_format", "shutdown_timeout", "max_backend_connections",
                "max_body_size", "max_header_size", "header_timeout", "connection_idle_timeout",
-               "redirect_listen", "watch_config"}
-TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout"}
+               "body_timeout", "body_min_rate", "redirect_listen", "watch_config"}
+TUNABLE_KEYS = {"idle_timeout", "start_timeout", "queue_limit", "queue_timeout", "stop_timeout",
+                "max_concurrency", "response_timeout", "response_idle_timeout"}
 SERVICE_KEYS = TUNABLE_KEYS | {"url", "health", "command", "env", "cwd", "keep_warm", "on_cold"}
 BACKEND_SECTIONS = {"docker", "semaphore"}
 # Parsed by hestia.routing (issue 7).
@@ -185,6 +246,14 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
+# Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
+TOP_LEVEL_KEYS |= {"passive", "gpus"}
+SERVICE_KEYS |= {"passive", "cancel_abandoned_start", "gpu"}
+ROUTING_KEYS |= {"aliases", "loading_events"}
+SERVICE_KEYS |= ROUTING_KEYS
+# Issue 16 (hestia.costs_config): costs, schedules, predictive warm-up.
+TOP_LEVEL_KEYS |= {"costs", "timezone"}
+SERVICE_KEYS |= {"cost_per_hour", "schedule", "prewarm"}
 # ---- sleeping machines (issue 18) ----
 # Backend sections that their backend's module validates: section -> "module:function",
 # called as function(reader, raw, key, service_name); imported only when used.
@@ -227,10 +296,12 @@ class _Reader:
                     raise self.fail(where, f"unknown key (did you mean {close[0]}?)")
                 raise self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
-    def duration(self, value: Any, key: str) -> float:
+    def duration(self, value: Any, key: str, maximum: float = MAX_DURATION) -> float:
         if isinstance(value, bool):
             raise self.fail(key, f"expected a number of seconds, got {_describe(value)}")
-        if isinstance(value, (int, float)):
+        if isinstance(value, int) and abs(value) > maximum:
+            seconds = math.copysign(math.inf, value)  # float() of a huge int would raise
+        elif isinstance(value, (int, float)):
             seconds = float(value)
         elif isinstance(value, str) and (match := _DURATION.match(value)):
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
@@ -238,17 +309,23 @@ class _Reader:
             raise self.fail(
                 key, f"expected a number of seconds (or '30s', '5m', '1h'), got {_describe(value)}"
             )
+        if math.isnan(seconds):
+            raise self.fail(key, "expected a number of seconds, got NaN")
         if seconds < 0:
             raise self.fail(key, "must not be negative")
+        if seconds > maximum:
+            raise self.fail(key, f"must be at most {_longest(maximum)}, got {_describe(value)}")
         return seconds
 
-    def integer(self, value: Any, key: str, minimum: int = 0) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
+    def integer(self, value: Any, key: str, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
+        if isinstance(value, str) and _WHOLE_NUMBER.match(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"expected a whole number, got {_describe(value)}")
         if value < minimum:
             raise self.fail(key, f"must be at least {minimum}")
+        if value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {_describe(value)}")
         return value
 
     def boolean(self, value: Any, key: str) -> bool:
@@ -264,6 +341,15 @@ class _Reader:
         return value
 
 
+def _longest(seconds: float) -> str:
+    """A bound as people write it: C{24h}, C{2592000 seconds (30 days)}."""
+    if seconds > 86400 and seconds % 86400 == 0:
+        return f"{seconds:.0f} seconds ({seconds / 86400:g} days)"
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    return f"{seconds:g}s"
+
+
 _BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                   "false": False, "no": False, "off": False, "0": False}
 
@@ -277,29 +363,34 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,20})\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE | re.ASCII)
 
 
-def _size(reader: _Reader, value: Any, key: str) -> int:
-    """A byte count: C{1048576}, C{"512k"}, C{"10m"}, C{"4g"} (binary units)."""
+def _size(reader: _Reader, value: Any, key: str, maximum: int) -> int:
+    """A byte count: C{1048576}, C{"512k"}, C{"10m"}, C{"4g"} (binary units), at most C{maximum}."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise reader.fail(key, f"expected a size in bytes (or '512k', '10m', '4g'), got {_describe(value)}")
-    unit = (match.group(2) or "b")[0].lower()
-    return int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+        size = value
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise reader.fail(key, f"expected a size in bytes (or '512k', '10m', '4g'), got {_describe(value)}")
+        unit = (match.group(2) or "b")[0].lower()
+        size = int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    if size > maximum:
+        raise reader.fail(key, f"must be at most {maximum} bytes, got {_describe(value)}")
+    return size
 
 
 def _server_limits(reader: _Reader, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The C{server:} keys of request hygiene and TLS redirects (see L{hestia.guard})."""
     limits: dict[str, Any] = {}
-    for name in ("max_body_size", "max_header_size"):
+    for name, maximum in (("max_body_size", MAX_BODY_SIZE), ("max_header_size", MAX_HEADER_SIZE),
+                          ("body_min_rate", MAX_BODY_SIZE)):
         if name in raw:
-            limits[name] = _size(reader, raw[name], f"server.{name}")
+            limits[name] = _size(reader, raw[name], f"server.{name}", maximum)
     if limits.get("max_header_size", 1024) < 1024:
         raise reader.fail("server.max_header_size", "must be at least 1k")
-    for name in ("header_timeout", "connection_idle_timeout"):
+    for name in ("header_timeout", "connection_idle_timeout", "body_timeout"):
         if name in raw:
             limits[name] = reader.duration(raw[name], f"server.{name}")
             if limits[name] == 0:
@@ -325,7 +416,7 @@ def _tunables(reader: _Reader, raw: Mapping[str, Any], base: Tunables, key: str)
     values: dict[str, Any] = {}
     for name in TUNABLE_KEYS & set(raw):
         where = f"{key}.{name}" if key else name
-        if name == "queue_limit":
+        if name in ("queue_limit", "max_concurrency"):
             values[name] = reader.integer(raw[name], where, minimum=1)
         else:
             values[name] = reader.duration(raw[name], where)
@@ -413,6 +504,9 @@ def _service(
         module, _, function = SECTION_PARSERS[section_name].partition(":")
         parse_section = getattr(importlib.import_module(module), function)
         sections[section_name] = parse_section(reader, sections[section_name], f"{key}.{section_name}", name)
+    from hestia.costs_config import parse_service_planning
+
+    planning = parse_service_planning(reader, section, key, composite)
     backend = "process" if command else (next(iter(sections)) if sections else "static")
     if composite:
         if command is not None or sections:
@@ -432,6 +526,10 @@ def _service(
         sections=sections,
         on_cold=on_cold,
         routing=routing,
+        cancel_abandoned_start=reader.boolean(
+            section.get("cancel_abandoned_start", False), f"{key}.cancel_abandoned_start"
+        ),
+        **planning,
     )
 
 
@@ -540,27 +638,93 @@ def parse_config(
     defaults = _tunables(reader, defaults_raw, Tunables(), "defaults")
 
     services_raw = reader.mapping(document.get("services"), "services")
+    for name in services_raw:
+        if not isinstance(name, str):
+            # YAML reads `yes:` as true and `123:` as a number.
+            raise reader.fail(f"services.{name}", f"service names must be strings, got {_describe(name)} "
+                              "(quote it, and names must match [a-z0-9][a-z0-9_-]*)")
     services_raw = {**services_raw, **_services_from_environment(services_raw, environ)}
     services = {
         name: _service(reader, name, value, defaults, environ) for name, value in services_raw.items()
     }
     sections = {
-        name: document[name] for name in TOP_LEVEL_KEYS - {"server", "defaults", "services"} if name in document
+        name: document[name]
+        for name in TOP_LEVEL_KEYS - {"server", "defaults", "services", "costs", "timezone"}
+        if name in document
     }
+    from hestia.costs_config import parse_cost_settings
+
+    costs = parse_cost_settings(reader, document)
     if "docker" in sections:
         # Container label discovery (hestia.discovery owns the section).
         from hestia.discovery import parse_discovery_section
 
         sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
+    from hestia.passive import resolve_passive  # issue 17: monitors look without waking
+
+    services = resolve_passive(reader.source, document.get("passive"), services_raw, services)
+    from hestia.gpu import resolve_gpus  # issue 17: GPU memory as the unit of sharing
+
+    sections["gpus"], services = resolve_gpus(reader.source, document.get("gpus"), services_raw, services)
+    if "reload" in sections:
+        from hestia.reload import parse_reload_section  # what a reload restarts (issue 19)
+
+        sections["reload"] = parse_reload_section(reader, sections["reload"])
     from hestia.routing import parse_routing  # routing builds on this module
 
     routing = parse_routing(reader.source, services, sections.get("groups"), environ)
     config = Config(
-        source=source, server=server, defaults=defaults, services=services, sections=sections, routing=routing
+        source=source, server=server, defaults=defaults, services=services, sections=sections, routing=routing,
+        costs=costs,
     )
     from hestia.semaphore import resolve_semaphore  # owns the semaphore sections
 
     return resolve_semaphore(config, environ)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """
+    A SafeLoader that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value, so a second C{auth:} block further down would
+    silently replace the first (turning authentication off).  Keys merged in
+    with C{<<:} may still be overridden: that is what a merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # An unhashable key: the base class says so.
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key!r} (first given on line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_document(text: str, source: str) -> Any:
+    """Parse C{text}; any YAML problem (duplicate keys too) is one line naming the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, RecursionError) as error:
+        # PyYAML's constructors of explicit tags (`!!timestamp 2001-01-01x`,
+        # `!!int x`, a nesting thousands deep) raise these, not YAMLError.
+        raise ConfigError(source, "", f"invalid YAML: a value it cannot read ({type(error).__name__})") from None
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -584,16 +748,17 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         path = DEFAULT_CONFIG_FILE
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except OSError as error:
         raise ConfigError(str(path), "", f"cannot read: {error.strerror or error}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(str(path), "", f"invalid YAML: {where}{problem}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            str(path), "", f"not UTF-8 text: line {line} has the byte 0x{data[error.start]:02x}"
+        ) from None
+    raw = _yaml_document(text, str(path))
     return parse_config(raw, str(path), environ, base_dir=file.resolve().parent)
 
 

@@ -46,6 +46,7 @@ from hestia.config import (
     _Reader,
 )
 from hestia.docker_engine import ContainerEngineError, DockerEngine, EventStream
+from hestia.passive import default_passive_rule
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -106,7 +107,7 @@ def service_from_labels(
     if "hestia.url" in labels:
         url = _check_url(reader, labels["hestia.url"], "hestia.url")
     elif "hestia.port" in labels:
-        port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1)
+        port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1, maximum=65535)
         if port > 65535:
             raise reader.fail("hestia.port", f"not a port: {port}")
         url = f"http://127.0.0.1:{port}"
@@ -232,6 +233,8 @@ class DockerDiscovery(Service):
         for container in containers:
             try:
                 service = service_from_labels(container, self.settings, self.gateway.config.defaults)
+                # Issue 17: a labelled container answers monitors by the top-level passive: rule.
+                service = replace(service, passive=default_passive_rule(self.gateway.config))
             except ConfigError as error:
                 if str(error) not in self._warned:
                     self._warned.add(str(error))

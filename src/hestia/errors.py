@@ -93,3 +93,9 @@ class StartTimedOut(GatewayError):
 
 class QueueTimedOut(GatewayError):
     status = 504
+
+
+class ResponseTimedOut(GatewayError):
+    """The backend took the request but sent no response head within C{response_timeout}."""
+
+    status = 504

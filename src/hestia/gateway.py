@@ -13,20 +13,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 
+from hestia.admission import Admission, AttemptEndpointFactory, ConnectTimes
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
-from hestia.groups import Coordinator
+from hestia.groups import Coordinator, GroupMemberRoute
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
-from hestia.lifecycle import Observer, ServiceLifecycle, State
+from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
+from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
+from hestia.routing import ModelRoute, MultiInstanceRoute
 
 if TYPE_CHECKING:
     from hestia.proxy import Exchange, ServiceProxyResource
@@ -93,6 +97,11 @@ def make_agent(
     return Agent.usingEndpointFactory(reactor, BackendEndpointFactory(reactor, connect_timeout), pool=pool), pool
 
 
+def _runs_itself(lifecycle: ServiceLifecycle, service: ServiceConfig) -> bool:
+    """Both the running and the new configuration start and stop something of their own."""
+    return lifecycle.backend.has_lifecycle and service.backend not in ("static", "instances", "route")
+
+
 class Gateway:
     """
     The services Hestia manages and the client it reaches them with.
@@ -117,6 +126,7 @@ class Gateway:
         """
         self.config = config
         self.reactor = reactor
+        self._own_agent = agent is None
         if agent is None:
             agent, pool = make_agent(reactor, config.server.max_backend_connections)
         self.agent = agent
@@ -133,8 +143,13 @@ class Gateway:
         self.request_observers: list[RequestObserver] = []
         self._proxies: dict[tuple[str, bool], ServiceProxyResource] = {}
         self._in_flight_requests = 0
-        self._slots: dict[str, DeferredSemaphore] = {}
+        # Backend URL -> its admission window (hestia.admission).
+        self._admissions: dict[str, Admission] = {}
+        self._connect_agents: dict[int, IAgent] = {}
+        self._connect_times = ConnectTimes()
         self._drained: list[Deferred[None]] = []
+        # Lifecycles removed by a reload that have not stopped yet, by name (issue 19).
+        self._retiring: dict[str, Deferred[Any]] = {}
         # Services added at run time (container label discovery): a reload keeps them.
         self.discovered: set[str] = set()
         self._shutting_down = False
@@ -142,21 +157,85 @@ class Gateway:
             self._add(service)
         self._coordinator = Coordinator(config.routing, reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
 
     # -- services ----------------------------------------------------------------
 
-    def backend_slots(self, url: str) -> DeferredSemaphore:
-        """
-        The turns to send a request to the backend at C{url}.
+    # -- admission to the backends (issue 13, hestia.admission) ------------------
 
-        At most C{server.max_backend_connections} requests are in progress with
-        one backend at a time; the rest wait here (they already hold their
-        lease, so the service stays up for them).
+    def admission(self, url: str, route: Any) -> Admission:
         """
-        slots = self._slots.get(url)
-        if slots is None:
-            slots = self._slots[url] = DeferredSemaphore(self.config.server.max_backend_connections)
-        return slots
+        The admission window to the backend at C{url}.
+
+        At most C{max_concurrency} (and C{server.max_backend_connections})
+        requests are in progress with one backend at a time; the rest wait in
+        order inside L{Admission} (they already hold their lease, so the
+        service stays up for them).
+
+        @param route: whose settings a window made here takes (the lifecycle
+            that owns C{url} registers its own first, see L{_watch_admission}).
+        """
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(route)
+        return admission
+
+    def _new_admission(self, route: Any) -> Admission:
+        config = route.config
+        admission = Admission(
+            self.reactor,
+            config.max_concurrency,
+            config.queue_limit,
+            lambda: {"service": route.name, "state": route.state.value},
+            cap=self.config.server.max_backend_connections,
+        )
+        return admission
+
+    def _watch_admission(self, lifecycle: ServiceLifecycle) -> None:
+        """Slow start again each time C{lifecycle} becomes ready."""
+        url = lifecycle.backend.url
+        admission = self._admissions.get(url)
+        if admission is None:
+            admission = self._admissions[url] = self._new_admission(lifecycle)
+        else:  # a rebuilt service (reload): its new limits
+            admission.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
+        lifecycle.admission = admission
+
+        def restarted(change: StateChange) -> None:
+            if change.new is State.READY:
+                # The URL of a backend may be known only once it runs.
+                current = self.admission(lifecycle.backend.url, lifecycle)
+                current.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
+                lifecycle.admission = current
+                current.restart()
+
+        lifecycle.add_observer(restarted)
+
+    def agent_for_attempt(self, attempt: int) -> IAgent:
+        """
+        The client for connect attempt C{attempt} of one request.
+
+        The gateway's own client comes in several connect timeouts over one
+        connection pool (L{ConnectRetry.timeout}, from the backend's recent
+        connect times): a first connect gives up on a dropped SYN after a few
+        round trips rather than waiting out the kernel's 1 s retransmission.
+        An injected client (tests) is used as is.
+        """
+        if not self._own_agent:
+            return self.agent
+        attempt = min(attempt, 12)  # the timeout stops growing well before
+        agent = self._connect_agents.get(attempt)
+        if agent is None:
+            agent = self._connect_agents[attempt] = Agent.usingEndpointFactory(
+                self.reactor, AttemptEndpointFactory(self.reactor, attempt, self._connect_times), pool=self.pool
+            )
+        return agent
+
+    def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
+        """Where an upgrade request (a WebSocket) to the backend at C{url} gets its own connection."""
+        from hestia.tunnel import backend_endpoint
+
+        return backend_endpoint(self.reactor, url)
 
     def lifecycle(self, name: str) -> Any:
         """The route of service C{name} (see C{services}); L{UnknownService} if none."""
@@ -190,10 +269,19 @@ class Gateway:
             lifecycle.add_observer(observer)
 
     def _build(self, service: ServiceConfig) -> ServiceLifecycle:
+        lifecycle = ServiceLifecycle(service, self._backend_for(service), self.reactor, list(self.state_observers))
+        lifecycle.build_backend = self._backend_for  # for a restart with new settings (issue 19)
+        previous = self._retiring.get(service.name)
+        if previous is not None:
+            lifecycle.start_after(previous)  # its predecessor of the same name still drains
+        self._watch_admission(lifecycle)
+        return lifecycle
+
+    def _backend_for(self, service: ServiceConfig) -> IBackend:
         backend = self._build_backend(service)
         if self.store is not None and IPersistentBackend.providedBy(backend):
             backend.use_store(self.store)
-        return ServiceLifecycle(service, backend, self.reactor, list(self.state_observers))
+        return backend
 
     # The state store, for backends that record facts of their own (remote VMs).
     store: Any = None
@@ -286,51 +374,202 @@ class Gateway:
             if lifecycle.config.keep_warm and lifecycle.state is State.STOPPED:
                 lifecycle.start("keep_warm").addErrback(lambda failure: None)
 
-    # -- reloading -------------------------------------------------------------------
+    # -- reloading (issue 19: see hestia.reload) -------------------------------------
 
-    def apply(self, config: Config) -> dict[str, list[str]]:
+    def apply(self, config: Config) -> dict[str, Any]:
         """
         Switch to C{config}, touching only the services that changed.
 
-        A changed service is stopped (its in-flight requests are cut) and built
-        anew; it starts again on its next request.  A removed one is stopped.
+        In-place settings reach the running service at once.  A change of how
+        a service runs waits for its next natural stop (or an explicit
+        restart), unless C{reload: {restart: now}}; a removed service is
+        stopped once its requests in flight have finished.
 
-        @return: the names added, removed, changed and kept, for the log.
+        @return: the summary for the log and C{POST /v1/reload} (L{ReloadSummary}).
         """
-        summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        policy = reload_policy(config.sections)
+        summary = ReloadSummary()
+        self._gpus.detach()
         self._coordinator.detach()
         Coordinator.unwrap(self.services)
         self.config = config  # composite routes are built from the new routing plan
         for name in list(self.services):
             if name not in config.services and name not in self.discovered:
-                self.services.pop(name).stop("reload")
+                self._retire(self.services.pop(name))
                 self._forget_proxy(name)
-                summary["removed"].append(name)
+                summary.removed.append(name)
         for name, service in config.services.items():
             current = self.services.get(name)
             if name in self.discovered:
                 # The file now defines it: the file wins over a container label.
                 self.discovered.discard(name)
                 if current is not None:
-                    current.stop("reload")
+                    self._retire(current)
                     self._forget_proxy(name)
                 current = None
             if current is None:
                 self._add(service)
-                summary["added"].append(name)
-            elif current.config != service:
-                current.stop("reload")
-                self._add(service)
-                self._forget_proxy(name)
-                summary["changed"].append(name)
+                summary.added.append(name)
             else:
-                summary["unchanged"].append(name)
-        self.config = config
+                self._update(current, service, policy, summary)
         self._coordinator = Coordinator(config.routing, self.reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
         self.start_keep_warm()
-        self.adopt_running(summary["added"] + summary["changed"])
-        return summary
+        self.adopt_running(summary.added + list(summary.replaced))
+        return summary.as_json()
+
+    def _update(self, current: Any, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary) -> None:
+        """Bring one existing service to C{service}, in place where its kind allows."""
+        name = service.name
+        if isinstance(current, ServiceLifecycle) and _runs_itself(current, service):
+            changes = diff(current.config, service)
+            if not changes:
+                summary.unchanged.append(name)
+                return
+            summary.record(name, changes, self._reconfigure(current, service, policy))
+            return
+        if isinstance(current, MultiInstanceRoute) and service.backend == "instances":
+            if current.config == service:
+                summary.unchanged.append(name)
+                return
+            self._update_instances(current, service, policy, summary)
+            return
+        if isinstance(current, ModelRoute) and service.backend == "route":
+            # A router holds nothing but the plan, and its targets' models may have
+            # changed without its own keys: always the new plan, at once.
+            route = self._add(service)
+            if current.config == service and route.plan == current.plan and route.models() == current.models():
+                summary.unchanged.append(name)
+            else:
+                summary.replaced[name] = list(diff(current.config, service).in_place) or ["models"]
+            return
+        if current.config == service:
+            summary.unchanged.append(name)
+            return
+        # Nothing of its own runs (a static url, a model router), or its kind
+        # changed: a new route from now on, the old one retired gracefully.
+        changes = diff(current.config, service)
+        self._retire(current)
+        self._add(service)
+        self._forget_proxy(name)
+        summary.replaced[name] = list(changes.in_place + changes.how_it_runs)
+
+    def _reconfigure(self, lifecycle: ServiceLifecycle, service: ServiceConfig, policy: ReloadPolicy) -> bool:
+        """
+        Apply C{service} to a running lifecycle.
+
+        @return: C{True} when it was stopped at once (C{reload: {restart: now}}).
+        """
+        machine = runs_on_a_machine(lifecycle.built_from) or runs_on_a_machine(service) or (
+            IPersistentBackend.providedBy(lifecycle.backend)
+        )
+        lifecycle.reconfigure(service)
+        if lifecycle.pending_changes and policy.restart == "now" and not machine:
+            # The old behaviour, asked for: cut it now, start on the next request.
+            lifecycle.stop("reload").addErrback(lambda failure: None)
+            return True
+        return False
+
+    def _update_instances(
+        self, route: MultiInstanceRoute, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary
+    ) -> None:
+        """A multi-instance service: each instance kept and reconfigured by name, as a service is."""
+        from hestia.routing import build_route
+
+        old = {lifecycle.name: lifecycle for lifecycle in route.instances}
+        parent = diff(route.config, service)
+        in_place = set(parent.in_place)
+        how = set(parent.how_it_runs) - {"instances"}
+        restarted = False
+
+        def reuse(instance: ServiceConfig) -> ServiceLifecycle:
+            nonlocal restarted
+            lifecycle = old.pop(instance.name, None)
+            if lifecycle is None or not _runs_itself(lifecycle, instance):
+                if lifecycle is not None:
+                    self._retire_lifecycle(lifecycle)
+                in_place.add("instances")
+                return self._build(instance)
+            changes = diff(lifecycle.config, instance)
+            in_place.update(changes.in_place)
+            how.update(changes.how_it_runs)
+            if changes:
+                restarted = self._reconfigure(lifecycle, instance, policy) or restarted
+            return lifecycle
+
+        self.services[service.name] = build_route(
+            service, self.config.routing, reuse, self.lifecycle, self.reactor.seconds
+        )
+        for leftover in old.values():
+            in_place.add("instances")
+            self._retire_lifecycle(leftover)
+        summary.record(service.name, Changes(tuple(sorted(in_place)), tuple(sorted(how))), restarted)
+
+    def _retire(self, route: Any) -> None:
+        """Stop what a route runs once its requests in flight have finished."""
+        if isinstance(route, ServiceLifecycle):
+            self._retire_lifecycle(route)
+        elif isinstance(route, MultiInstanceRoute):
+            for lifecycle in route.instances:
+                self._retire_lifecycle(lifecycle)
+        # A model router runs nothing: its targets are services of their own.
+
+    def _retire_lifecycle(self, lifecycle: ServiceLifecycle) -> None:
+        """
+        Retire one lifecycle, and remember it until it has stopped: a service
+        of the same name added meanwhile (removed and put back) must not start
+        a second process on the same port while the old one still drains.
+        """
+        name = lifecycle.name
+        stopped = lifecycle.retire("removed").addErrback(lambda failure: None)
+        if stopped.called:
+            return
+        self._retiring[name] = stopped
+
+        def forget(result: object) -> object:
+            if self._retiring.get(name) is stopped:
+                del self._retiring[name]
+            return result
+
+        stopped.addBoth(forget)
+
+    def restart(self, name: str) -> Deferred[None]:
+        """
+        Restart service C{name} with its current configuration (C{POST
+        /v1/services/<name>/restart}): drained, stopped, started, its waiting
+        requests held through the start.  A multi-instance service restarts one
+        instance after the other, so that the rest keep serving.
+        """
+        route = self.lifecycle(name)
+        if isinstance(route, GroupMemberRoute):  # a group member's route wraps its lifecycle
+            route = route.lifecycle
+        if isinstance(route, ServiceLifecycle):
+            return route.restart("restart")
+        if isinstance(route, MultiInstanceRoute):
+            instances = list(route.instances)
+
+            def next_instance(_: object = None) -> Deferred[None]:
+                if not instances:
+                    return succeed(None)
+                return instances.pop(0).restart("restart").addCallback(next_instance)
+
+            return next_instance()
+        return succeed(None)  # a model router runs nothing of its own
+
+    def _attach_gpus(self) -> Any:
+        """Issue 17: the GPU claims of this configuration on the claimants' lifecycles (hestia.gpu)."""
+        from hestia.gpu import GpuCoordinator, NvidiaSmi
+
+        gpus = GpuCoordinator(self.config.sections.get("gpus") or {}, self.reactor,
+                              NvidiaSmi(self.reactor) if self.config.sections.get("gpus") else None)
+        claimants = {}
+        for name, route in self.services.items():
+            lifecycle = route.lifecycle if isinstance(route, GroupMemberRoute) else route
+            if isinstance(lifecycle, ServiceLifecycle) and lifecycle.config.gpu is not None:
+                claimants[name] = lifecycle
+        gpus.attach(claimants)
+        return gpus
 
     # -- requests ----------------------------------------------------------------------
 

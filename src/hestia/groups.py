@@ -53,10 +53,12 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from hestia.config import SERVICE_NAME, _Reader
 from hestia.errors import GatewayError, StartFailed
-from hestia.lifecycle import Lease, ServiceLifecycle, State, StateChange
+from hestia.interfaces import ILease
+from hestia.lifecycle import ServiceLifecycle, State, StateChange
 from hestia.queue import WaitQueue
 
 log = Logger(namespace="hestia.groups")
@@ -114,15 +116,25 @@ def check_dependencies(reader: _Reader, depends_on: Mapping[str, tuple[str, ...]
         visit(name, [])
 
 
+@implementer(ILease)
 class _GroupLease:
     """A member's lease that tells its group when it ends (the holder may then yield)."""
 
     __slots__ = ("_group", "_lease", "url")
 
-    def __init__(self, lease: Lease, group: ExclusiveGroup) -> None:
+    def __init__(self, lease: ILease, group: ExclusiveGroup) -> None:
         self._lease = lease
         self._group = group
         self.url = lease.url
+
+    @property
+    def fallback(self) -> Callable[[], Deferred[ILease]] | None:
+        """The member's own fallback, if it has one, leasing through the group again."""
+        inner = self._lease.fallback
+        if inner is None:
+            return None
+        group = self._group
+        return lambda: inner().addCallback(lambda lease: _GroupLease(lease, group))
 
     def release(self) -> None:
         self._lease.release()

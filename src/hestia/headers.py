@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -29,6 +30,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"proxy-authenticate",
         b"proxy-authorization",
+        # RFC 9113 section 3.2.1 (h2c): connection-specific, and Hestia never
+        # passes an h2c upgrade on.
+        b"http2-settings",
     }
 )
 
@@ -132,17 +136,64 @@ class PathEscape(ValueError):
     """The path tries to climb out of the service it names."""
 
 
+_IIS_ESCAPE = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+def _lenient_utf8(data: bytes) -> str:
+    """
+    C{data} as text the way a lax decoder reads it: overlong UTF-8 forms
+    (C{C0 AE} for C{.}) give the character they encode, and a byte that starts
+    no sequence stands for itself (as in Latin-1).
+    """
+    out: list[str] = []
+    index, size = 0, len(data)
+    while index < size:
+        lead = data[index]
+        width = 2 if 0xC0 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF7 else 1
+        tail = data[index + 1:index + width]
+        if width > 1 and len(tail) == width - 1 and all(0x80 <= byte <= 0xBF for byte in tail):
+            code = lead & (0x7F >> width)
+            for byte in tail:
+                code = (code << 6) | (byte & 0x3F)
+            out.append(chr(code) if code <= 0x10FFFF else "\ufffd")
+            index += width
+        else:
+            out.append(chr(lead))
+            index += 1
+    return "".join(out)
+
+
+def _segment_climbs(segment: str) -> bool:
+    # ";..." is a path parameter to Tomcat and Jetty (C{..;x=1} is C{..}); some
+    # servers stop at NUL or trim spaces.
+    segment = segment.split(";", 1)[0].split("\x00", 1)[0].strip()
+    return segment == ".."
+
+
+def _spellings(path: bytes) -> Iterable[str]:
+    """The texts a backend might take C{path} for: as sent, lax UTF-8, IIS C{%u}, Unicode-compatible (NFKC)."""
+    yield path.decode("latin-1")
+    text = _lenient_utf8(_IIS_ESCAPE.sub(lambda match: chr(int(match.group(1), 16)).encode("utf-8"), path))
+    yield text
+    # Full-width dots and solidi, the one-dot leader...: NFKC makes them ASCII.
+    yield unicodedata.normalize("NFKC", text)
+
+
 def _climbs(path: bytes) -> bool:
     """
     Whether C{path} holds a C{..} segment in any spelling.
 
     Decoded up to three times (C{%252e%252e} is C{..} to a backend that decodes
-    twice), with C{%2f} and backslashes taken as separators, as some servers do.
+    twice), with C{%2f} and backslashes taken as separators, as some servers do;
+    in each round also read as overlong UTF-8 (C{%c0%ae}), IIS's C{%u002e}, and
+    after Unicode compatibility folding (full-width dots, U+FF0E), with C{;params}
+    ignored (C{..;/}).
     """
     for _ in range(4):
-        parts = path.replace(b"\\", b"/").split(b"/")
-        if b".." in parts:
-            return True
+        for text in _spellings(path):
+            if any(_segment_climbs(segment) for segment in _SEPARATORS.split(text)):
+                return True
         decoded = unquote_to_bytes(path)
         if decoded == path:
             return False

@@ -68,6 +68,19 @@ class IBackend(Interface):
         """The last lines the service wrote, newest last (may be empty)."""
 
 
+class IReconfigurableBackend(IBackend):
+    """
+    A backend that follows in-place settings of a reload (issue 19) while it runs.
+    """
+
+    def reconfigure(service: Any) -> None:
+        """
+        Use C{service} (a L{hestia.config.ServiceConfig}) for what it reads while
+        running, such as the health check.  How it runs (command, url, backend
+        section) is the same as before: L{hestia.reload.running_settings} made it so.
+        """
+
+
 class IAdoptableBackend(IBackend):
     """
     A backend whose service may already run when Hestia starts (a container
@@ -123,8 +136,47 @@ class IBackendFactory(Interface):
         """
 
 
+class ILease(Interface):
+    """
+    One request's claim on a service, as the proxy holds it.
+
+    Every kind of lease (a lifecycle's, a group member's, an instance's) has
+    the same attributes: the proxy reads them all, and a missing one used to
+    surface as an C{AttributeError} lost in a Deferred, with the lease never
+    released (issue 12, hole 10).  Issue 15 formalises the route side.
+    """
+
+    url = Attribute("The URL the request is forwarded to.")
+    fallback = Attribute(
+        "C{None}, or a callable returning a L{Deferred} of another L{ILease}: for a"
+        " route that may retry elsewhere when this lease's backend refuses the connection."
+    )
+
+    def release() -> None:
+        """End the claim; idempotent, so every exit path may call it."""
+
+
 class IServiceObserver(Interface):
     """Something told of every lifecycle transition (logs, metrics, state store)."""
 
     def state_changed(event: Any) -> None:
         """Called with a L{hestia.lifecycle.StateChange}."""
+
+
+class IHeadCheck(Interface):
+    """
+    A resource that can refuse a request from its head alone (hestia.guard).
+
+    The channel asks it when a body follows, before C{100 Continue} and before
+    reading the body, so that an unauthorised client cannot make Hestia read
+    or spool gigabytes.  The resource's C{render} must come to the same answer
+    (the authenticator keeps the decision on the request, so a wrong token
+    counts once).
+    """
+
+    def check_head(request: Any) -> Any:
+        """
+        @param request: the L{twisted.web.server.Request} whose method, target,
+            headers and traversal (C{prepath}/C{postpath}) are set, but not its body.
+        @return: a L{hestia.auth.Denied} (status, reason, retry_after) or C{None}.
+        """

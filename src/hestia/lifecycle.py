@@ -30,12 +30,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hestia.config import ServiceConfig
 from hestia.errors import (
@@ -46,8 +47,11 @@ from hestia.errors import (
     StartTimedOut,
     Where,
 )
-from hestia.interfaces import IBackend
+from hestia.interfaces import IBackend, ILease, IReconfigurableBackend
 from hestia.queue import WaitQueue
+
+if TYPE_CHECKING:
+    from hestia.admission import Admission
 
 log = Logger(namespace="hestia.lifecycle")
 
@@ -87,6 +91,7 @@ def iso_time(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@implementer(ILease)
 class Lease:
     """
     One request's claim on a ready service.
@@ -111,6 +116,22 @@ class Lease:
             self._lifecycle._lease_released()
 
 
+class PassiveLease(Lease):
+    """
+    A monitor's claim on a ready service (issue 17, L{hestia.passive}).
+
+    It is not use: it is not counted in flight and moves no idle clock, so a
+    monitor neither keeps a service up nor holds up an exclusive group's swap
+    (a stop that comes meanwhile cuts the monitor's request, which is what a
+    monitor of a stopping service should see).
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        self._released = True
+
+
 class ServiceLifecycle:
     """
     Drives one backend through its states on behalf of the requests for it.
@@ -123,6 +144,7 @@ class ServiceLifecycle:
     # The first probes come quickly, then back off to the health interval:
     # a fast service is seen within milliseconds, a slow one costs little.
     FIRST_PROBE_DELAY = 0.005
+    PROBE_GAP_SHARE = 0.005
 
     def __init__(
         self,
@@ -145,6 +167,8 @@ class ServiceLifecycle:
         self.last_start_duration: float | None = None
         self.in_flight = 0
         self.queue = WaitQueue(reactor, config.queue_limit, self._describe)
+        self.queue.on_abandoned = self._start_abandoned
+        self._start_reason = ""
         self._generation = 0
         self._pending: Deferred[Any] | None = None
         self._start_began = 0.0
@@ -162,6 +186,26 @@ class ServiceLifecycle:
         # the Deferred it returns.  Exclusive groups and depends_on (see
         # hestia.groups) use it to stop a rival or start a dependency first.
         self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Issue 17 (hestia.gpu): passed after the start gate, so that GPU memory
+        # is reserved only once dependencies run and the exclusive group is ours.
+        self.memory_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Told when the last request in flight ends (a GPU device may evict it now),
+        # and extra sections of status() (the GPU claim), by name.
+        self.idle_observers: list[Callable[[ServiceLifecycle], None]] = []
+        self.status_sections: dict[str, Callable[[], Any]] = {}
+        # The backend's admission window (hestia.admission), set by the
+        # gateway; shown in the status and reconfigured on reload.
+        self.admission: Admission | None = None
+        # Reload (issue 19, see the section at the end): what the backend was
+        # built from, which lags behind config while a restart is pending, and
+        # how to build the next one (set by the gateway).
+        self.built_from = config
+        self.build_backend: Callable[[ServiceConfig], IBackend] | None = None
+        self._holding = False  # a restart drains: new requests wait in the queue
+        self._drain_waiters: list[Deferred[None]] = []
+        self._restart_joiners: list[Deferred[None]] = []
+        # Why the service must not be idle-stopped now: a schedule window, a prewarm.
+        self.holds: set[str] = set()
         backend.set_exit_handler(self._backend_exited)
 
     @property
@@ -184,7 +228,7 @@ class ServiceLifecycle:
             or failing with a L{GatewayError}.  Cancel it when the client leaves
             to give up its place in the queue.
         """
-        if self.state is State.READY:
+        if self.state is State.READY and not self._holding:
             return succeed(self._lease())
         if self._shutting_down:
             return fail(ServiceUnavailable("the gateway is shutting down", **self._describe()))
@@ -205,6 +249,16 @@ class ServiceLifecycle:
             return fail(error)
         self._request_start("request")
         return waiting.addCallback(lambda _: self._lease())
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        """
+        A lease for a monitor's request if the service is ready, else C{None}.
+
+        C{None} tells the caller to answer by itself: nothing is started.
+        """
+        if self.state is not State.READY:
+            return None
+        return succeed(PassiveLease(self, self.backend.url))
 
     def start(self, reason: str = "api") -> Deferred[None]:
         """
@@ -284,6 +338,22 @@ class ServiceLifecycle:
         else:
             raise ValueError(f"cannot resume into {state.value}")
 
+    # -- holds (hestia.schedule, hestia.prewarm; issue 16) --------------------------------------
+
+    def hold(self, reason: str) -> None:
+        """Keep the service from being idle-stopped until L{release_hold}."""
+        self.holds.add(reason)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def release_hold(self, reason: str) -> None:
+        """The hold ends: the idle rule applies again, counting from now."""
+        if reason in self.holds:
+            self.holds.discard(reason)
+            if not self.holds and not (self._idle_call is not None and self._idle_call.active()):
+                self._arm_idle_timer()
+
     def status(self) -> dict[str, Any]:
         """The service's state as the C{/v1} API shows it."""
         idle_stop_at = None
@@ -300,6 +370,7 @@ class ServiceLifecycle:
             "in_flight": self.in_flight,
             "queued": len(self.queue),
             "keep_warm": self.config.keep_warm,
+            "held_by": sorted(self.holds),
             "idle_timeout": self.config.idle_timeout,
             "start_timeout": self.config.start_timeout,
             "last_request_at": iso_time(self.last_request_at),
@@ -309,6 +380,9 @@ class ServiceLifecycle:
             "last_error_detail": self.last_error_detail,
             "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
             "details": self.backend.describe(),
+            **{name: section() for name, section in self.status_sections.items()},
+            "concurrency": self.admission.status() if self.admission is not None else None,
+            **self._reload_status(),
         }
 
     # -- starting --------------------------------------------------------------
@@ -324,6 +398,9 @@ class ServiceLifecycle:
             self._retry_call.cancel()
         self._generation += 1
         generation = self._generation
+        self._start_reason = reason
+        if self._cleanup is None or self._cleanup.called:
+            self._take_new_backend()  # before "starting", which log capture attaches on
         self._set_state(State.STARTING, reason)
         self._start_began = self._reactor.seconds()
         if self.config.start_timeout > 0:
@@ -332,7 +409,7 @@ class ServiceLifecycle:
             )
         # A failed start's clean-up (the half-started process) must end first.
         cleaned = self._cleanup_done()
-        if self.start_gate is None:
+        if self.start_gate is None and self.memory_gate is None:
             cleaned.addCallback(lambda _: self._launch(generation))
         else:
             cleaned.addCallback(lambda _: self._pass_gate(generation)).addCallbacks(
@@ -342,15 +419,20 @@ class ServiceLifecycle:
 
     def _pass_gate(self, generation: int) -> Deferred[Any] | None:
         """Wait for the start gate; an abandoned start cancels the wait."""
-        if generation != self._generation or self.start_gate is None:
+        if generation != self._generation:
             return None
-        gate = self.start_gate(self)
+        gate: Deferred[Any] = self.start_gate(self) if self.start_gate is not None else succeed(None)
+        memory_gate = self.memory_gate
+        if memory_gate is not None:
+            # Cancelling the chain cancels whichever gate it is waiting on.
+            gate.addCallback(lambda _: memory_gate(self) if generation == self._generation else None)
         self._pending = gate
         return gate
 
     def _launch(self, generation: int) -> None:
         if generation != self._generation:
             return
+        self._take_new_backend()  # a failed start's clean-up has ended by now
         launching: Deferred[Any] = maybeDeferred(self.backend.start)
         self._pending = launching
         launching.addCallbacks(
@@ -368,7 +450,14 @@ class ServiceLifecycle:
         self._probe_call = None
         if generation != self._generation:
             return
-        next_delay = min(max(last_delay * 2, self.FIRST_PROBE_DELAY), self.config.health.interval)
+        # The gap grows with the time the start has taken so far (issue 13):
+        # readiness is seen within about 0.5% of the start time, at least
+        # FIRST_PROBE_DELAY and at most the health interval.  A doubling gap
+        # reached the interval within 15 ms, so a half-second start was seen
+        # up to 20 ms late, 10 ms on average; a refused probe costs ~0.1 ms of
+        # CPU, so 200 per second for a short start is cheap.
+        elapsed = self._reactor.seconds() - self._start_began
+        next_delay = min(max(elapsed * self.PROBE_GAP_SHARE, self.FIRST_PROBE_DELAY), self.config.health.interval)
         probing: Deferred[bool] = maybeDeferred(self.backend.probe)
         self._pending = probing
         probing.addCallbacks(
@@ -398,6 +487,27 @@ class ServiceLifecycle:
             log.failure("unexpected error starting {service}", failure, service=self.name)
             error = StartFailed(f"start failed: {error}")
         self._give_up_start(error)
+
+    def _start_abandoned(self) -> None:
+        """
+        The last request waiting for this start went away (issue 17).
+
+        With C{cancel_abandoned_start}, a start that requests asked for (not
+        the API, not keep_warm, not a dependant: those wait as start watchers)
+        is stopped: nobody would use what it loads.
+        """
+        if (
+            self.config.cancel_abandoned_start
+            and self.state is State.STARTING
+            and self._start_reason == "request"
+            and not self._start_watchers
+            and not self.config.keep_warm
+            and not self._shutting_down
+        ):
+            log.info("{service}: every request waiting for the start left: stopping it", service=self.name)
+            self.stop("abandoned").addErrback(
+                lambda failure: log.failure("stopping {service}", failure, service=self.name)
+            )
 
     def _start_timed_out(self, generation: int) -> None:
         self._start_timer = None
@@ -491,8 +601,14 @@ class ServiceLifecycle:
     def _lease_released(self) -> None:
         self.in_flight -= 1
         self.last_request_at = self._reactor.seconds()
+        if self.in_flight == 0 and self._drain_waiters:
+            for waiter in self._take(self._drain_waiters):
+                waiter.callback(None)
         if self.in_flight == 0 and not (self._idle_call is not None and self._idle_call.active()):
             self._arm_idle_timer()
+        if self.in_flight == 0:
+            for observer in self.idle_observers:
+                observer(self)
 
     def _arm_idle_timer(self, delay: float | None = None) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -503,6 +619,7 @@ class ServiceLifecycle:
             and self.in_flight == 0
             and self.config.idle_timeout > 0
             and not self.config.keep_warm
+            and not self.holds
             and self.backend.has_lifecycle
             and not self._shutting_down
         ):
@@ -512,7 +629,7 @@ class ServiceLifecycle:
 
     def _idle_expired(self) -> None:
         self._idle_call = None
-        if self.state is not State.READY or self.in_flight or len(self.queue):
+        if self.state is not State.READY or self.in_flight or len(self.queue) or self._holding:
             return  # The last lease's release arms the timer again.
         remaining = self._idle_deadline() - self._reactor.seconds()
         if remaining > 0:
@@ -553,6 +670,7 @@ class ServiceLifecycle:
     def _stop_finished(self, reason: str, began: float, failure: Failure | None) -> None:
         duration = self._reactor.seconds() - began
         if failure is None:
+            self._take_new_backend()  # stopped: the next run is the new one
             self._set_state(State.STOPPED, reason, duration=duration)
         else:
             self.last_error = f"stop failed: {failure.getErrorMessage()}"
@@ -560,8 +678,9 @@ class ServiceLifecycle:
         for watcher in self._take(self._stop_watchers):
             watcher.callback(None)
         if len(self.queue) and not self._shutting_down:
-            # Requests arrived during the stop: they were promised a start.
-            self._begin_start("request")
+            # Requests arrived during the stop: they were promised a start
+            # (unless a stop watcher, such as a restart, started it already).
+            self._request_start("request")
 
     def _cleanup_done(self) -> Deferred[None]:
         """
@@ -636,3 +755,205 @@ class ServiceLifecycle:
                 observer(event)
             except Exception:
                 log.failure("observer failed on {service}", service=self.name)
+
+    # -- reload (issue 19): settings in place, restarts when asked -------------------
+
+    @property
+    def pending_changes(self) -> tuple[str, ...]:
+        """The how-it-runs keys changed since the backend was built (see L{hestia.reload})."""
+        if self.built_from is self.config:
+            return ()
+        from hestia.reload import diff
+
+        return diff(self.built_from, self.config).how_it_runs
+
+    def _reload_status(self) -> dict[str, Any]:
+        pending = self.pending_changes
+        return {"restart_pending": bool(pending), "pending_changes": list(pending)}
+
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """
+        Follow a reloaded configuration of this service.
+
+        In-place settings apply at once (the idle clock is re-armed with the new
+        C{idle_timeout}, the queue takes the new limit); how it runs waits for the
+        next start, when L{build_backend} makes the new backend.
+        """
+        from hestia.reload import running_settings
+
+        self.built_from = running_settings(self.built_from, config)
+        self.config = config
+        if not self.pending_changes:
+            self.built_from = config
+        if IReconfigurableBackend.providedBy(self.backend):
+            self.backend.reconfigure(self.built_from)
+        self.queue.limit = config.queue_limit
+        if self.admission is not None:
+            self.admission.configure(config.max_concurrency, config.queue_limit)
+        if self.state is State.READY and not self._holding:
+            if self._idle_call is not None and self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+            if self.in_flight == 0:
+                # The new idle_timeout counts from the last request, as the old one did.
+                since = self.last_request_at if self.last_request_at is not None else self.state_since
+                self._arm_idle_timer(max(0.0, since + config.idle_timeout - self._reactor.seconds()))
+            # else the last lease's release arms it with the new timeout.
+        elif self.state is State.STARTING and self._start_timer is not None and self._start_timer.active():
+            # A start under way gets the new start_timeout, counted from when it began.
+            if config.start_timeout > 0:
+                self._start_timer.reset(max(0.0, self._start_began + config.start_timeout - self._reactor.seconds()))
+            else:
+                self._cancel_start_timer()
+
+    def _take_new_backend(self) -> None:
+        """Between two runs: build the backend from the new settings if how it runs changed."""
+        pending = self.pending_changes
+        if not pending or self.build_backend is None or self._shutting_down:
+            return
+        backend = self.build_backend(self.config)
+        backend.set_exit_handler(self._backend_exited)
+        self.backend = backend
+        self.built_from = self.config
+        log.info("{service}: next run with its new settings ({changes})", service=self.name,
+                 changes=", ".join(pending))
+
+    def restart(self, reason: str = "restart") -> Deferred[None]:
+        """
+        Stop and start again, with the configuration as it is now.
+
+        A ready service is drained first: new requests wait in the queue (they
+        are served by the new run), requests in flight finish, for up to
+        C{stop_timeout}; then it stops and starts, and the waiting requests go
+        to it once it is ready.
+
+        @return: fires once it is ready again; fails as a start fails.
+        """
+        if self._shutting_down:
+            return fail(ServiceUnavailable("the gateway is shutting down", **self._describe()))
+        if not self.backend.has_lifecycle:
+            return succeed(None)
+        if self.state is State.STARTING:
+            # Let this start end first; its waiters are served, then restarted gracefully.
+            return self.start(reason).addBoth(lambda _: self.restart(reason))
+        if self.state is not State.READY:
+            return self.stop(reason).addCallback(lambda _: self.start(reason))
+        if self._holding:  # a restart is draining already: join it
+            joined: Deferred[None] = Deferred()
+            self._restart_joiners.append(joined)
+            return joined
+        self._holding = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+        def drained(_: object) -> Deferred[None]:
+            if self._shutting_down:  # the gateway stops it (or it was removed) meanwhile
+                return succeed(None)
+            if self.state is State.READY:
+                return self._begin_stop(reason)
+            return self.stop(reason)  # it exited meanwhile: clean up what is left
+
+        def stopped(result: object) -> Deferred[None]:
+            return self.start(reason)
+
+        def released(result: object) -> object:
+            self._holding = False
+            return result
+
+        def tell_joiners(result: object) -> object:
+            for joined in self._take(self._restart_joiners):
+                if isinstance(result, Failure):
+                    joined.errback(result)
+                else:
+                    joined.callback(None)
+            return result
+
+        restarting = self._drain(self.config.stop_timeout).addCallback(drained).addBoth(released)
+        return restarting.addCallback(stopped).addBoth(tell_joiners)
+
+    def yield_when_drained(self, reason: str) -> Deferred[None]:
+        """
+        Issue 17 (hestia.gpu): make room on a GPU without cutting anyone off.
+
+        New requests wait in the queue; those in flight (streams too) finish,
+        however long they take; then the service stops, and the requests that
+        waited start it again (through its gates) once it has stopped.
+        """
+        if self.state is not State.READY or self._holding or self._shutting_down:
+            return succeed(None)
+        self._holding = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        drained: Deferred[None] = succeed(None)
+        if self.in_flight:
+            drained = Deferred()
+            self._drain_waiters.append(drained)
+
+        def stop(_: object) -> Deferred[None] | None:
+            self._holding = False
+            if self.state is State.READY and not self._shutting_down:
+                return self._begin_stop(reason)
+            return None
+
+        return drained.addCallback(stop)
+
+    def retire(self, reason: str = "removed") -> Deferred[None]:
+        """
+        The service left the configuration: stop it once the requests in
+        flight have finished (for up to C{stop_timeout}), never to start again.
+        """
+
+        def finish(_: object) -> Deferred[None]:
+            self._shutting_down = True  # no restart for queued requests, no keep_warm retry
+            if self._retry_call is not None and self._retry_call.active():
+                self._retry_call.cancel()
+            self._fail_waiters(ServiceUnavailable("the service was removed from the configuration",
+                                                  **self._describe()))
+            return self._begin_stop(reason) if self.state is State.READY else self.stop(reason)
+
+        if not self.backend.has_lifecycle:
+            return succeed(None)  # an upstream Hestia never started: nothing to stop
+        if self.state is not State.READY:
+            return finish(None)
+        return self._drain(self.config.stop_timeout).addCallback(finish)
+
+    def start_after(self, previous: Deferred[Any]) -> None:
+        """
+        Launch nothing before C{previous} fires: the stop of a run of the same
+        service that a reload retired, still finishing its requests.  Requests
+        meanwhile wait in the queue, as they do during a failed start's clean-up.
+        """
+        waiting: Deferred[None] = Deferred()
+        earlier = self._cleanup_done()
+
+        def previous_done(result: object) -> object:
+            earlier.addBoth(lambda _: waiting.callback(None))
+            return result
+
+        previous.addBoth(previous_done)
+        self._cleanup = waiting
+
+    def _drain(self, timeout: float) -> Deferred[None]:
+        """Fires when no request of this service is in flight, or after C{timeout}."""
+        if self.in_flight == 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+
+        def give_up() -> None:
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
+                log.info("{service}: {count} requests still in flight after stop_timeout {timeout:g}s",
+                         service=self.name, count=self.in_flight, timeout=timeout)
+                waiter.callback(None)
+
+        timer = self._reactor.callLater(timeout, give_up)
+
+        def cancel_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return waiter.addBoth(cancel_timer)

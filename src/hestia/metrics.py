@@ -159,6 +159,25 @@ class HestiaMetrics:
             ["service", "reason"],
             registry=registry,
         )
+        self.slot_wait = Histogram(
+            "hestia_slot_wait_seconds",
+            "Time a ready request waited for a turn in its backend's admission window (slow start, max_concurrency).",
+            ["service"],
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.connect_retries = Counter(
+            "hestia_connect_retries_total",
+            "Connects to a backend that failed (refused or timed out) and were tried again.",
+            ["service"],
+            registry=registry,
+        )
+        self.response_timeouts = Counter(
+            "hestia_response_timeouts_total",
+            "Requests answered 504 because the backend sent no response head within response_timeout.",
+            ["service"],
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "hestia_upstream_errors_total",
             "Proxied requests the upstream failed: connect, upstream (reset or bad reply) or truncated.",
@@ -173,7 +192,7 @@ class HestiaMetrics:
         # (services x methods x statuses), so the caches stay small too.
         # Whatever removes series (remove(), clear()) must empty these too.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
-        self._per_service: dict[str, tuple[Any, Any]] = {}
+        self._per_service: dict[str, tuple[Any, Any, Any]] = {}
         self.sync_services()
 
     def sync_services(self) -> None:
@@ -194,6 +213,9 @@ class HestiaMetrics:
             self.start_duration.labels(name)
             self.queue_wait.labels(name)
             self.request_duration.labels(name)
+            self.slot_wait.labels(name)
+            self.connect_retries.labels(name)
+            self.response_timeouts.labels(name)
 
     # -- observers ------------------------------------------------------------
 
@@ -213,16 +235,23 @@ class HestiaMetrics:
             histograms = self._per_service[service] = (
                 self.request_duration.labels(service),
                 self.queue_wait.labels(service),
+                self.slot_wait.labels(service),
             )
         if record.status is not None:
             # The upstream answered: its headers came after the queue wait
             # plus the upstream's own time.  Otherwise the gateway's error
             # was the answer, written as the request ended.
-            answered = record.leased and record.error_kind not in ("connect", "upstream")
+            answered = record.leased and record.error_kind not in ("connect", "upstream", "response_timeout")
             to_headers = record.queued + record.upstream if answered else record.duration
             histograms[0].observe(to_headers)
         if record.leased:
             histograms[1].observe(record.queued)
+        if record.slot_wait is not None:
+            histograms[2].observe(record.slot_wait)
+        if record.connect_retries:
+            self.connect_retries.labels(service).inc(record.connect_retries)
+        if record.error_kind == "response_timeout":
+            self.response_timeouts.labels(service).inc()
         if record.error_kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(record.service, record.error_kind).inc()
 

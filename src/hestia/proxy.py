@@ -23,21 +23,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from hestia.auth import authorize_service
-from hestia.errors import BadRequest, GatewayError, UnknownService, UpstreamUnreachable
+from hestia.admission import CONNECT_RETRY, Admission
+from hestia.auth import Denied, authorize_service, may_see_output
+from hestia.errors import BadRequest, GatewayError, QueueFull, ResponseTimedOut, UnknownService, UpstreamUnreachable
 from hestia.headers import (
     HOP_BY_HOP,
     PathEscape,
@@ -47,9 +51,10 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.lifecycle import Lease
+from hestia.interfaces import IHeadCheck, ILease
+from hestia.passive import write_passive_answer
 from hestia.routing import RouteRequest
-from hestia.tunnel import is_upgrade, open_tunnel
+from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
 
 if TYPE_CHECKING:
@@ -69,7 +74,10 @@ def write_error(request: Request, error: GatewayError, request_id: bytes | None 
         # Headers are out: the only honest signal left is a cut connection.
         request.loseConnection()
         return
-    body = json.dumps(error.to_json()).encode("utf-8") + b"\n"
+    document = error.to_json()
+    if "detail" in document and not may_see_output(request):
+        del document["detail"]  # The service's output: admin tokens only, as on the logs route.
+    body = json.dumps(document).encode("utf-8") + b"\n"
     request.setResponseCode(error.status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
@@ -103,6 +111,32 @@ class RequestRecord:
     # then is C{queued} its queue wait and C{queued + upstream} its time to
     # the response headers.
     leased: bool = False
+    # Failed connects that were tried again (hestia.admission.ConnectRetry).
+    connect_retries: int = 0
+    # Seconds from the lease to the first send: the wait for a turn in the
+    # backend's admission window (None: never sent).
+    slot_wait: float | None = None
+
+
+class RequestBody(FileBodyProducer):
+    """
+    The client's (buffered) body on its way to the backend, stoppable at any time.
+
+    A backend may answer before it has read the whole body (a 413, a 401, or
+    at once to a C{Content-Length: 0}); the client's request then finishes and
+    Twisted closes the buffer under a producer that is still reading it, which
+    ends in a logged traceback.  L{halt} stops it first.
+    """
+
+    _started = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._started = True
+        return super().startProducing(consumer)
+
+    def halt(self) -> None:
+        if self._started:
+            self.stopProducing()  # Quiet: FileBodyProducer swallows its own TaskStopped.
 
 
 class _BodyRelay(Protocol):
@@ -134,12 +168,18 @@ class Exchange:
         rest: bytes,
         request_id: bytes,
         prefix: bytes | None = None,
+        loading_events: bool = False,
     ) -> None:
         """
         @param lifecycle: the service's route (L{hestia.routing.Route}): its
             lifecycle, or a route that picks an instance or target per request.
         @param prefix: sent as C{X-Forwarded-Prefix}; by default
             C{/services/<name>}, empty for a host-routed request.
+        @param loading_events: a streaming OpenAI request (issue 17): if it
+            has to wait for a start, its SSE headers go out at once, then a
+            keep-alive comment every L{KEEP_ALIVE} seconds, so that a chat
+            front end does not time out; a failed start ends it with an error
+            event in OpenAI's shape.
         """
         self.gateway = gateway
         self.lifecycle = lifecycle
@@ -149,11 +189,27 @@ class Exchange:
         self.prefix = b"/services/" + lifecycle.name.encode("ascii") if prefix is None else prefix
         self._pending: Deferred[Any] | None = None
         self._relay: _BodyRelay | None = None
-        self._lease: Lease | None = None
+        self._lease: ILease | None = None
         self._gone = False
         self._tunnelled = False
-        self._slots: DeferredSemaphore | None = None
+        self._tunnel: Tunnel | None = None
+        self._body: RequestBody | None = None
+        # The turn with the backend this request holds (hestia.admission).
+        self._admission: Admission | None = None
+        self._backend_headers: list[tuple[bytes, list[bytes]]] = []
+        self._attempt = 0  # connect attempts made so far, less one
+        self._refused_since: float | None = None
+        # The response_timeout timer until the head arrives, then the
+        # response_idle_timeout one while the body streams.
+        self._response_timer: IDelayedCall | None = None
+        self._body_at = 0.0
+        # A 504 for response_timeout went out: the cancelled backend request's
+        # own failure must not answer again.
+        self._answered_by_gateway = False
         self._forwarded_at = 0.0
+        self.loading_events = loading_events
+        self._early = False  # the client has its headers already (loading events)
+        self._keep_alive: LoopingCall | None = None
         now = gateway.reactor.seconds()
         self.record = RequestRecord(
             request_id=request_id.decode("ascii"),
@@ -165,20 +221,75 @@ class Exchange:
         )
 
     def begin(self) -> None:
+        self._begin(self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began)))
+
+    def begin_passive(self) -> bool:
+        """
+        Forward a monitor's request if the service is ready (L{hestia.passive}).
+
+        @return: C{False}, having done nothing, when it is not ready.
+        """
+        waiting = self.lifecycle.acquire_passive(RouteRequest(self.request, self.rest, self.record.began))
+        if waiting is None:
+            return False
+        self._begin(waiting)
+        return True
+
+    def _begin(self, waiting: Deferred[Any]) -> None:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
-        waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
-        if waiting.called and isinstance(waiting.result, Lease):
+        if waiting.called and ILease.providedBy(waiting.result):
             # A ready service leases at once (the warm path): go straight on.
             self._forward(waiting.result)
             return
         self._pending = waiting
+        if self.loading_events and not waiting.called:  # held for a start (an at-once refusal stays plain JSON)
+            self._open_early()
         waiting.addCallbacks(self._forward, self._failed)
+
+    # -- loading events (issue 17) ---------------------------------------------
+
+    KEEP_ALIVE = 2.0
+
+    def _open_early(self) -> None:
+        request = self.request
+        self._early = True
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+        request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
+        request.responseHeaders.setRawHeaders(b"x-hestia-state", [b"starting"])
+        request.responseHeaders.removeHeader(b"server")
+        request.write(b": hestia: the model is loading\n\n")
+        keep_alive = self._keep_alive = LoopingCall(self._send_keep_alive)
+        keep_alive.clock = self.gateway.reactor
+        keep_alive.start(self.KEEP_ALIVE, now=False)
+
+    def _send_keep_alive(self) -> None:
+        if not self._gone:
+            self.request.write(b": hestia: still loading\n\n")
+
+    def _stop_keep_alive(self) -> None:
+        keep_alive, self._keep_alive = self._keep_alive, None
+        if keep_alive is not None and keep_alive.running:
+            keep_alive.stop()
+
+    def _end_with_error_event(self, message: str, kind: str = "server_error", code: str | None = None,
+                              error: Any = None) -> None:
+        """End an early-opened stream the way OpenAI ends one that failed: an error event."""
+        self._stop_keep_alive()
+        if self._gone:
+            return
+        if not isinstance(error, dict):
+            error = {"message": message, "type": kind, "param": None, "code": code}
+        self.request.write(b"data: " + json.dumps({"error": error}).encode("utf-8") + b"\n\n")
+        self.request.finish()
 
     # -- forwarding ------------------------------------------------------------
 
-    def _forward(self, lease: Lease) -> None:
+    def _forward(self, lease: ILease) -> None:
         self._pending = None
+        self._stop_keep_alive()
         self._lease = lease
         now = self.gateway.reactor.seconds()
         self.record.queued = now - self.record.began
@@ -199,74 +310,195 @@ class Exchange:
         if is_upgrade(request):
             self._open_tunnel(lease, headers)
             return
-        body = None
-        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
-            assert request.content is not None  # Twisted buffers every request body.
-            request.content.seek(0)
-            body = FileBodyProducer(request.content, cooperator=self.gateway.cooperator)
-        slots = self.gateway.backend_slots(lease.url)
-        if slots.tokens:
-            # A free slot: take it directly, without a Deferred that would
-            # fire at once anyway (what acquire() does in this case).
-            slots.tokens -= 1
-            self._send(slots, lease.url, headers, body)
-            return
-        turn = slots.acquire()
-        self._pending = turn
-        turn.addCallbacks(lambda _: self._send(slots, lease.url, headers, body), self._failed)
+        self._backend_headers = headers
+        self._take_turn(self.gateway.admission(lease.url, self.lifecycle))
 
-    def _send(
-        self,
-        slots: DeferredSemaphore,
-        url: str,
-        headers: list[tuple[bytes, list[bytes]]],
-        body: FileBodyProducer | None,
-    ) -> None:
-        self._slots = slots
+    # -- turns with the backend (issue 13: hestia.admission) -------------------------
+
+    def _queue_deadline(self) -> float | None:
+        """When this request's time in the queue ends: arrival + C{queue_timeout}."""
+        timeout = self.lifecycle.config.queue_timeout
+        return self.record.began + timeout if timeout > 0 else None
+
+    def _take_turn(self, admission: Admission, first: bool = False) -> None:
+        """
+        Send the request once the backend's admission window has room.
+
+        @param first: a retry after a failed connect, which goes back to the
+            head of the queue (it was first in line already).
+        """
+        if not first and admission.try_take():
+            # Room, and nobody waiting before us: the warm path, no Deferred.
+            self._send(admission)
+            return
+        try:
+            turn = admission.wait(self._queue_deadline(), first=first)
+        except QueueFull as full:
+            self._failed(Failure(full))
+            return
+        if turn.called:
+            self._send(admission)
+            return
+        self._pending = turn
+        turn.addCallbacks(lambda _: self._send(admission), self._failed)
+
+    def _send(self, admission: Admission) -> None:
+        self._pending = None
+        self._admission = admission
         if self._gone:
             self._release_slot()
             return
-        self._forwarded_at = self.gateway.reactor.seconds()
-        sending = self.gateway.agent.request(
-            self.request.method, join_url(url, self.rest), Headers(dict(headers)), body
+        lease = self._lease
+        assert lease is not None
+        request = self.request
+        body = None
+        if any(request.requestHeaders.hasHeader(name) for name in _BODY_HEADERS):
+            assert request.content is not None  # Twisted buffers every request body.
+            request.content.seek(0)  # a fresh producer per attempt (a retried connect)
+            body = self._body = RequestBody(request.content, cooperator=self.gateway.cooperator)
+        reactor = self.gateway.reactor
+        self._forwarded_at = reactor.seconds()
+        if self.record.slot_wait is None:
+            self.record.slot_wait = self._forwarded_at - self.record.began - self.record.queued
+        sending = self.gateway.agent_for_attempt(self._attempt).request(
+            request.method, join_url(lease.url, self.rest), Headers(dict(self._backend_headers)), body
         )
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and not sending.called:
+            self._response_timer = reactor.callLater(timeout, self._response_timed_out, timeout)
         self._pending = sending
         sending.addCallbacks(self._respond, self._failed)
 
     def _release_slot(self) -> None:
-        slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.release()
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.release()
 
-    def _open_tunnel(self, lease: Lease, headers: list[tuple[bytes, list[bytes]]]) -> None:
+    def _cancel_response_timer(self) -> None:
+        timer, self._response_timer = self._response_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _response_timed_out(self, timeout: float) -> None:
         """
-        Hand the connection to an upgrade tunnel (WebSocket and the like).
+        No response head within C{response_timeout}: answer 504, cancel the
+        backend request (which closes its connection) and free the slot.
+        """
+        self._response_timer = None
+        sending, self._pending = self._pending, None
+        self._release_slot()
+        self._answer_response_timeout(timeout)
+        if sending is not None:
+            sending.cancel()
 
-        From here on Twisted's channel no longer owns the client connection,
-        so the tunnel's end, not C{notifyFinish}, releases the lease.
+    def _answer_response_timeout(self, timeout: float) -> None:
+        self._answered_by_gateway = True
+        error = ResponseTimedOut(
+            f"backend sent no response within response_timeout {timeout:g}s",
+            service=self.lifecycle.name,
+            state=self.lifecycle.state.value,
+        )
+        self.record.status = error.status
+        self.record.error = error.reason
+        self.record.error_kind = "response_timeout"
+        log.warn("{service}: no response within {timeout}s to {method} {path}: answered 504",
+                 service=self.lifecycle.name, timeout=timeout, method=self.record.method, path=self.record.path)
+        if self._early:  # loading events: the stream is open, its end says why
+            self._end_with_error_event(error.reason, code=type(error).__name__)
+            return
+        write_error(self.request, error, self.request_id)
+
+    def _retry_connect(self, failure: Failure) -> bool:
+        """
+        Try again a connect that failed, while the request's queue time lasts.
+
+        The request never reached the backend, so this is safe whatever its
+        method (L{hestia.admission.ConnectRetry} has the rule).
+        """
+        if self._lease is None or self._tunnelled:
+            return False
+        now = self.gateway.reactor.seconds()
+        if self._refused_since is None and _refused(failure):
+            self._refused_since = now
+        pause = CONNECT_RETRY.next_attempt(self._attempt, now, self._queue_deadline(), self._refused_since)
+        if pause is None:
+            return False
+        self._attempt += 1
+        self.record.connect_retries += 1
+        admission = self.gateway.admission(self._lease.url, self.lifecycle)
+        waiting = deferLater(self.gateway.reactor, pause, lambda: None)
+        self._pending = waiting
+        waiting.addCallbacks(lambda _: self._take_turn(admission, first=True), self._failed)
+        return True
+
+    def _open_tunnel(self, lease: ILease, headers: list[tuple[bytes, list[bytes]]]) -> None:
+        """
+        Send an upgrade request (a WebSocket) on a connection of its own.
+
+        Only the backend's C{101} makes it a tunnel (L{hestia.tunnel}): from
+        then on Twisted's channel no longer owns the client connection, so the
+        tunnel's end, not C{notifyFinish}, releases the lease.  Any other
+        answer is relayed as a normal response and the request ends as usual.
         """
 
         def closed(status: int | None, sent: int) -> None:
+            self._cancel_response_timer()
             now = self.gateway.reactor.seconds()
             self.record.status = status
             self.record.bytes = sent
             self.record.upstream = now - self._forwarded_at
             self.record.duration = now - self.record.began
             self._gone = True
+            self._tunnel = None
             lease.release()
             self.gateway.request_ended(self)
 
+        def refused(status: int) -> None:
+            # A normal response after all: notifyFinish ends it.
+            self._cancel_response_timer()
+            self._tunnelled = False
+            self.record.status = status
+            self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
+            self.request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
+
         def unreachable(failure: Failure) -> None:
             # The client connection is still Twisted's: answer 502 the usual way.
+            self._cancel_response_timer()
             self._tunnelled = False
+            self._tunnel = None
             self._failed(failure)
+
+        def undecided(timeout: float) -> None:
+            # No 101 and no other answer within response_timeout (issue 12,
+            # hole 4): drop the backend connection and answer 504.
+            self._response_timer = None
+            tunnel = self._tunnel
+            if tunnel is None or tunnel.switched or tunnel.status is not None:
+                return
+            tunnel.abort()
+            self._tunnelled = False
+            self._tunnel = None
+            self._answer_response_timeout(timeout)
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
-        open_tunnel(self.gateway.reactor, lease.url, self.request, self.rest, headers, closed, unreachable)
+        self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
+                                   headers, closed, unreachable, refused)
+        timeout = self.lifecycle.config.response_timeout
+        if timeout > 0 and self._tunnel is not None and self._tunnelled:
+            self._response_timer = self.gateway.reactor.callLater(timeout, undecided, timeout)
 
     def _respond(self, response: IResponse) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        idle = self.lifecycle.config.response_idle_timeout
+        if idle > 0 and not self._gone:
+            # One timer for the whole body: each piece only notes the time,
+            # and the timer, when due, waits out the rest of the period.
+            self._body_at = self.gateway.reactor.seconds()
+            self._response_timer = self.gateway.reactor.callLater(idle, self._body_idle, idle)
+        if self._admission is not None:
+            self._admission.answered()
         self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
         self.record.status = response.code
         request = self.request
@@ -274,7 +506,18 @@ class Exchange:
             response.deliverBody(Protocol())  # Read nothing; drops the connection.
             self._release_slot()
             return
+        if self._early:
+            if response.code == 200:
+                self._relay = _BodyRelay(self)  # the client has its headers: the body follows
+                response.deliverBody(self._relay)
+            else:
+                readBody(response).addCallbacks(lambda body: self._backend_refused(response.code, body),
+                                                lambda failure: self._backend_refused(response.code, b""))
+            return
         request.setResponseCode(response.code, response.phrase)
+        # Twisted would add "Content-Type: text/html" to a response without
+        # one; the backend's response goes out as the backend sent it.
+        request.defaultContentType = None
         connection = getattr(response, "connection_headers", None)  # see gateway._ClientProtocol
         request.responseHeaders = _client_headers(request.responseHeaders, response.headers, connection)
         if connection is not None and (length := connection.getRawHeaders(b"content-length")):
@@ -288,10 +531,28 @@ class Exchange:
     def body_received(self, data: bytes) -> None:
         if not self._gone:
             self.record.bytes += len(data)
+            self._body_at = self.gateway.reactor.seconds()
             self.request.write(data)
+
+    def _body_idle(self, idle: float) -> None:
+        """No byte moved for C{response_idle_timeout}: cut both connections (issue 12: nothing waits forever)."""
+        self._response_timer = None
+        silent = self.gateway.reactor.seconds() - self._body_at
+        if silent < idle:
+            self._response_timer = self.gateway.reactor.callLater(idle - silent, self._body_idle, idle)
+            return
+        self.record.error = f"response body silent for response_idle_timeout {idle:g}s"
+        self.record.error_kind = "truncated"
+        log.warn("{service}: response body to {method} {path} silent for {idle}s: cut",
+                 service=self.lifecycle.name, idle=idle, method=self.record.method, path=self.record.path)
+        relay = self._relay
+        if relay is not None and relay.transport is not None:
+            cast(Any, relay.transport).stopProducing()  # drops the backend connection
+        self.request.loseConnection()
 
     def body_ended(self, reason: Failure) -> None:
         self._relay = None
+        self._cancel_response_timer()
         self._release_slot()
         if self._gone:
             return
@@ -301,18 +562,36 @@ class Exchange:
         else:
             # The backend broke off mid-body: cut the client off too, so that it
             # does not take a truncated body for a whole one.
-            self.record.error = f"backend broke off the response: {reason.getErrorMessage()}"
+            self.record.error = self.record.error or f"backend broke off the response: {reason.getErrorMessage()}"
             self.record.error_kind = "truncated"
             self.request.loseConnection()
+
+    def _backend_refused(self, code: int, body: bytes) -> None:
+        """The backend answered an early-opened stream with an error: pass it on as an event."""
+        self._cancel_response_timer()
+        self._release_slot()
+        try:
+            error = json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        text = body.decode("utf-8", "replace")[:500]
+        self._end_with_error_event(f"backend answered {code}: {text}", error=error)
 
     # -- failures and endings -------------------------------------------------------
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
+        self._cancel_response_timer()
+        connect_failed = self._admission is not None and _connect_failure(failure)
+        if connect_failed:
+            assert self._admission is not None
+            self._admission.connect_failed()
         self._release_slot()
-        if self._gone or failure.check(CancelledError):
+        if self._gone or self._answered_by_gateway or failure.check(CancelledError):
             return
         if self._fail_over(failure):
+            return
+        if connect_failed and self._retry_connect(failure):
             return
         error = failure.value
         if not isinstance(error, GatewayError):
@@ -320,6 +599,10 @@ class Exchange:
         self.record.status = error.status
         self.record.error = error.reason
         self.record.error_kind = self.record.error_kind or type(error).__name__
+        if self._early:
+            self._end_with_error_event(f"{error.service or self.lifecycle.name}: {error.reason}",
+                                       code=type(error).__name__)
+            return
         write_error(self.request, error, self.request_id)
 
     def _fail_over(self, failure: Failure) -> bool:
@@ -358,6 +641,13 @@ class Exchange:
         """The response is complete, or the client went away: clean up."""
         if self._tunnelled and not isinstance(result, Failure):
             return  # The tunnel's own end does this.
+        self._stop_keep_alive()
+        self._cancel_response_timer()
+        if self._tunnel is not None and not self._tunnelled:
+            self.record.bytes = self._tunnel.bytes_to_client  # A refused upgrade, relayed.
+        body, self._body = self._body, None
+        if body is not None:
+            body.halt()
         if isinstance(result, Failure):
             self._gone = True
             pending, self._pending = self._pending, None
@@ -366,6 +656,9 @@ class Exchange:
             if self._relay is not None and self._relay.transport is not None:
                 # A TransportProxyProducer: stopping it drops the backend connection.
                 cast(Any, self._relay.transport).stopProducing()
+            tunnel, self._tunnel = self._tunnel, None
+            if tunnel is not None and not tunnel.switched:
+                tunnel.abort()  # An upgrade request the backend has not answered yet.
             self.record.error = self.record.error or "client went away"
             self.record.error_kind = self.record.error_kind or "client_gone"
         self._release_slot()
@@ -410,6 +703,13 @@ def _connect_failure(failure: Failure) -> bool:
     return failure.check(ConnectError, TimeoutError) is not None
 
 
+def _refused(failure: Failure) -> bool:
+    """Whether a connect failure was a refusal (nothing listens), not a timeout."""
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(_refused(reason) for reason in getattr(failure.value, "reasons", []))
+    return failure.check(ConnectionRefusedError) is not None
+
+
 def _describe_upstream_failure(failure: Failure) -> str:
     if failure.check(ResponseNeverReceived, ResponseFailed):
         reasons = getattr(failure.value, "reasons", [])
@@ -429,6 +729,7 @@ def _client_ip(request: Request) -> str:
     return str(getattr(address, "host", "unix"))
 
 
+@implementer(IHeadCheck)
 class ServiceProxyResource(ReverseProxyResource):
     """
     The resource for one service: everything below C{/services/<name>/}.
@@ -460,21 +761,37 @@ class ServiceProxyResource(ReverseProxyResource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self
 
-    def render(self, request: Request) -> int:
-        request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
+    def _route(self, request: Request) -> tuple[str, bytes] | GatewayError:
+        """The service and the rest of the path C{request} goes to, or why it goes nowhere."""
         try:
             if self.host_routed:
                 if not request.uri.startswith(b"/"):  # absolute-form: never an open proxy
-                    write_error(request, BadRequest("expected an origin-form request target"), request_id)
-                    return NOT_DONE_YET
+                    return BadRequest("expected an origin-form request target")
                 routed = split_service_path(b"/services/" + self.name.encode("ascii") + request.uri)
             else:
                 routed = split_service_path(request.uri)
         except PathEscape as escape:
-            write_error(request, BadRequest(str(escape)), request_id)
-            return NOT_DONE_YET
+            return BadRequest(str(escape))
         if routed is None or routed[0] != self.name:
-            write_error(request, UnknownService("no such service", service=self.name), request_id)
+            return UnknownService("no such service", service=self.name)
+        return routed
+
+    def check_head(self, request: Request) -> Denied | None:
+        """The head's verdict (L{IHeadCheck}): what C{render} would refuse before the body is read."""
+        routed = self._route(request)
+        if isinstance(routed, GatewayError):
+            return Denied(routed.status, routed.reason, service=routed.service)
+        authenticator = getattr(getattr(request, "site", None), "authenticator", None)
+        if authenticator is None:
+            return None
+        denied: Denied | None = authenticator.check_service(request, self.name)
+        return None if denied is None else Denied(denied.status, denied.reason, denied.retry_after, self.name)
+
+    def render(self, request: Request) -> int:
+        request_id = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id"))
+        routed = self._route(request)
+        if isinstance(routed, GatewayError):
+            write_error(request, routed, request_id)
             return NOT_DONE_YET
         if not authorize_service(request, self.name):  # Before anything can start (hestia.auth).
             return NOT_DONE_YET
@@ -486,13 +803,22 @@ class ServiceProxyResource(ReverseProxyResource):
         intercept = getattr(lifecycle, "intercept", None)
         if intercept is not None and intercept(request, routed[1]):
             return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
+        passive = lifecycle.config.passive  # issue 17: monitors look without waking
+        if passive is not None and passive.matches(request, routed[1]):
+            exchange = Exchange(self.gateway, lifecycle, request, routed[1], request_id,
+                                b"" if self.host_routed else None)
+            if not exchange.begin_passive():
+                write_passive_answer(request, lifecycle.name, lifecycle.state.value)
+            return NOT_DONE_YET
         if wants_waiting_page(lifecycle, request):
             # A person's browser: a page that says what is happening beats a
             # blank tab spinning for the whole cold start (hestia.ui).
             serve_waiting_page(self.gateway, lifecycle, request)
             return NOT_DONE_YET
         prefix = b"" if self.host_routed else None
-        Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix).begin()
+        wants_loading_events = getattr(lifecycle, "wants_loading_events", None)  # a route_by: model route
+        loading_events = wants_loading_events is not None and wants_loading_events(request, routed[1])
+        Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix, loading_events).begin()
         return NOT_DONE_YET
 
 

@@ -5,7 +5,7 @@ Hestia needs (launch a task, follow it, read its output, stop it).
 Semaphore runs the Ansible playbooks that provision and tear down the remote
 machines behind C{semaphore} services (L{hestia.backends.semaphore}).  The
 client honours what the real server does beyond its OpenAPI description
-(C{/work/shared/semaphore/NOTES.md}): C{template_id} is a JSON integer,
+(the C{x-hestia-notes} of C{tests/semaphore_contract.yml}): C{template_id} is a JSON integer,
 C{environment} a I{string} holding a JSON object, an unknown task id is a 400
 (not a 404), a stop needs a JSON body, and a task may stay C{waiting} or
 C{running} for ever, so every wait here has its own limit.
@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
-from hestia.config import Config, ServiceConfig, _check_url, _Reader
+from hestia.config import MAX_ID, Config, ServiceConfig, _check_url, _Reader
 
 log = Logger(namespace="hestia.semaphore")
 
@@ -133,7 +133,7 @@ def _server_settings(reader: _Reader, raw: Any, environ: Mapping[str, str], base
         values["poll_interval"] = max(0.05, values["poll_interval"])
     if "stop_on_shutdown" in section:
         values["stop_on_shutdown"] = reader.boolean(section["stop_on_shutdown"], "semaphore.stop_on_shutdown")
-    project_id = reader.integer(section.get("project_id", 1), "semaphore.project_id", minimum=1)
+    project_id = reader.integer(section.get("project_id", 1), "semaphore.project_id", minimum=1, maximum=MAX_ID)
     return SemaphoreServer(base_url=base_url, token=token, project_id=project_id, **values)
 
 
@@ -165,7 +165,7 @@ def _service_settings(reader: _Reader, service: ServiceConfig, server: Semaphore
     for name in ("start_template_id", "stop_template_id"):
         if name not in raw:
             raise reader.fail(f"{key}.{name}", f"missing (or set {prefix}{name.upper()})")
-        templates[name] = reader.integer(raw[name], f"{key}.{name}", minimum=1)
+        templates[name] = reader.integer(raw[name], f"{key}.{name}", minimum=1, maximum=MAX_ID)
     extra = raw.get("extra_vars", {})
     if isinstance(extra, str):  # from <NAME>_SEMAPHORE_EXTRA_VARS: a JSON object
         try:

@@ -12,27 +12,31 @@ from __future__ import annotations
 import inspect
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
 from hestia.auth import AdminGuard, Authenticator, parse_auth
-from hestia.config import Config, ConfigError, load_config
+from hestia.config import Config, ConfigError, ServerConfig
 from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
 from hestia.logs import ServiceOutput, access_log, install_log_observer
 from hestia.metrics import HestiaMetrics
+from hestia.planning import Planning
+from hestia.preflight import load_checked
 from hestia.proxy import GatewayRoot
 from hestia.reconcile import reconcile, request_time_recorder
-from hestia.state import StateStore, state_recorder
+from hestia.reload import describe_summary
+from hestia.state import StateStore, StateStoreError, check_state_file, state_recorder
 from hestia.tls import CertificateError, CertificateStore, RedirectToHTTPS, https_port, is_tls_listen, parse_listen
 from hestia.watch import ConfigWatcher
 
@@ -58,8 +62,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["loaded"] = load_config(self["config"])
-            parse_auth(self["loaded"])  # Token files and variables must be there now.
+            # The same checks as `hestia check-config` (hestia.preflight).
+            self["loaded"] = load_checked(self["config"], listen=self["listen"])
         except ConfigError as error:
             # One line and a non-zero exit: no traceback, no usage text.
             sys.stderr.write(f"hestia: config error: {error}\n")
@@ -115,6 +119,21 @@ class HestiaSite(GuardedSite):
         pass
 
 
+def build_site(
+    gateway: Gateway, api: Any, authenticator: Authenticator, server: ServerConfig, reactor: Any = None
+) -> HestiaSite:
+    """
+    The site Hestia serves: the proxy and the guarded API behind guarded channels.
+
+    One function for the daemon and the in-memory tests (tests/inmemory.py),
+    so that what the tests drive is what runs.
+    """
+    kwargs = {} if reactor is None else {"reactor": reactor}
+    site = HestiaSite(GatewayRoot(gateway, AdminGuard(api, authenticator)), Limits.from_server(server), **kwargs)
+    site.authenticator = authenticator
+    return site
+
+
 class HestiaService(MultiService):
     """The whole gateway: its listening port plus the services it manages."""
 
@@ -147,15 +166,14 @@ class HestiaService(MultiService):
         self.output = ServiceOutput(self.gateway)
         self.gateway.add_state_observer(self.output.state_changed)
         self.output.attach_all()
+        # Costs, schedules and predictive warm-up (issue 16).
+        self.planning = Planning(self.gateway, self.store, self.metrics)
         self.api = ManagementAPI(
-            self.gateway, reload=self.reload, store=self.store, metrics=self.metrics, output=self.output
+            self.gateway, reload=self.reload, store=self.store, metrics=self.metrics, output=self.output,
+            costs=self.planning.ledger,
         )
         self.authenticator = Authenticator(parse_auth(config), reactor.seconds)
-        self.site = HestiaSite(
-            GatewayRoot(self.gateway, AdminGuard(self.api.resource(), self.authenticator)),
-            Limits.from_server(config.server),
-        )
-        self.site.authenticator = self.authenticator
+        self.site = build_site(self.gateway, self.api.resource(), self.authenticator, config.server)
         self.listen = listen or config.server.listen
         self.certificates: CertificateStore | None = None
         self.port_service: IService
@@ -194,12 +212,23 @@ class HestiaService(MultiService):
         install_log_observer(self, parent, self.log_format)
         return super().setServiceParent(parent)
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the ports here; a busy or unusable address would end in
+        # a traceback through twistd.  Say it in one line and exit instead.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            where = f"{error.interface or '*'}:{error.port}"
+            reason = getattr(error.socketError, "strerror", None) or error.socketError
+            _refuse(f"hestia: cannot listen on {where}: {reason}")
+
     def startService(self) -> None:
         raise_open_file_limit()
         super().startService()
         self.store.open().addErrback(
             lambda failure: log.failure("cannot open the state database {path}", failure, path=self.store.path)
         )
+        self.planning.start()  # first: a killed gateway's open spans are closed before new ones open
         reconcile(self.gateway, self.store).addErrback(
             lambda failure: log.failure("cannot take up the recorded services", failure)
         )
@@ -225,7 +254,7 @@ class HestiaService(MultiService):
         @raise ConfigError: the file is bad; the running configuration stays.
         """
         source = None if self.config.source.startswith("<") else self.config.source
-        config = load_config(source)
+        config = load_checked(source)  # the same checks as at start-up
         if config.server.listen != self.config.server.listen:
             log.warn("server.listen changed: it takes effect on restart")
         auth = parse_auth(config)  # Before anything changes: a bad auth section keeps the old one.
@@ -238,7 +267,9 @@ class HestiaService(MultiService):
             except CertificateError as error:
                 log.error("certificates not reloaded, keeping the loaded ones: {error}", error=str(error))
         self.config = config
-        log.info("reloaded {source}: {summary}", source=config.source, summary=summary)
+        self.planning.apply()
+        log.info("reloaded {source}: {changes}", source=config.source, changes=describe_summary(summary),
+                 summary=summary)
         return summary
 
     def _reload_logged(self) -> None:
@@ -255,24 +286,51 @@ class HestiaService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
         # Stop accepting first, so that draining can end.
         yield self.port_service.stopService()
+        self.planning.stop()
         timeout = self.config.server.shutdown_timeout
         if self.gateway.in_flight_requests:
             log.info("waiting up to {timeout}s for {count} requests", timeout=timeout,
                      count=self.gateway.in_flight_requests)
+        began = self.reactor.seconds()
         yield self.gateway.drain(timeout)
         yield self.gateway.shutdown()
-        yield self.store.flush()
+        # Whatever SQLite does (a lock held by another process), the state
+        # writes get what is left of shutdown_timeout, at least a second.
+        left = max(1.0, began + timeout - self.reactor.seconds())
+        yield self.store.flush(left, self.reactor)
+        if self.store.pending:
+            log.error("shutting down with {count} state writes unfinished ({path})",
+                      count=self.store.pending, path=self.store.path)
         self.store.close()
         yield super().stopService()
 
 
+def _refuse(line: str) -> NoReturn:
+    """
+    End start-up with one line on the real stderr and exit status 2.
+
+    Once twistd has started logging, C{sys.stderr} is redirected into the log
+    (each line prefixed, as if it were an error of Twisted's), so the line
+    goes to the stderr the process was given.
+    """
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(line + "\n")
+    stream.flush()
+    raise SystemExit(2)
+
+
 def makeService(options: Options) -> HestiaService:
     config: Config = options["loaded"]
+    try:
+        # Before anything runs: a state file Hestia cannot use would lose the
+        # facts of what it starts (a cloud VM forgotten keeps costing money).
+        check_state_file(config.server.state_path)
+    except StateStoreError as error:
+        _refuse(f"hestia: state file error: {error}")
     try:
         return HestiaService(
             config, listen=options["listen"], log_format=options["log-format"],
             watch_config=bool(options["watch-config"]),
         )
     except CertificateError as error:
-        sys.stderr.write(f"hestia: TLS error: {error}\n")
-        raise SystemExit(2) from None
+        _refuse(f"hestia: TLS error: {error}")

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hestia.lifecycle import State, StateChange
 
@@ -58,10 +61,42 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX events_by_service ON events (service, id)",
     ],
+    # Issue 16 (hestia.costs): running spans, for costs; first uses, for prewarm.
+    [
+        """
+        CREATE TABLE running_spans (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            service TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            checkpoint_at REAL NOT NULL,
+            rate REAL NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL,
+            woken_by TEXT,
+            guess_seconds REAL
+        )
+        """,
+        "CREATE INDEX running_spans_by_end ON running_spans (ended_at)",
+        "CREATE UNIQUE INDEX running_spans_by_unit ON running_spans (unit, started_at)",
+        """
+        CREATE TABLE first_uses (
+            service TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (service, at)
+        )
+        """,
+        "CREATE TABLE accounting (key TEXT PRIMARY KEY, value REAL NOT NULL)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_SERVICE = 1000
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the schema of C{connection}'s database to L{SCHEMA_VERSION}; the version found."""
+    return _migrate(connection)
 
 
 def _migrate(connection: sqlite3.Connection) -> int:
@@ -91,39 +126,184 @@ def event_kind(change: StateChange) -> str:
     return "fail"
 
 
+class StateStoreError(Exception):
+    """
+    The state file cannot be used; C{str()} is one line naming the file.
+
+    Raised before start-up (L{check_state_file}), and by an operation that
+    found the file locked for longer than the store waits.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class StoreClosed(Exception):
+    """The store was closed (shutdown) before this operation could run."""
+
+
+# How long one operation waits for a lock held by another process before it
+# fails (SQLite's own busy wait is kept short, so that a shutdown can stop
+# the wait between two tries instead of being stuck in SQLite).
+LOCK_TIMEOUT = 5.0
+_LOCK_RETRY = 0.02  # seconds per SQLite busy wait, between checks for closing
+
+
+def _is_locked(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(error)
+
+
+def _configure(connection: sqlite3.Connection) -> None:
+    connection.execute(f"PRAGMA busy_timeout = {int(_LOCK_RETRY * 1000)}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")  # A VM launched must be on disk.
+
+
+def _problem(error: Exception) -> str:
+    """What is wrong with the file, worded for the operator."""
+    text = str(error)
+    corrupt = "not a database" in text or "malformed" in text
+    if corrupt and isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+        return f"not a usable SQLite database ({text}): move it away or restore a backup"
+    if "readonly" in text or "read-only" in text:
+        return f"cannot write to it ({text}): check the file's and its directory's permissions"
+    if "unable to open" in text:
+        return f"cannot open it ({text}): check that its directory exists and is writable"
+    return text
+
+
+def retry_while_locked(
+    work: Callable[[], Any], path: str, lock_timeout: float, closing: Callable[[], bool] = lambda: False
+) -> Any:
+    """
+    Run C{work}, again while another process holds a lock on C{path}, for at
+    most C{lock_timeout} seconds; give up at once when C{closing()} is true.
+    """
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        if closing():
+            raise StoreClosed(path)
+        try:
+            return work()
+        except sqlite3.OperationalError as error:
+            if not _is_locked(error):
+                raise
+            if time.monotonic() >= deadline:
+                raise StateStoreError(
+                    path, f"locked by another process for more than {lock_timeout:g}s "
+                    "(is another Hestia using this state_path?)"
+                ) from None
+            # SQLite's busy_timeout has already waited _LOCK_RETRY.
+
+
+def check_state_file(path: str, lock_timeout: float = LOCK_TIMEOUT) -> int:
+    """
+    Make sure the state file can be used, before anything runs (synchronous).
+
+    Creates the directory and the file, migrates the schema, and takes the
+    write lock once: a directory in the file's place, a corrupt file, a
+    read-only place, a newer schema or a lock held by another process for
+    longer than C{lock_timeout} is a L{StateStoreError} naming the file.
+
+    @return: the schema version found.
+    """
+    if path == ":memory:":
+        return 0
+    file = Path(path)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StateStoreError(
+            path, f"cannot create its directory {str(file.parent)!r}: {error.strerror or error}"
+        ) from None
+    if file.exists() and not file.is_file():
+        raise StateStoreError(path, "is not a regular file (a directory?): give server.state_path a file")
+    try:
+        connection = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as error:
+        raise StateStoreError(path, _problem(error)) from None
+    try:
+        return int(retry_while_locked(lambda: _check_with(connection), path, lock_timeout))
+    except (sqlite3.Error, RuntimeError) as error:
+        raise StateStoreError(path, _problem(error)) from None
+    finally:
+        connection.close()
+
+
+def _check_with(connection: sqlite3.Connection) -> int:
+    _configure(connection)
+    result = connection.execute("PRAGMA quick_check").fetchone()
+    if result is None or result[0] != "ok":
+        raise sqlite3.DatabaseError(f"database disk image is malformed ({result[0] if result else '?'})")
+    # The write lock, and a write, prove the file and its place writable.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = _migrate(connection)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return version
+
+
 class StateStore:
     """
     The SQLite state file.
 
+    Every operation runs in the pool's one worker thread, retrying while
+    another process holds a lock, for at most C{lock_timeout} seconds; after
+    L{close} began, operations that have not started yet do not touch SQLite
+    at all, and one that waits for a lock gives up within C{_LOCK_RETRY}.
+    So a shutdown never waits on SQLite for long, whatever it does.
+
     @ivar path: the database file (or C{:memory:} in tests).
     """
 
-    def __init__(self, path: str, pool: adbapi.ConnectionPool | None = None) -> None:
+    def __init__(self, path: str, pool: adbapi.ConnectionPool | None = None,
+                 lock_timeout: float = LOCK_TIMEOUT) -> None:
         self.path = path
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
         self._pool = pool or adbapi.ConnectionPool(
             "sqlite3",
             path,
             check_same_thread=False,
             cp_min=1,
             cp_max=1,  # One connection: writes stay ordered, SQLite stays unlocked.
-            cp_openfun=self._configure,
+            cp_openfun=_configure,
             isolation_level=None,  # Autocommit; transactions are explicit where needed.
         )
         self._opened: Deferred[int] | None = None
         self._pending: set[Deferred[Any]] = set()
+        self._closing = False
 
-    @staticmethod
-    def _configure(connection: sqlite3.Connection) -> None:
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")  # A VM launched must be on disk.
-        connection.execute("PRAGMA busy_timeout = 5000")
+    # -- running ------------------------------------------------------------------
+
+    def _retry(self, work: Callable[[], Any]) -> Any:
+        return retry_while_locked(work, self.path, self.lock_timeout, lambda: self._closing)
+
+    def _run(self, work: Callable[[Any], Any]) -> Deferred[Any]:
+        """C{work(connection)} in the worker thread, with L{_retry}'s bounded waits."""
+        if self._closing:
+            # The worker thread is gone or going: queued work would never run.
+            return fail(StoreClosed(self.path))
+        return self._pool.runWithConnection(lambda connection: self._retry(lambda: work(connection)))
 
     def open(self) -> Deferred[int]:
         """Create or migrate the schema; fires with the version found."""
         if self._opened is None:
-            self._opened = self._pool.runWithConnection(_migrate)
+            if self.path != ":memory:":
+                try:
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    self._opened = fail(StateStoreError(self.path, f"cannot create its directory: {error}"))
+                    return self._opened
+            self._opened = self._run(_migrate)
         return self._opened
 
     def track(self, write: Deferred[Any]) -> Deferred[Any]:
@@ -136,24 +316,58 @@ class StateStore:
 
         return write.addBoth(done)
 
-    def flush(self) -> Deferred[Any]:
-        """Fires once every tracked write has ended (at shutdown)."""
-        return DeferredList([self._wait(write) for write in list(self._pending)])
+    def flush(self, timeout: float | None = None, reactor: IReactorTime | None = None) -> Deferred[Any]:
+        """
+        Fires once every tracked write has ended (at shutdown), or after
+        C{timeout} seconds on C{reactor}, whichever comes first.
+        """
+        ended: Deferred[Any] = DeferredList([self._wait(write) for write in list(self._pending)], consumeErrors=True)
+        if timeout is not None and reactor is not None and self._pending:
+            ended.addTimeout(max(timeout, 0.0), reactor, onTimeoutCancel=lambda result, after: None)
+        return ended
+
+    @property
+    def pending(self) -> int:
+        """How many tracked writes have not ended yet."""
+        return len(self._pending)
 
     @staticmethod
     def _wait(write: Deferred[Any]) -> Deferred[None]:
         ended: Deferred[None] = Deferred()
 
         def passed(result: object) -> object:
-            ended.callback(None)
+            if not ended.called:
+                ended.callback(None)
             return result
 
         write.addBoth(passed)
         return ended
 
+    @inlineCallbacks
+    def interact(self, work: Callable[..., Any], *args: Any):  # type: ignore[no-untyped-def]
+        """Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs)."""
+        yield self.open()
+        result = yield self._pool.runInteraction(work, *args)
+        return result
+
     def close(self) -> None:
+        """
+        Stop the worker thread.  Operations not started yet are dropped (they
+        fail with L{StoreClosed}); one waiting for a lock gives up at its next
+        try, so the thread's join takes at most one short SQLite wait.
+        """
+        self._closing = True
         if self._pool.running:
             self._pool.close()
+
+    def _execute(self, statement: str, parameters: tuple[Any, ...] = ()) -> Deferred[None]:
+        def execute(connection: Any) -> None:
+            connection.execute(statement, parameters)
+
+        return self._run(execute)
+
+    def _query(self, statement: str, parameters: tuple[Any, ...] = ()) -> Deferred[list[Any]]:
+        return self._run(lambda connection: connection.execute(statement, parameters).fetchall())
 
     # -- services -------------------------------------------------------------
 
@@ -178,7 +392,7 @@ class StateStore:
         L{clear_service_fields}.
         """
         yield self.open()
-        yield self._pool.runOperation(
+        yield self._execute(
             """
             INSERT INTO services (name, state, state_since, url, task_id, last_request_at, data, updated_at)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -200,13 +414,13 @@ class StateStore:
         allowed = {"url": "NULL", "task_id": "NULL", "data": "'{}'"}
         assignments = ", ".join(f"{field} = {allowed[field]}" for field in fields)
         yield self.open()
-        yield self._pool.runOperation(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
+        yield self._execute(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
 
     @inlineCallbacks
     def load_services(self):  # type: ignore[no-untyped-def]
         """Every stored service, as C{{name: {state, url, task_id, ...}}}."""
         yield self.open()
-        rows = yield self._pool.runQuery(
+        rows = yield self._query(
             "SELECT name, state, state_since, url, task_id, last_request_at, data, updated_at FROM services"
         )
         return {
@@ -240,6 +454,15 @@ class StateStore:
         yield self.open()
 
         def insert(transaction: Any) -> None:
+            transaction.execute("BEGIN IMMEDIATE")
+            try:
+                _insert(transaction)
+                transaction.execute("COMMIT")
+            except BaseException:
+                transaction.execute("ROLLBACK")
+                raise
+
+        def _insert(transaction: Any) -> None:
             transaction.execute(
                 "INSERT INTO events (service, at, kind, old_state, new_state, reason, duration, error)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -252,13 +475,13 @@ class StateStore:
                 (service, service, EVENTS_KEPT_PER_SERVICE),
             )
 
-        yield self._pool.runInteraction(insert)
+        yield self._run(insert)
 
     @inlineCallbacks
     def events(self, service: str, limit: int = 50):  # type: ignore[no-untyped-def]
         """The newest C{limit} events of C{service}, newest first."""
         yield self.open()
-        rows = yield self._pool.runQuery(
+        rows = yield self._query(
             "SELECT id, at, kind, old_state, new_state, reason, duration, error FROM events"
             " WHERE service = ? ORDER BY id DESC LIMIT ?",
             (service, limit),
@@ -300,8 +523,16 @@ def state_recorder(store: StateStore, now: Callable[[], float]) -> Callable[[Sta
         wrote.addCallback(
             lambda _: store.save_service(change.service, change.new.value, change.at, now=now())
         )
-        wrote.addErrback(lambda failure: log.failure("cannot record {service}'s state", failure,
-                                                     service=change.service))
+        wrote.addErrback(_log_write_failure, change.service)
         store.track(wrote)
 
     return record
+
+
+def _log_write_failure(failure: Failure, service: str) -> None:
+    """A locked file or a closing store is one line; anything else shows its traceback."""
+    if failure.check(StateStoreError, StoreClosed):
+        log.error("cannot record {service}'s state: {problem}", service=service,
+                  problem=f"{failure.value} (store closed)" if failure.check(StoreClosed) else failure.value)
+        return
+    log.failure("cannot record {service}'s state", failure, service=service)

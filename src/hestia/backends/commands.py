@@ -64,7 +64,7 @@ MAX_COMMAND_TIMEOUT = 86400.0
 
 def parse_command_timeout(reader: _Reader, value: Any, key: str) -> float:
     """A command's timeout: more than 0, at most a day (so never NaN or infinite)."""
-    seconds = reader.duration(value, key)
+    seconds = reader.duration(value, key, maximum=MAX_COMMAND_TIMEOUT)
     if not 0 < seconds <= MAX_COMMAND_TIMEOUT:
         raise reader.fail(key, f"must be more than 0 and at most 24h, got {value!r}")
     return seconds

@@ -57,7 +57,7 @@ from hestia.docker_engine import (
     parse_engine_host,
 )
 from hestia.errors import StartFailed
-from hestia.interfaces import IAdoptableBackend, IBackendFactory
+from hestia.interfaces import IAdoptableBackend, IBackendFactory, IReconfigurableBackend
 
 if TYPE_CHECKING:
     from hestia.config import _Reader
@@ -167,7 +167,7 @@ def _running(state: Mapping[str, Any]) -> bool:
     return bool(state.get("Running")) and not state.get("Paused")
 
 
-@implementer(IAdoptableBackend)
+@implementer(IAdoptableBackend, IReconfigurableBackend)
 class DockerBackend:
     """Starts, stops (or pauses) and watches one container, plus its group."""
 
@@ -310,6 +310,10 @@ class DockerBackend:
             self._container_state = done
         self._log.info("{done} container {container}", done="paused" if done == "paused" else "stopped",
                        container=self._shown(container), service=self.service.name)
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend: a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -32,7 +32,7 @@ from hestia import health
 from hestia.backends.commands import CommandResult, CommandRunner
 from hestia.config import ServiceConfig
 from hestia.errors import StartFailed
-from hestia.interfaces import IAdoptableBackend, IPersistentBackend
+from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend
 
 AWAKE = "awake"
 SLEEP_FAILED = "sleep_failed"
@@ -59,7 +59,7 @@ def _fresh(shared: Deferred[Any]) -> Deferred[None]:
     return fresh
 
 
-@implementer(IPersistentBackend, IAdoptableBackend)
+@implementer(IPersistentBackend, IAdoptableBackend, IReconfigurableBackend)
 class MachineBackend:
     """
     The state-keeping half of a sleeping-machine backend.
@@ -225,6 +225,10 @@ class MachineBackend:
         self._log.error("{service}: {error}", service=self.service.name, error=self.last_stop_error)
         yield self._save("failed")  # The next gateway tries again (hestia.reconcile).
         raise StopFailed(self.last_stop_error)
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend (issue 19): a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         machine = {None: "asleep", AWAKE: "awake", SLEEP_FAILED: "may be awake (stop failed)"}[self.phase]

@@ -29,7 +29,7 @@ from zope.interface import implementer, provider
 from hestia import health
 from hestia.config import ServiceConfig, describe_command
 from hestia.errors import StartFailed
-from hestia.interfaces import IBackend, IBackendFactory
+from hestia.interfaces import IBackend, IBackendFactory, IReconfigurableBackend
 
 OUTPUT_LINES_KEPT = 200
 
@@ -66,6 +66,13 @@ class _OutputCollector(ProcessProtocol):
     def __init__(self, backend: ProcessBackend) -> None:
         self._backend = backend
         self._partial = {1: b"", 2: b""}
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        # Read the pid now: the transport forgets it once the child is reaped, which for a
+        # process that exits at once can happen inside spawnProcess, before it returns.
+        transport = self.transport
+        self.pid = transport.pid if transport is not None else None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
@@ -84,7 +91,7 @@ class _OutputCollector(ProcessProtocol):
         self._backend._ended(reason)
 
 
-@implementer(IBackend)
+@implementer(IBackend, IReconfigurableBackend)
 class ProcessBackend:
     """Runs C{service.command} and probes C{service.url}."""
 
@@ -121,11 +128,14 @@ class ProcessBackend:
         executable, argv = session_command(self.service.command or ())
         self._stopping = False
         self._exit_reason = None
-        self._protocol = _OutputCollector(self)
+        # Each start's output on its own: a failed start's detail shows what this attempt
+        # printed, not the same lines again for every earlier retry.
+        self.output.clear()
+        self._protocol = protocol = _OutputCollector(self)
         reactor: IReactorProcess = self._reactor
         try:
             self._process = reactor.spawnProcess(
-                self._protocol,
+                protocol,
                 executable,
                 argv,
                 env=env,
@@ -138,7 +148,7 @@ class ProcessBackend:
         self._log.info(
             "started {command} (pid {pid})",
             command=describe_command(self.service.command),
-            pid=self._process.pid,
+            pid=protocol.pid,
             service=self.service.name,
         )
         return succeed(None)
@@ -158,6 +168,10 @@ class ProcessBackend:
         if self._kill_call is None:
             self._kill_call = self._reactor.callLater(timeout, self._signal_group, signal.SIGKILL)
         return ended
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend: a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -35,7 +35,7 @@ from zope.interface import implementer, provider
 from hestia import health
 from hestia.config import ServiceConfig
 from hestia.errors import GatewayError, StartFailed, StartTimedOut
-from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend
+from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
 from hestia.semaphore import (
     FINISHED,
     NoSuchTask,
@@ -69,7 +69,7 @@ def _fresh(shared: Deferred[Any]) -> Deferred[None]:
     return fresh
 
 
-@implementer(IPersistentBackend)
+@implementer(IPersistentBackend, IReconfigurableBackend)
 class SemaphoreBackend:
     """Starts and stops one service's remote machine through Semaphore tasks."""
 
@@ -150,6 +150,10 @@ class SemaphoreBackend:
     def stop(self, timeout: float) -> Deferred[None]:
         stopped: Deferred[None] = self._stop()
         return stopped
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend: a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -17,10 +17,10 @@ from zope.interface import implementer, provider
 
 from hestia import health
 from hestia.config import ServiceConfig
-from hestia.interfaces import IBackend, IBackendFactory
+from hestia.interfaces import IBackend, IBackendFactory, IReconfigurableBackend
 
 
-@implementer(IBackend)
+@implementer(IBackend, IReconfigurableBackend)
 class StaticBackend:
     kind = "static"
     has_lifecycle = False
@@ -42,6 +42,10 @@ class StaticBackend:
 
     def set_exit_handler(self, handler: Callable[[str, list[str]], None]) -> None:
         """A static upstream never exits as far as Hestia knows."""
+
+    def reconfigure(self, service: ServiceConfig) -> None:
+        # IReconfigurableBackend: a reload's in-place settings (the health check).
+        self.service = service
 
     def describe(self) -> dict[str, Any]:
         return {}

@@ -133,7 +133,7 @@ def parse_wol_section(reader: _Reader, raw: Mapping[str, Any], key: str, service
     if "address" in raw:
         values["address"] = parse_address(reader, raw["address"], f"{key}.address")
     if "port" in raw:
-        port = reader.integer(raw["port"], f"{key}.port", minimum=1)
+        port = reader.integer(raw["port"], f"{key}.port", minimum=1, maximum=65535)
         if port > 65535:
             raise reader.fail(f"{key}.port", f"must be at most 65535, got {port}")
         values["port"] = port

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
+from hestia.auth import may_see_output
 from hestia.lifecycle import State
 
 if TYPE_CHECKING:
@@ -89,12 +90,20 @@ def _script_json(data: Any) -> str:
     return json.dumps(data).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def waiting_page(lifecycle: ServiceLifecycle, now: float) -> bytes:
-    """The waiting page for C{lifecycle}, with its status embedded."""
+def waiting_page(lifecycle: ServiceLifecycle, now: float, show_output: bool = True) -> bytes:
+    """
+    The waiting page for C{lifecycle}, with its status embedded.
+
+    @param show_output: whether the last start's output lines may be shown
+        (L{hestia.auth.may_see_output}: they can hold secrets).
+    """
+    status = lifecycle.status()
+    if not show_output:
+        status.pop("last_error_detail", None)
     data = {
         "name": lifecycle.name,
         "elapsed": max(0.0, now - lifecycle.state_since),
-        "status": lifecycle.status(),
+        "status": status,
         "stream": f"/v1/services/{lifecycle.name}/events/stream",
         "poll": f"/v1/services/{lifecycle.name}/status",
     }
@@ -113,7 +122,7 @@ def serve_waiting_page(gateway: Gateway, lifecycle: ServiceLifecycle, request: R
         # The page request itself starts the service; its outcome shows on the
         # page (via the event stream), so the Deferred's failure is handled there.
         lifecycle.start("request").addErrback(lambda failure: None)
-    body = waiting_page(lifecycle, gateway.reactor.seconds())
+    body = waiting_page(lifecycle, gateway.reactor.seconds(), show_output=may_see_output(request))
     request.setResponseCode(503)
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"content-length", str(len(body)).encode())

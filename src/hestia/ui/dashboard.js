@@ -108,6 +108,13 @@
       actions.appendChild(button(s.name, "start", "Start", s.state === "ready" || s.state === "starting"));
       actions.appendChild(document.createTextNode(" "));
       actions.appendChild(button(s.name, "stop", "Stop", !stoppable || s.backend === "static"));
+      if (s.restart_pending) {
+        // A reload changed how it runs (issue 19): applied at its next start, or now with Restart.
+        actions.appendChild(document.createTextNode(" "));
+        var restart = button(s.name, "restart", "Restart", false);
+        restart.title = "restart pending: " + (s.pending_changes || []).join(", ");
+        actions.appendChild(restart);
+      }
       body.appendChild(row);
       if (expanded[s.name]) {
         var more = document.createElement("tr");
@@ -144,6 +151,84 @@
       .then(function () { timer = setTimeout(refresh, POLL_MS); });
   }
 
+  // -- costs and the 7-day timeline (GET /v1/costs, /v1/costs/timeline) --------
+  var COSTS_MS = 5000;
+  var SVG = "http://www.w3.org/2000/svg";
+
+  function svg(tag, attrs) {
+    var el = document.createElementNS(SVG, tag);
+    for (var k in attrs) { el.setAttribute(k, attrs[k]); }
+    return el;
+  }
+
+  function timeline(name, spans, since, until) {
+    var width = 700, height = 36, top = 14, bar = 16;
+    var t0 = Date.parse(since), t1 = Date.parse(until);
+    var x = function (t) { return Math.max(0, Math.min(width, (t - t0) / (t1 - t0) * width)); };
+    var root = svg("svg", { "class": "timeline", viewBox: "0 0 " + width + " " + height, preserveAspectRatio: "none" });
+    root.dataset.service = name;
+    root.appendChild(svg("rect", { "class": "track", x: 0, y: top, width: width, height: bar }));
+    for (var d = 1; d < 7; d++) {
+      var at = t1 - d * 86400000;
+      root.appendChild(svg("line", { "class": "day", x1: x(at), x2: x(at), y1: 2, y2: height - 2 }));
+    }
+    spans.forEach(function (s) {
+      var a = x(Date.parse(s.start)), b = x(s.end ? Date.parse(s.end) : t1);
+      var r = svg("rect", { "class": "span", x: a, y: top, width: Math.max(1, b - a), height: bar });
+      r.dataset.reason = s.reason;
+      var title = svg("title", {});
+      title.textContent = s.unit + ": " + s.start + " → " + (s.end || "now") + " (" + s.reason + ")";
+      r.appendChild(title);
+      root.appendChild(r);
+      if (s.reason === "request" || s.reason === "prewarm") {
+        var cls = s.reason === "request" ? "mark-cold" : "mark-prewarm";
+        var tip = Math.max(5, Math.min(width - 5, a));
+        var m = svg("path", { "class": cls, d: "M" + (tip - 5) + " 2 l10 0 l-5 9 z" });
+        var mt = svg("title", {});
+        mt.textContent = (s.reason === "request" ? "cold start " : "prewarm start ") + s.start;
+        m.appendChild(mt);
+        root.appendChild(m);
+      }
+    });
+    return root;
+  }
+
+  function money(value) { return (value || 0).toFixed(2); }
+
+  function renderCosts(report, lines) {
+    var body = $("costs").tBodies[0];
+    body.textContent = "";
+    var byName = {};
+    (lines.services || []).forEach(function (s) { byName[s.name] = s.spans; });
+    $("costs-since").textContent = "since " + report.since + " · " + report.currency;
+    (report.services || []).forEach(function (s) {
+      var row = document.createElement("tr");
+      row.dataset.service = s.name;
+      cell(row, s.name);
+      cell(row, duration(s.running_seconds), "num running");
+      cell(row, money(s.cost) + " " + report.currency, "num cost");
+      cell(row, money(s.always_on_cost), "num always-on");
+      cell(row, money(s.saved), "num saved");
+      cell(row, String(s.starts), "num starts");
+      cell(row, String(s.cold_starts), "num cold");
+      cell(row, String(s.prewarm_starts), "num prewarm");
+      var td = cell(row, "", "timeline-cell");
+      td.appendChild(timeline(s.name, byName[s.name] || [], lines.since, lines.until));
+      body.appendChild(row);
+    });
+  }
+
+  var costsTimer = null;
+  function refreshCosts() {
+    clearTimeout(costsTimer);
+    var period = $("period").value;
+    Promise.all([api("GET", "/costs?period=" + encodeURIComponent(period)), api("GET", "/costs/timeline")])
+      .then(function (both) { renderCosts(both[0], both[1]); })
+      .catch(function (err) { message("Cannot read /v1/costs: " + err.message); })
+      .then(function () { costsTimer = setTimeout(refreshCosts, COSTS_MS); });
+  }
+  $("period").addEventListener("change", refreshCosts);
+
   $("token").value = localStorage.getItem(TOKEN_KEY) || "";
   $("token-form").addEventListener("submit", function (e) {
     e.preventDefault();
@@ -151,6 +236,8 @@
     if (value) { localStorage.setItem(TOKEN_KEY, value); } else { localStorage.removeItem(TOKEN_KEY); }
     message("");
     refresh();
+    refreshCosts();
   });
   refresh();
+  refreshCosts();
 })();

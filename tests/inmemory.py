@@ -1,0 +1,234 @@
+"""
+A whole Hestia request path in memory: raw client bytes in, raw bytes out.
+
+L{MemoryHestia} builds the site as C{twistd hestia} does (L{hestia.server_tap.build_site}:
+guarded channel, authentication, proxy and API), over a L{MemoryReactorClock}.
+Clients are L{StringTransport}s fed bytes by the test; the backend is a
+L{Resource} reached through treq's in-memory agent, and an upgrade's dedicated
+backend connection is a L{MemoryUpgradeBackend} whose answer the test writes.
+Nothing touches a socket or waits on the wall clock: L{MemoryHestia.settle}
+turns the in-memory pumps until nothing moves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from hestia.api import ManagementAPI
+from hestia.auth import Authenticator, digest, parse_auth
+from hestia.config import ServiceConfig, parse_config
+from hestia.gateway import Gateway
+from hestia.proxy import Exchange
+from hestia.server_tap import build_site
+from hestia.testing import FakeBackend
+
+ADMIN_TOKEN = "admin-token-0123456789"
+ECHO_TOKEN = "echo-token-0123456789"
+
+
+class RecordingBackend(Resource):
+    """
+    Answers every request, recording it.  The status comes from the path's
+    C{status=NNN} query parameter (default 200); C{notype} answers without a
+    C{Content-Type}.  Every response carries C{X-From-Backend}, so a client
+    can tell the backend's statuses from the gateway's own.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Request] = []
+        self.bodies: list[bytes] = []
+
+    def render(self, request: Request) -> bytes:
+        self.seen.append(request)
+        self.bodies.append(request.content.read())
+        wanted = (request.args.get(b"status") or [b"200"])[0]
+        status = int(wanted) if wanted.isdigit() and 200 <= int(wanted) <= 599 else 200
+        request.setResponseCode(status)
+        request.setHeader(b"x-from-backend", b"1")
+        body = json.dumps({"uri": request.uri.decode("latin-1"), "body": self.bodies[-1].decode("latin-1")})
+        if b"notype" in request.args:
+            request.defaultContentType = None
+        else:
+            request.setHeader(b"content-type", b"application/json")
+        return body.encode()
+
+
+@dataclass
+class UpgradeConnection:
+    """One dedicated backend connection that an upgrade request opened."""
+
+    protocol: IProtocol
+    transport: StringTransport
+
+    def sent(self) -> bytes:
+        return self.transport.value()
+
+    def answer(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def close(self) -> None:
+        self.transport.disconnecting = True
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@implementer(IStreamClientEndpoint)
+@dataclass
+class MemoryUpgradeBackend:
+    """The endpoint upgrade requests connect to: every connection is kept for the test."""
+
+    connections: list[UpgradeConnection] = field(default_factory=list)
+
+    def endpoint(self, url: str) -> MemoryUpgradeBackend:
+        return self
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+        assert protocol is not None
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 9))
+        protocol.makeConnection(transport)
+        self.connections.append(UpgradeConnection(protocol, transport))
+        return succeed(protocol)
+
+
+class RecordingGateway(Gateway):
+    """A gateway that keeps every proxied request's L{Exchange}, by the request id it forwards."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges: dict[bytes, Exchange] = {}
+
+    def request_began(self, exchange: Exchange) -> None:
+        self.exchanges[exchange.request_id] = exchange
+        super().request_began(exchange)
+
+
+class MemoryClient:
+    """One client connection to the in-memory site."""
+
+    def __init__(self, hestia: MemoryHestia, negotiated: bytes | None = None) -> None:
+        self.hestia = hestia
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
+        if negotiated is not None:
+            # What a TLS transport reports after ALPN: Twisted's channel then speaks HTTP/2.
+            self.transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
+        self.protocol: Protocol = hestia.site.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+        self.lost = False
+        hestia.clients.append(self)
+
+    def deliver_close(self) -> None:
+        """A real transport tells its protocol once a connection it was asked to close is gone."""
+        if self.transport.disconnecting and not self.lost:
+            self.lost = True
+            owner = getattr(self.transport, "protocol", None) or self.protocol
+            owner.connectionLost(Failure(ConnectionDone()))
+
+    def send(self, data: bytes) -> MemoryClient:
+        if not self.transport.disconnecting:
+            self.protocol.dataReceived(data)
+        self.hestia.settle()
+        return self
+
+    def received(self) -> bytes:
+        return self.transport.value()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    @property
+    def taken_over(self) -> bool:
+        """Whether the connection left Twisted's HTTP channel (an upgrade tunnel owns it)."""
+        owner = getattr(self.transport, "protocol", None)
+        return owner is not None and owner is not self.protocol
+
+
+class MemoryHestia:
+    """
+    The gateway of a config mapping, built as the daemon builds it, in memory.
+
+    Services named in C{services} are static (always ready); C{auth=True}
+    configures an admin token and a token for C{echo} only.
+    """
+
+    def __init__(self, services: dict[str, Any] | None = None, auth: bool = False,
+                 server: dict[str, Any] | None = None) -> None:
+        self.reactor = MemoryReactorClock()
+        self.backend = RecordingBackend()
+        self.upgrades = MemoryUpgradeBackend()
+        self.fakes: dict[str, FakeBackend] = {}
+        self.clients: list[MemoryClient] = []
+        raw: dict[str, Any] = {
+            "services": services or {"echo": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}},
+        }
+        if server:
+            raw["server"] = server
+        if auth:
+            raw["auth"] = {"tokens": [
+                {"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]},
+                {"name": "echo", "token_sha256": digest(ECHO_TOKEN).hex(), "services": ["echo"]},
+            ]}
+        config = parse_config(raw, "test.yml", environ={})
+
+        def build(service: ServiceConfig) -> FakeBackend:
+            fake = FakeBackend(url=service.url, has_lifecycle=service.backend != "static")
+            self.fakes[service.name] = fake
+            return fake
+
+        self.agent = RequestTraversalAgent(self.backend)
+        self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build)
+        self.gateway.upgrade_endpoint = self.upgrades.endpoint  # type: ignore[method-assign]
+        self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
+        # A reload applies the same configuration again, as SIGHUP with an unchanged file does.
+        api = ManagementAPI(self.gateway, reload=lambda: self.gateway.apply(config))
+        self.site = build_site(self.gateway, api.resource(), self.authenticator, config.server, reactor=self.reactor)
+
+    def connect(self) -> MemoryClient:
+        return MemoryClient(self)
+
+    def connect_with(self, negotiated: bytes) -> MemoryClient:
+        """A connection whose transport negotiated C{negotiated} (C{b"h2"}) by ALPN."""
+        return MemoryClient(self, negotiated)
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.reactor.advance(0)
+            self.agent.flush()
+            for client in self.clients:
+                client.deliver_close()
+
+    def advance(self, seconds: float, step: float = 1.0) -> None:
+        """Let C{seconds} pass, settling after each C{step} as a reactor would between timers."""
+        while seconds > 0:
+            self.reactor.advance(min(step, seconds))
+            seconds -= step
+            self.settle()
+
+    def request(self, data: bytes) -> MemoryClient:
+        return self.connect().send(data)
+
+
+def statuses(raw: bytes) -> list[int]:
+    """The status codes of the responses in C{raw}, in order (interim ones included)."""
+    return [int(match.group(1)) for match in _STATUS_LINE.finditer(raw)]
+
+
+_STATUS_LINE = re.compile(rb"(?:^|\n)HTTP/1\.[01] (\d{3})[ \r]")
