@@ -56,6 +56,7 @@ def request(postpath: list[bytes] | None = None, method: bytes = b"GET", client:
             **headers: str) -> DummyRequest:
     made = DummyRequest(postpath or [])
     made.method = method
+    made.path = b"/v1/" + b"/".join(postpath or [])
     made.client = type("Address", (), {"host": client})()
     made.getClientAddress = lambda: made.client  # type: ignore[method-assign]
     for name, value in headers.items():
@@ -297,10 +298,8 @@ def parse(auth: Any, environ: dict[str, str] | None = None) -> AuthConfig:
                      {"name": "b", "token_sha256": "A" * 64, "scopes": ["admin"]}]}, "auth.tokens.b"),
         ({"tokens": [], "max_failures": 0}, "auth.max_failures"),
         ({"tokens": [], "max_failures": True}, "auth.max_failures"),
-        ({"tokens": [], "max_failures": "3"}, "auth.max_failures"),
         ({"tokens": [], "failure_window": 0}, "auth.failure_window"),
         ({"tokens": [], "failure_window": True}, "auth.failure_window"),
-        ({"tokens": [], "failure_window": "1m"}, "auth.failure_window"),
     ],
 )
 def test_bad_auth_sections(auth: Any, key: str) -> None:

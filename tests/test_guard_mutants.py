@@ -22,6 +22,7 @@ from hestia.guard import (
     GuardedRequest,
     GuardedSite,
     Limits,
+    Refusal,
     error_response,
     raise_open_file_limit,
     refusal,
@@ -221,14 +222,14 @@ def test_refusal_and_error_response_are_exact() -> None:
     assert refusal(b"GET", b"*")[0] == 400  # type: ignore[index]
     assert refusal(b"CONNECT", b"/x")[0] == 405  # type: ignore[index]
     assert refusal(b"GET", b"x/y")[0] == 400  # type: ignore[index]
-    response = error_response(413, "too big")
+    response = error_response(Refusal(413, "too big"))
     body = b'{"error": "too big", "service": null, "state": null}\n'
     assert response == (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
-    assert error_response(418, "x").startswith(b"HTTP/1.1 418 Error\r\n")
+    assert error_response(Refusal(418, "x")).startswith(b"HTTP/1.1 418 Error\r\n")
     for status, reason in ((400, b"Bad Request"), (405, b"Method Not Allowed"), (408, b"Request Timeout"),
                            (431, b"Request Header Fields Too Large")):
-        assert error_response(status, "r").startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason))
+        assert error_response(Refusal(status, "r")).startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason))
 
 
 def guarded_request(method: bytes, uri: bytes, limits: Limits | None = None) -> tuple[GuardedRequest, Any]:

@@ -37,6 +37,18 @@ def dummy() -> DummyRequest:
     return request
 
 
+def after_retries(harness: Harness, deferred: Deferred[Any]) -> Any:
+    """The answer once the proxy has given up its connect retries (hestia.admission's rule)."""
+    box: list[Any] = []
+    deferred.addBoth(box.append)
+    for _ in range(1200):
+        harness.settle()
+        if box:
+            return box[0]
+        harness.reactor.advance(0.5)
+    raise AssertionError("no answer after 10 minutes of retries")
+
+
 # -- write_error -------------------------------------------------------------------------
 
 
@@ -168,7 +180,7 @@ class FailingAgent:
 def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reason: str) -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     harness.gateway.agent = FailingAgent(error)
-    response = harness.result(harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-2"}))
+    response = after_retries(harness, harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-2"}))
     assert response.code == 502
     body = harness.json(response)
     assert body["error"] == reason and body["service"] == "web" and body["state"] == "ready"
@@ -257,17 +269,17 @@ def test_a_refused_connection_fails_over_to_the_next_instance() -> None:
 
 def test_when_every_instance_refuses_the_client_gets_a_502() -> None:
     harness, agent = failover_harness({b"http://first:1", b"http://second:2"})
-    response = harness.result(harness.request("GET", "/services/pool/x"))
+    response = after_retries(harness, harness.request("GET", "/services/pool/x"))
     assert response.code == 502
     assert harness.json(response)["error"] == "backend unreachable: connection refused"
-    assert len(agent.asked) == 2
+    assert {url for url in agent.asked} == {b"http://first:1/x", b"http://second:2/x"}
 
 
 def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     harness.fakes["web"].output = [f"line {number}" for number in range(25)]
     harness.gateway.agent = FailingAgent(ConnectionRefusedError())
-    body = harness.json(harness.result(harness.request("GET", "/services/web/x")))
+    body = harness.json(after_retries(harness, harness.request("GET", "/services/web/x")))
     assert body["detail"] == [f"line {number}" for number in range(5, 25)]
 
 
