@@ -466,3 +466,100 @@ def test_a_failing_clean_up_is_logged_and_does_not_block_the_next_start() -> Non
                and event["log_failure"].check(RuntimeError) for event in logged)
     outcome(lifecycle.acquire())
     assert len(backend.starts) == 2
+
+
+# -- after the merge of issue 17 (abandoned starts) and the held-out sample ------------------
+
+
+def test_waiters_refused_by_a_stop_or_a_shutdown_are_told_which_service() -> None:
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    outcome(lifecycle.stop("api"))
+    error = waiting[0].value
+    assert error.status == 503 and error.service == "svc" and error.state == "starting"
+    assert error.reason == "service stopped while starting (api)"
+
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    lifecycle.shutdown()
+    error = waiting[0].value
+    assert error.status == 503 and error.service == "svc" and error.reason == "the gateway is shutting down"
+
+
+def test_resume_stopping_keeps_the_recorded_reason() -> None:
+    lifecycle, backend, clock, events = make()
+    lifecycle.resume(State.STOPPING, "resumed")
+    assert lifecycle.state_reason == "resumed" and events[-1].reason == "resumed"
+
+
+def test_a_start_every_waiter_left_is_stopped_when_configured() -> None:
+    lifecycle, backend, clock, events = make(cancel_abandoned_start=True)
+    waiting = lifecycle.acquire()
+    waiting.addErrback(lambda _: None)
+    waiting.cancel()
+    assert lifecycle.state is State.STOPPING and lifecycle.state_reason == "abandoned"
+    backend.finish_stop()
+    assert lifecycle.state is State.STOPPED
+
+
+@pytest.mark.parametrize("how", ["api", "keep_warm", "not configured", "one still waits"])
+def test_a_start_someone_still_wants_is_not_abandoned(how: str) -> None:
+    lifecycle, backend, clock, _ = make(cancel_abandoned_start=how != "not configured", keep_warm=how == "keep_warm")
+    if how in ("api", "keep_warm"):
+        outcome(lifecycle.start(how))
+    staying = outcome(lifecycle.acquire()) if how == "one still waits" else []
+    leaving = lifecycle.acquire()
+    leaving.addErrback(lambda _: None)
+    leaving.cancel()
+    assert lifecycle.state is State.STARTING and backend.stops == []
+    become_ready(lifecycle, backend, clock)
+    if how == "one still waits":
+        assert isinstance(staying[0], Lease)
+
+
+def test_a_start_that_fails_by_timing_out_says_after_how_long() -> None:
+    lifecycle, backend, clock, _ = make(start_timeout=5)
+    waiting = outcome(lifecycle.acquire())
+    clock.advance(5)
+    error = waiting[0].value
+    assert error.status == 504 and error.reason == "not ready after start_timeout 5s"
+
+
+def test_an_exit_during_start_carries_the_last_20_lines() -> None:
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    backend.finish_start()
+    backend.output = [f"line {number}" for number in range(30)]
+    backend.exit("exit status 3")
+    assert waiting[0].value.detail == [f"line {number}" for number in range(10, 30)]
+
+
+def test_exits_while_serving_count_towards_the_crash_loop() -> None:
+    lifecycle, backend, clock, _ = make()
+    for _ in range(3):
+        outcome(lifecycle.acquire())
+        become_ready(lifecycle, backend, clock)
+        backend.exit("exit status 1")
+        clock.advance(1)
+    assert lifecycle.status()["cooldown_until"] is not None
+    refused = outcome(lifecycle.acquire())[0].value
+    assert "failed 3 times in 60s" in refused.reason
+
+
+def test_the_crash_loop_window_runs_from_the_first_of_the_three_failures() -> None:
+    lifecycle, backend, clock, _ = make()
+    fail_one_start(lifecycle, backend)  # t
+    clock.advance(50)
+    fail_one_start(lifecycle, backend)  # t + 50
+    clock.advance(11)
+    fail_one_start(lifecycle, backend)  # t + 61: 61 s after the first, 11 s after the second
+    assert lifecycle.status()["cooldown_until"] is None
+
+
+def test_a_probe_error_fails_the_start() -> None:
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    backend.finish_start()
+    clock.advance(0.01)
+    backend.probes[-1].errback(StartFailed("probe broke"))
+    assert waiting[0].value.reason == "probe broke" and lifecycle.state is State.FAILED
