@@ -329,3 +329,47 @@ def test_a_refusal_is_logged_with_the_peer_and_the_reason() -> None:
         globalLogPublisher.removeObserver(logged.append)
     assert "refused a request from 10.0.0.1: 405 CONNECT is not served: Hestia is not a forward proxy" in [
         formatEvent(event) for event in logged]
+
+
+# -- after the merge of the HTTP hardening ---------------------------------------------------
+
+
+def test_error_response_challenges_a_401_and_says_when_to_retry() -> None:
+    challenged = error_response(Refusal(401, "authentication required", service="app"))
+    head, _, body = challenged.partition(b"\r\n\r\n")
+    assert b'WWW-Authenticate: Bearer realm="hestia"' in head.split(b"\r\n")
+    assert json.loads(body) == {"error": "authentication required", "service": "app", "state": None}
+    slow = error_response(Refusal(429, "slow down", retry_after=2.6))
+    head, _, body = slow.partition(b"\r\n\r\n")
+    assert b"Retry-After: 3" in head.split(b"\r\n") and b"WWW-Authenticate" not in head
+    assert json.loads(body)["retry_after"] == 3
+    assert b"Retry-After: 1\r\n" in error_response(Refusal(429, "x", retry_after=0.1))
+    assert b"Retry-After" not in error_response(Refusal(400, "x"))
+
+
+@pytest.mark.parametrize(
+    ("values", "version", "problem"),
+    [([b"a", b"b"], b"HTTP/1.1", "more than one Host header"),
+     ([], b"HTTP/1.1", "an HTTP/1.1 request needs a Host header"),
+     ([], b"HTTP/1.0", None),
+     ([b"gw:8080"], b"HTTP/1.1", None),
+     ([b"[::1]:80"], b"HTTP/1.1", None),
+     ([b"gw:65536"], b"HTTP/1.1", "the port in Host is out of range"),
+     ([b"gw:65535"], b"HTTP/1.1", None),
+     ([b"bad host"], b"HTTP/1.1", "Host is not a host name, an IP address or an [IP literal], with an optional :port")],
+)
+def test_host_problems(values: list[bytes], version: bytes, problem: str | None) -> None:
+    from hestia.guard import host_problem
+
+    assert host_problem(values, version) == problem
+
+
+def test_a_request_without_host_or_with_two_is_refused_on_the_wire() -> None:
+    missing = Connection()
+    missing.send(b"GET / HTTP/1.1\r\n\r\n")
+    assert missing.status() == 400 and missing.error()["error"] == "an HTTP/1.1 request needs a Host header"
+    two = Connection()
+    two.send(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert two.status() == 400 and two.closed
+    assert refusal(b"GET", b"/\xc3\xa9")[0] == 400  # type: ignore[index]
+    assert "visible ASCII" in refusal(b"GET", b"/a b")[1]  # type: ignore[index]

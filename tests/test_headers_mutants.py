@@ -193,3 +193,20 @@ def test_join_url_keeps_the_base_path() -> None:
 def test_new_request_ids_are_lowercase_hex() -> None:
     made = request_id_from(None)
     assert made == made.lower() and bytes.fromhex(made.decode()) and len(made) == 32
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [b"/%c0%ae%c0%ae/x", b"/%u002e%u002e/x", b"/%U002E%U002E/x", b"/%EF%BC%8E%EF%BC%8E/x", b"/..;x=1/y",
+     b"/.. /x", b"/..%00/x", b"/%e0%80%ae%e0%80%ae/x", b"/%f0%80%80%ae%f0%80%80%ae/x", b"/a\\..\\b"],
+)
+def test_lax_spellings_of_dot_dot_are_refused(rest: bytes) -> None:
+    with pytest.raises(PathEscape):
+        split_service_path(b"/services/app" + rest)
+
+
+@pytest.mark.parametrize(
+    "rest", [b"/%c0%ae/x", b"/%c0x/y", b"/caf%c3%a9/..x", b"/%ff%fe", b"/x;..", b"/%u002e/", b"/\xc3\xa9t\xc3\xa9"]
+)
+def test_near_misses_are_not_climbing(rest: bytes) -> None:
+    assert split_service_path(b"/services/app" + rest) == ("app", rest)
