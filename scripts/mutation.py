@@ -36,36 +36,37 @@ MUTMUT = [str(Path(sys.executable).with_name("mutmut"))]
 
 # Equivalent mutants: no behaviour can tell them from the original.  mutmut's own marker,
 # `# pragma: no mutate`, silences every mutant of a line, and the lines below also carry
-# mutants that are real and killed, so the reviewed ones are listed here instead: mutant name ->
-# (text its mutated line must contain, why it is equivalent).  A name whose change no longer
-# contains that text (the source moved) is reported as stale and counted like any other.
-EQUIVALENT: dict[str, tuple[str, str]] = {
-    "hestia.queue.xǁWaitQueueǁ_timed_out__mutmut_3": (
-        "pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires"),
-    "hestia.headers.x_headers_for_backend__mutmut_25": (
-        '"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up"),
-    "hestia.headers.x_join_url__mutmut_7": ('"ASCII"', "codec names are case-insensitive"),
-    "hestia.config.xǁ_Readerǁcheck_keys__mutmut_12": (
-        "allowed, )", "only the best match (close[0]) is used; n=3 returns it first too"),
-    "hestia.guard.x__limits__mutmut_19": (
-        '"site", )', "every channel without limits of its own (an HTTP/2 stream) has a site"),
-    "hestia.guard.x_raise_open_file_limit__mutmut_12": (
-        "soft <= hard", "with soft == hard, setting (hard, hard) changes nothing"),
-    "hestia.guard.xǁGuardedRequestǁprocess__mutmut_32": (
-        "APPLICATION/JSON", "media types are case-insensitive (RFC 9110, 8.3.1)"),
-    "hestia.proxy.x__client_headers__mutmut_8": ('b"CONNECTION"', "header names are case-insensitive in Headers"),
-    "hestia.proxy.x_write_error__mutmut_43": ('b"RETRY-AFTER"', "header names are case-insensitive in Headers"),
-    "hestia.proxy.xǁExchangeǁ_respond__mutmut_36": (
-        'b"CONTENT-LENGTH"', "header names are case-insensitive in Headers"),
-    "hestia.proxy.xǁExchangeǁ_respond__mutmut_44": ('b"X-REQUEST-ID"', "header names are case-insensitive in Headers"),
-    "hestia.proxy.xǁExchangeǁ_respond__mutmut_6": (
-        "deliverBody(None)", "unreachable: a gone client's backend request is cancelled first, and a cancelled "
-                             "Deferred drops the response that comes later"),
-    "hestia.proxy.xǁServicesResourceǁgetChild__mutmut_4": ('"ASCII"', "codec names are case-insensitive"),
-    "hestia.routing.x__write_json__mutmut_29": (
-        'b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does"),
-    "hestia.groups.xǁGroupMemberRouteǁacquire__mutmut_2": (
-        "self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)"),
+# mutants that are real and killed, so the reviewed ones are listed here instead: the function
+# (a mutant's name without its number, which changes whenever the function does) -> (text the
+# mutated line contains, why that change is equivalent).  A surviving mutant of that function
+# whose change does not contain the text is counted like any other.
+CASE = "header names are case-insensitive in Headers"
+EQUIVALENT: dict[str, list[tuple[str, str]]] = {
+    "hestia.queue.xǁWaitQueueǁ_timed_out": [
+        ("pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires")],
+    "hestia.headers.x_headers_for_backend": [
+        ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up")],
+    "hestia.headers.x_join_url": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.config.xǁ_Readerǁcheck_keys": [
+        ("allowed, )", "only the best match (close[0]) is used; n=3 returns it first too")],
+    "hestia.guard.x__limits": [
+        ('"site", )', "every channel without limits of its own (an HTTP/2 stream) has a site")],
+    "hestia.guard.x_raise_open_file_limit": [
+        ("soft <= hard", "with soft == hard, setting (hard, hard) changes nothing")],
+    "hestia.guard.xǁGuardedRequestǁprocess": [
+        ("APPLICATION/JSON", "media types are case-insensitive (RFC 9110, 8.3.1)")],
+    "hestia.proxy.x__client_headers": [('b"CONNECTION"', CASE)],
+    "hestia.proxy.x_write_error": [('b"RETRY-AFTER"', CASE), ('b"CONTENT-TYPE"', CASE), ('b"CONTENT-LENGTH"', CASE),
+                                   ('b"X-REQUEST-ID"', CASE), ('b"SERVER"', CASE)],
+    "hestia.proxy.xǁExchangeǁ_respond": [
+        ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE),
+        ("deliverBody(None)", "unreachable: a gone client's backend request is cancelled first, and a cancelled "
+                              "Deferred drops the response that comes later")],
+    "hestia.proxy.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.routing.x__write_json": [
+        ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
+    "hestia.groups.xǁGroupMemberRouteǁacquire": [
+        ("self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
 }
 
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -108,12 +109,14 @@ def generate() -> None:
     mutmut("run", "--max-children", "1", "hestia.no-such-module.*")
 
 
-def still_equivalent(name: str) -> bool:
-    """Whether C{name}'s change is still the one reviewed as equivalent (see L{EQUIVALENT})."""
-    text, _ = EQUIVALENT[name]
+def equivalent_reason(name: str) -> str | None:
+    """Why mutant C{name} is equivalent, if its change is one reviewed as such (see L{EQUIVALENT})."""
+    entries = EQUIVALENT.get(name.rsplit("__mutmut_", 1)[0])
+    if not entries:
+        return None
     diff = mutmut("show", name).stdout
     added = [line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    return any(text in line for line in added)
+    return next((reason for text, reason in entries if any(text in line for line in added)), None)
 
 
 def main() -> int:
@@ -156,14 +159,9 @@ def main() -> int:
         counts = Counter(status.get(n, "not checked") for n in chosen[module])
         killed = sum(counts[s] for s in KILLED)
         survivors = [n for n in chosen[module] if status.get(n) in SURVIVED]
-        equivalent = []
-        for name in [n for n in survivors if n in EQUIVALENT]:
-            if still_equivalent(name):
-                equivalent.append(name)
-            else:
-                print(f"warning: {name} is listed as equivalent but its change is another now: review it",
-                      file=sys.stderr)
-        survivors = [n for n in survivors if n not in equivalent]
+        reasons = {name: reason for name in survivors if (reason := equivalent_reason(name)) is not None}
+        equivalent = list(reasons)
+        survivors = [n for n in survivors if n not in reasons]
         checked = killed + len(survivors)
         score = 100.0 * killed / checked if checked else 100.0
         failed |= score < args.floor
@@ -174,7 +172,7 @@ def main() -> int:
         if equivalent:
             print(f"\n{module}: {len(equivalent)} equivalent (reviewed, not counted)")
             for name in equivalent:
-                print(f"    {name}: {EQUIVALENT[name][1]}")
+                print(f"    {name}: {reasons[name]}")
         rows.append((module, killed, checked, score, len(equivalent), counts["not checked"]))
 
     print(f"\n{'module':<10} {'killed':>7} {'counted':>8} {'score':>7} {'equivalent':>11}")
