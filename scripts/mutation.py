@@ -12,6 +12,7 @@ a mutant costs a fraction of a second.
     scripts/mutation.py --sample 60 config  a fixed sample of 60 mutants (same seed, same sample
                                             while the source is unchanged: before/after figures)
     scripts/mutation.py --report lifecycle  only print the last results, run nothing
+    scripts/mutation.py --fresh             regenerate everything (after a merge: see --help)
 
 Printed: the survivors of each module (`mutmut show NAME` shows the change), then one line per
 module: killed / counted and the score, where "counted" leaves out the mutants reviewed as
@@ -26,6 +27,7 @@ import configparser
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -128,6 +130,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("HESTIA_MUTATION_JOBS", "1")),
                     help="parallel mutants (default 1, or HESTIA_MUTATION_JOBS)")
     ap.add_argument("--report", action="store_true", help="print the last results, run nothing")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start from scratch (mutmut keeps which tests cover which function from its first run: "
+                         "after a merge that adds functions, their mutants show as 'no tests' until then)")
     ap.add_argument("--floor", type=float, default=0.0, help="fail when a module scores below this percent")
     args = ap.parse_args()
     unknown = [m for m in args.modules if m not in table]
@@ -135,6 +140,8 @@ def main() -> int:
         ap.error(f"not a core module: {', '.join(unknown)} (the table is setup.cfg [mutmut] only_mutate)")
     modules = args.modules or list(table)
 
+    if args.fresh and not args.report:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     if not args.report:
         generate()
     status = results()
