@@ -44,11 +44,16 @@ MUTMUT = [str(Path(sys.executable).with_name("mutmut"))]
 # whose change does not contain the text is counted like any other.
 CASE = "header names are case-insensitive in Headers"
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
+    "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
+        ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
+    "hestia.lifecycle.xǁServiceLifecycleǁ_abandon_start": [
+        ("self._generation += 2", "a generation only has to differ from the abandoned one")],
     "hestia.queue.xǁWaitQueueǁ_timed_out": [
         ("pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires")],
     "hestia.headers.x_headers_for_backend": [
         ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up")],
     "hestia.headers.x_join_url": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.config.x__size": [('or "B")[0].lower()', "the unit is lower-cased right after: 'B' is 'b'")],
     "hestia.config.xǁ_Readerǁcheck_keys": [
         ("allowed, )", "only the best match (close[0]) is used; n=3 returns it first too")],
     "hestia.guard.x__limits": [

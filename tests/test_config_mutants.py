@@ -326,3 +326,21 @@ def test_a_backend_section_is_validated_by_its_backend_with_the_service_name() -
     error = refused_service(exec={"start": "wake"})
     assert error.key == "services.svc.exec.stop" and error.message == "missing: the command that stops svc"
     assert service(exec={"start": "wake", "stop": "sleep"}).backend == "exec"
+
+
+# -- after the merge: the held-out sample's survivors --------------------------------------------
+
+
+def test_messages_of_the_common_mistakes() -> None:
+    assert refused_service(idle_timeout=-1).message == "must not be negative"
+    assert refused({"server": {"log_format": "xml"}}).message == "expected text or json, got str 'xml'"
+    assert refused({"server": {"state_path": ""}}).key == "server.state_path"
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_the_byte(tmp_path: Path) -> None:
+    file = tmp_path / "latin1.yml"
+    file.write_bytes(b"services:\n  caf\xe9: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(file), environ={})
+    assert str(caught.value) == f"{file}: not UTF-8 text: line 2 has the byte 0xe9"
+    assert caught.value.key == ""

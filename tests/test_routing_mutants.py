@@ -275,3 +275,21 @@ def test_model_list_paths_are_exact_and_untagged_models_match_themselves() -> No
     assert route.target_for("phi").name == "phi"  # listed without a tag: found as written
     near = harness.result(harness.request("GET", "/services/ai/api/tagsX"))
     assert near.code == 404 and "names no model" in harness.json(near)["error"]
+
+
+def test_route_statuses_say_what_they_are() -> None:
+    harness = model_harness()
+    assert harness.gateway.lifecycle("ai").status()["route_by"] == "model"
+    gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
+    status = gw.gateway.lifecycle("web").status()
+    assert status["restart_pending"] is False and status["pending_changes"] == []
+
+
+def test_a_request_leaving_a_multi_instance_route_leaves_the_instances_queue() -> None:
+    gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
+    route = gw.gateway.lifecycle("web")
+    waiting = route.acquire(None)
+    assert len(route.instances[0].queue) == 1
+    waiting.addErrback(lambda _: None)
+    waiting.cancel()
+    assert len(route.instances[0].queue) == 0
