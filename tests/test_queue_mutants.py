@@ -132,3 +132,11 @@ def test_the_bound_refuses_the_one_beyond_with_its_retry_after() -> None:
     queue.release_all()
     queue.wait(0, retry_after=1)  # room again
     assert len(queue) == 1
+
+
+def test_a_timeout_under_a_second_still_times_out() -> None:
+    queue, clock = make()
+    waiting = outcome(queue.wait(0.5, retry_after=1))
+    clock.advance(0.5)
+    assert isinstance(waiting[0].value, QueueTimedOut)
+    assert waiting[0].value.reason == "request waited 0.5s for the service to start"
