@@ -72,6 +72,7 @@ def test_a_command_not_on_the_path_says_so(hestia: StartHestia) -> None:
     assert error.startswith("command not found: hestia-test-no-such-program (looked in PATH=/usr/bin:/bin and in ")
     assert gw.status("ollama")["last_error"] == error
     assert "started hestia-test-no-such-program" not in gw.log_text()  # nothing was spawned
+    assert error in gw.log_text()  # the gateway's log says why, not only "start failed"
 
 
 def test_a_relative_command_that_does_not_exist_says_so(hestia: StartHestia, tmp_path: Path) -> None:

@@ -152,7 +152,13 @@ class ProcessBackend:
             return succeed(None)
         env = dict(os.environ)
         env.update(self.service.env)
-        command = find_program(self.service.command or (), env, self.service.cwd)
+        try:
+            command = find_program(self.service.command or (), env, self.service.cwd)
+        except StartFailed as error:
+            # The transition line says only "start failed": the log says why, as the
+            # output of a command that ran would.
+            self._log.warn("{error}", error=str(error), service=self.service.name)
+            raise
         executable, argv = session_command(command)
         self._stopping = False
         self._exit_reason = None
