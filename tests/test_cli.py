@@ -99,6 +99,16 @@ def test_unreachable_gateway() -> None:
 
 
 @pytest.mark.unit
+def test_a_url_without_scheme_names_where_it_came_from() -> None:
+    from_option = hestia_cli("--url", "localhost:8080", "status")
+    assert from_option.returncode == Exit.USAGE
+    assert from_option.stderr == "hestia: --url must be an http:// or https:// URL, not 'localhost:8080'\n"
+    from_env = hestia_cli("status", url="localhost:8080")
+    assert from_env.returncode == Exit.USAGE
+    assert from_env.stderr == "hestia: HESTIA_URL must be an http:// or https:// URL, not 'localhost:8080'\n"
+
+
+@pytest.mark.unit
 def test_usage_error_exit_code() -> None:
     assert hestia_cli("frobnicate").returncode == Exit.USAGE
     assert hestia_cli("start").returncode == Exit.USAGE

@@ -61,9 +61,9 @@ class CommandError(Exception):
 class Client:
     """A tiny JSON client of C{/v1}; every failure becomes a L{CommandError}."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0, url_from: str = "HESTIA_URL") -> None:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise CommandError(f"HESTIA_URL must be an http:// or https:// URL, not {url!r}", Exit.USAGE)
+            raise CommandError(f"{url_from} must be an http:// or https:// URL, not {url!r}", Exit.USAGE)
         self.base = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -403,6 +403,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
         client = Client(
             args.url or os.environ.get("HESTIA_URL") or DEFAULT_URL,
             args.token if args.token is not None else os.environ.get("HESTIA_TOKEN"),
+            url_from="--url" if args.url else "HESTIA_URL",  # the one to correct
         )
         handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
                    "logs": cmd_logs, "costs": cmd_costs}[args.command]
