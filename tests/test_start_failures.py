@@ -15,7 +15,7 @@ import httpx
 import pytest
 from backendproc import free_port
 from conftest import StartHestia
-from hestiaproc import wait_for
+from hestiaproc import VENV_BIN, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,13 @@ def test_a_command_not_on_the_path_says_so(hestia: StartHestia) -> None:
     assert error.startswith("command not found: hestia-test-no-such-program (looked in PATH=/usr/bin:/bin and in ")
     assert gw.status("ollama")["last_error"] == error
     assert "started hestia-test-no-such-program" not in gw.log_text()  # nothing was spawned
+    # Where Hestia's own bin directory is on the PATH already, it is not named twice.
+    own_bin = str(VENV_BIN)
+    other = hestia({"services": {"ollama": {"url": "http://127.0.0.1:9", "command": ["hestia-test-no-such-program"]}}},
+                   {"PATH": f"{own_bin}:/usr/bin:/bin"})
+    assert other.http.get("/services/ollama/").json()["error"] == (
+        f"command not found: hestia-test-no-such-program (looked in PATH={own_bin}:/usr/bin:/bin)"
+    )
     assert error in gw.log_text()  # the gateway's log says why, not only "start failed"
 
 

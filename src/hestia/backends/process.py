@@ -70,7 +70,8 @@ def find_program(argv: tuple[str, ...], env: dict[str, str], cwd: str | None) ->
     beside_hestia = shutil.which(program, path=own_bin)
     if beside_hestia:
         return (beside_hestia, *argv[1:])
-    raise StartFailed(f"command not found: {program} (looked in PATH={search} and in {own_bin})")
+    also = "" if own_bin in search.split(os.pathsep) else f" and in {own_bin}"
+    raise StartFailed(f"command not found: {program} (looked in PATH={search}{also})")
 
 
 def describe_exit(reason: Failure) -> str:
