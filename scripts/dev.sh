@@ -201,6 +201,10 @@ coverage_suite() {
 # (/run/hestia-podman, shared by every checkout and test run), so only on request.
 stop() {
   local pid i
+  case "${1:-}" in
+    "" | --engine) ;;
+    *) echo "usage: ./scripts/dev.sh stop [--engine]" >&2; return 2 ;;
+  esac
   if pid="$(running_pid)"; then
     kill -TERM "$pid"
     for ((i = 0; i < 300; i++)); do  # up to 30 s: Hestia drains and stops its services first
@@ -216,11 +220,7 @@ stop() {
     rm -f "$RUN_DIR/hestia.pid"  # stale: that process is gone
     say "no Hestia started by ./scripts/dev.sh run is running"
   fi
-  case "${1:-}" in
-    "") ;;
-    --engine) "$ROOT/scripts/podman-engine.sh" stop ;;
-    *) echo "usage: ./scripts/dev.sh stop [--engine]" >&2; return 2 ;;
-  esac
+  if [ "${1:-}" = --engine ]; then "$ROOT/scripts/podman-engine.sh" stop; fi
 }
 
 case "${1:-}" in
