@@ -7,6 +7,7 @@ person runs it; the gateway is a real ``twistd -n hestia`` with real backends.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
 import threading
@@ -106,6 +107,24 @@ def test_a_url_without_scheme_names_where_it_came_from() -> None:
     from_env = hestia_cli("status", url="localhost:8080")
     assert from_env.returncode == Exit.USAGE
     assert from_env.stderr == "hestia: HESTIA_URL must be an http:// or https:// URL, not 'localhost:8080'\n"
+
+
+@pytest.mark.integration
+def test_another_server_at_the_url_is_not_taken_for_hestia(tmp_path: Path) -> None:
+    # `python3 -m http.server 8080` (or any other server) where the CLI expects Hestia.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = hestia_cli("status", url=url, cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == Exit.UNREACHABLE
+    assert result.stderr == (
+        f"hestia: {url} is not a Hestia gateway: /v1/services answered HTTP 404 File not found, "
+        "not Hestia's JSON (set HESTIA_URL)\n"
+    )
 
 
 @pytest.mark.unit

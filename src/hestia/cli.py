@@ -96,6 +96,12 @@ class Client:
         except ValueError:
             body = None
         message = body.get("error") if isinstance(body, dict) else None
+        if message is None and error.code not in (401, 403):
+            # Not Hestia's JSON error: another server has the port (HESTIA_URL points elsewhere).
+            return CommandError(
+                f"{self.base} is not a Hestia gateway: {path} answered HTTP {error.code} {error.reason}, "
+                "not Hestia's JSON (set HESTIA_URL)", Exit.UNREACHABLE,
+            )
         message = message or f"HTTP {error.code} {error.reason}"
         if error.code in (401, 403):
             hint = "" if self.token else " (set HESTIA_TOKEN)"
