@@ -275,3 +275,28 @@ def test_token_is_sent(tmp_path: Path) -> None:
         assert secret not in allowed.stdout + allowed.stderr
     finally:
         gw.stop()
+
+
+@pytest.mark.integration
+def test_logs_follow_says_when_the_gateway_goes_away(tmp_path: Path) -> None:
+    # `hestia logs NAME -f` is a tail -f: its end is the gateway's, and it says so (exit 5).
+    echo = BackendSpec("echo", tmp_path)
+    gw = HestiaProcess({"services": {"echo": echo.service("--verbose", idle_timeout=0)}}, tmp_path / "hestia").start()
+    try:
+        assert hestia_cli("start", "echo", "--wait", url=gw.url).returncode == Exit.OK
+        proc = subprocess.Popen([HESTIA, "logs", "echo", "-f", "--tail", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_environ({"HESTIA_URL": gw.url}))
+        seen: list[str] = []
+        threading.Thread(target=lambda: seen.extend(proc.stdout or ()), daemon=True).start()
+        marker = f"/echo/marker-{free_port()}"
+        for _ in range(20):  # connected once a new line shows up
+            gw.http.get(f"/services/echo{marker}")
+            if wait_for(lambda: any(marker in line for line in list(seen)), 0.5, 0.02):
+                break
+        assert any(marker in line for line in list(seen)), seen
+        gw.stop()
+        assert proc.wait(timeout=20) == Exit.UNREACHABLE
+        assert proc.stderr is not None
+        assert proc.stderr.read() == "hestia: echo: the gateway closed the log stream (did it stop?)\n"
+    finally:
+        stop_cleanly(gw, tmp_path)

@@ -309,7 +309,10 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
                 out.write(line)
                 out.flush()
         except (KeyboardInterrupt, TimeoutError):
-            pass
+            return Exit.OK
+    if args.follow:
+        # The gateway never ends a follow: the connection closed under it (stopped, restarted).
+        raise CommandError(f"{args.name}: the gateway closed the log stream (did it stop?)", Exit.UNREACHABLE)
     return Exit.OK
 
 
