@@ -165,6 +165,31 @@ def test_an_unauthorised_body_is_refused_before_100_continue(credentials: bytes,
     assert hestia.backend.seen == []
 
 
+@pytest.mark.parametrize(("target", "status"), [
+    (b"/services/nosuch/upload", 404),
+    (b"/nowhere", 404),
+    (b"/", 404),
+    (b"/services", 404),
+    (b"/services/", 404),
+    (b"/v1/health", 401),  # Open without a token, but only to a GET without a body.
+])
+def test_a_body_to_nowhere_is_refused_before_100_continue(target: bytes, status: int) -> None:
+    # Found attacking a running Hestia: a body sent anywhere but a known
+    # service or a guarded /v1 route got 100 Continue and was read (spooled to
+    # disk, up to max_body_size, 4 GiB by default) before its 404, so a client
+    # with no token could fill the disk.
+    hestia = MemoryHestia(auth=True)
+    method = b"GET" if target == b"/v1/health" else b"POST"
+    client = hestia.request(method + b" " + target + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
+                            b"Expect: 100-continue\r\n\r\n")
+    raw = client.received()
+    assert statuses(raw) == [status], raw
+    assert b"100 Continue" not in raw
+    assert client.closed
+    assert json.loads(body_of(raw))["error"]
+    assert hestia.backend.seen == []
+
+
 def test_an_unauthorised_chunked_body_is_refused_before_it_is_read() -> None:
     hestia = MemoryHestia(auth=True)
     client = hestia.request(b"POST /services/echo/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")

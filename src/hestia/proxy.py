@@ -721,12 +721,19 @@ class ServiceProxyResource(ReverseProxyResource):
         return NOT_DONE_YET
 
 
+@implementer(IHeadCheck)
 class ServicesResource(Resource):
     """C{/services/}: finds the proxy resource for the named service."""
+
+    _unnamed = UnknownService("no service named in the path: use /services/<name>/")
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self.gateway = gateway
+
+    def check_head(self, request: Request) -> Denied | None:
+        """C{/services} itself answers only an error: refused before a body is read."""
+        return _refusing(self._unnamed)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         try:
@@ -736,18 +743,32 @@ class ServicesResource(Resource):
             return ErrorResource(UnknownService("no such service", service=path.decode("ascii", "replace")))
 
     def render(self, request: Request) -> int:
-        write_error(request, UnknownService("no service named in the path: use /services/<name>/"))
+        write_error(request, self._unnamed)
         return NOT_DONE_YET
 
 
+def _refusing(error: GatewayError) -> Denied:
+    return Denied(error.status, error.reason, error.retry_after, error.service)
+
+
+@implementer(IHeadCheck)
 class ErrorResource(Resource):
-    """Answers every request below it with one JSON error."""
+    """
+    Answers every request below it with one JSON error.
+
+    The answer does not depend on the body, so the head check gives it at
+    once: a client with no token cannot make Hestia read (and spool to disk)
+    a body sent to an unknown path, up to C{max_body_size}, for a 404.
+    """
 
     isLeaf = True
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__()
         self.error = error
+
+    def check_head(self, request: Request) -> Denied | None:
+        return _refusing(self.error)
 
     def render(self, request: Request) -> int:
         write_error(request, self.error, request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id")))
