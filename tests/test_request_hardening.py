@@ -106,6 +106,32 @@ def test_a_refused_upgrade_does_not_forward_later_bytes_unparsed(hestia: MemoryH
     assert b"/v1/services" not in upgrade.sent()
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nhello",  # 45 bytes short, and then nothing
+    b"HTTP/1.1 404 Not Found\r\n\r\nuntil the close",  # a body that ends when the backend closes: never
+])
+def test_a_refused_upgrade_whose_body_stalls_is_cut_at_response_idle_timeout(answer: bytes) -> None:
+    # Found attacking a running Hestia: a plain request's stalled body was cut
+    # at response_idle_timeout, but a refused upgrade's relayed body waited
+    # for ever (past connection_idle_timeout too), holding the client, the
+    # backend connection and the service's in-flight count.
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "response_idle_timeout": 5}})
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    upgrade.answer(answer)
+    hestia.settle()
+    assert not client.closed
+    hestia.advance(4)
+    upgrade.answer(b"more")  # A byte resets the period.
+    hestia.advance(4)
+    assert not client.closed and not upgrade.transport.disconnecting
+    hestia.advance(2)
+    assert client.closed
+    assert upgrade.transport.disconnecting
+    assert hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.in_flight_requests == 0
+
+
 def test_a_101_splices_the_connections(hestia: MemoryHestia) -> None:
     client = hestia.request(UPGRADE)
     upgrade = hestia.upgrades.connections[0]
