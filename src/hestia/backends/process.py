@@ -27,6 +27,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
 
 from hestia import health
+from hestia.backends.environment import child_environment
 from hestia.config import ServiceConfig, describe_command
 from hestia.errors import StartFailed
 from hestia.interfaces import IBackend, IBackendFactory, IReconfigurableBackend
@@ -123,8 +124,7 @@ class ProcessBackend:
     def start(self) -> Deferred[None]:
         if self._process is not None:
             return succeed(None)
-        env = dict(os.environ)
-        env.update(self.service.env)
+        env = child_environment(self.service.env)
         executable, argv = session_command(self.service.command or ())
         self._stopping = False
         self._exit_reason = None
