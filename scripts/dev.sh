@@ -8,7 +8,7 @@
 #   ./scripts/dev.sh test [SUITE] every test, lint and type check (SUITE: unit, integration, browser,
 #                                 container, semaphore, contract, coverage, lint, or a pytest -k expression)
 #   ./scripts/dev.sh status       the running Hestia's services as a table (`hestia status`)
-#   ./scripts/dev.sh stop         stop a Hestia started by `run` and the test engines
+#   ./scripts/dev.sh stop         stop a Hestia started by `run` (--engine: and the test engine)
 #
 # Environment: HESTIA_CONFIG (default ./hestia_config.yml), HESTIA_LISTEN, PYTHON (default python3),
 # HESTIA_URL for `status` (default http://localhost:8080), HESTIA_WATCH_CONFIG=0 to run without
@@ -45,7 +45,25 @@ system_deps() {
   "$ROOT/scripts/install-system-deps.sh"
 }
 
+# A process that exists and has not ended (an ended one not yet reaped by its parent is a zombie).
+alive() {
+  kill -0 "$1" 2>/dev/null && [[ "$(ps -o stat= -p "$1" 2>/dev/null)" != Z* ]]
+}
+
+# The pid of the Hestia `run` started from this checkout, if it still runs.
+running_pid() {
+  local pid
+  pid="$(cat "$RUN_DIR/hestia.pid" 2>/dev/null)" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid" && printf '%s' "$pid"
+}
+
 run() {
+  local pid
+  if pid="$(running_pid)"; then
+    # twistd would refuse too, but its message suggests a --pidfile that dev.sh owns.
+    echo "Hestia is already running from this checkout (pid $pid): ./scripts/dev.sh stop stops it" >&2
+    exit 1
+  fi
   setup
   mkdir -p "$RUN_DIR"
   local config="${HESTIA_CONFIG:-$ROOT/hestia_config.yml}"
@@ -179,11 +197,30 @@ coverage_suite() {
 
 # ---- issue 20: setup report, status table, coverage suite ------------------ end ----
 
+# The Hestia `run` started; with --engine, the test engine too. The engine is machine-wide
+# (/run/hestia-podman, shared by every checkout and test run), so only on request.
 stop() {
-  if [ -f "$RUN_DIR/hestia.pid" ]; then
-    kill "$(cat "$RUN_DIR/hestia.pid")" 2>/dev/null && say "stopped Hestia" || true
+  local pid i
+  case "${1:-}" in
+    "" | --engine) ;;
+    *) echo "usage: ./scripts/dev.sh stop [--engine]" >&2; return 2 ;;
+  esac
+  if pid="$(running_pid)"; then
+    kill -TERM "$pid"
+    for ((i = 0; i < 300; i++)); do  # up to 30 s: Hestia drains and stops its services first
+      alive "$pid" || break
+      sleep 0.1
+    done
+    if alive "$pid"; then
+      echo "Hestia (pid $pid) is still stopping after 30 s" >&2
+      return 1
+    fi
+    say "stopped Hestia (pid $pid)"
+  else
+    rm -f "$RUN_DIR/hestia.pid"  # stale: that process is gone
+    say "no Hestia started by ./scripts/dev.sh run is running"
   fi
-  [ -x "$ROOT/scripts/podman-engine.sh" ] && "$ROOT/scripts/podman-engine.sh" stop || true
+  if [ "${1:-}" = --engine ]; then "$ROOT/scripts/podman-engine.sh" stop; fi
 }
 
 case "${1:-}" in
@@ -191,6 +228,6 @@ case "${1:-}" in
   run) shift; run "$@" ;;
   test) shift; test_suite "$@" ;;
   status) shift; status "$@" ;;
-  stop) stop ;;
+  stop) shift; stop "$@" ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

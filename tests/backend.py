@@ -58,6 +58,7 @@ ROUTES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
     ("/api/embed", POST, "ollama_embed"),
     ("/v1/models", GET, "openai_models"),
     ("/v1/chat/completions", POST, "openai_chat"),
+    ("/v1/messages", POST, "anthropic_messages"),
 )
 
 
@@ -140,6 +141,15 @@ def sse(obj: JSON) -> bytes:
 def openai_error(message: str, code: str | None) -> JSON:
     return {"error": {"message": message, "type": "invalid_request_error",
                       "param": "model", "code": code}}
+
+
+def anthropic_error(kind: str, message: str) -> JSON:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def sse_event(obj: JSON) -> bytes:
+    """An Anthropic stream event: named by its type, in the event: line too."""
+    return f"event: {obj['type']}\n".encode() + sse(obj)
 
 
 class HTTPError(Exception):
@@ -503,6 +513,44 @@ class Handler(BaseHTTPRequestHandler):
             if (data.get("stream_options") or {}).get("include_usage"):
                 yield chunk([], usage=usage)
             yield b"data: [DONE]\n\n"
+
+        self._stream("text/event-stream", events())
+
+
+    # -- Anthropic Messages API (shapes checked against anthropic-python's types) --
+
+    def anthropic_messages(self) -> None:
+        data = self._json_body()
+        model = data.get("model")
+        if not model or not isinstance(model, str):
+            raise HTTPError(400, anthropic_error("invalid_request_error", "model: Field required"))
+        if not self._known(model):
+            raise HTTPError(404, anthropic_error("not_found_error", f"model: {model}"))
+        if not isinstance(data.get("max_tokens"), int):
+            raise HTTPError(400, anthropic_error("invalid_request_error", "max_tokens: Field required"))
+        words = self._words()
+        message: JSON = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                         "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
+                         "usage": {"input_tokens": 3, "output_tokens": 0}}
+        if not data.get("stream"):
+            self._json(message | {"content": [{"type": "text", "text": "".join(words)}],
+                                  "stop_reason": "end_turn",
+                                  "usage": {"input_tokens": 3, "output_tokens": len(words)}})
+            return
+
+        def events() -> Iterator[bytes]:
+            yield sse_event({"type": "message_start", "message": message})
+            yield sse_event({"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}})
+            yield sse_event({"type": "ping"})
+            for word in paced(words, self.cfg.token_interval):
+                yield sse_event({"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": word}})
+            yield sse_event({"type": "content_block_stop", "index": 0})
+            yield sse_event({"type": "message_delta",
+                             "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                             "usage": {"output_tokens": len(words)}})
+            yield sse_event({"type": "message_stop"})
 
         self._stream("text/event-stream", events())
 

@@ -240,3 +240,27 @@ def test_openai_client(shared: BackendProcess) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="missing", messages=messages)
     assert err.value.code == "model_not_found"
+
+
+def test_anthropic_client(shared: BackendProcess) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    # Its own HTTP client class (the SDK rejects an httpx one), without the environment's proxies.
+    client = anthropic.Anthropic(base_url=shared.url, api_key="x", max_retries=0,
+                                 http_client=anthropic.DefaultHttpxClient(trust_env=False))
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.messages.create(model="tiny:1b", max_tokens=16, messages=messages)
+    assert reply.type == "message" and reply.stop_reason == "end_turn"
+    assert "".join(block.text for block in reply.content) == "hello from shared"
+
+    events = list(client.messages.create(model="llama3:8b", max_tokens=16, messages=messages, stream=True))
+    assert [e.type for e in events][:2] == ["message_start", "content_block_start"]
+    assert events[-1].type == "message_stop"
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    assert text == "hello from shared"
+    with client.messages.stream(model="tiny:1b", max_tokens=16, messages=messages) as stream:
+        assert "".join(stream.text_stream) == "hello from shared"
+        assert stream.get_final_message().model == "tiny:1b"
+
+    with pytest.raises(anthropic.NotFoundError) as err:
+        client.messages.create(model="missing", max_tokens=16, messages=messages)
+    assert err.value.status_code == 404 and err.value.body["error"]["type"] == "not_found_error"

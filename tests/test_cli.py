@@ -7,6 +7,7 @@ person runs it; the gateway is a real ``twistd -n hestia`` with real backends.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
 import threading
@@ -96,6 +97,34 @@ def test_unreachable_gateway() -> None:
     result = hestia_cli("status", url=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == Exit.UNREACHABLE
     assert "cannot reach Hestia" in result.stderr
+
+
+@pytest.mark.unit
+def test_a_url_without_scheme_names_where_it_came_from() -> None:
+    from_option = hestia_cli("--url", "localhost:8080", "status")
+    assert from_option.returncode == Exit.USAGE
+    assert from_option.stderr == "hestia: --url must be an http:// or https:// URL, not 'localhost:8080'\n"
+    from_env = hestia_cli("status", url="localhost:8080")
+    assert from_env.returncode == Exit.USAGE
+    assert from_env.stderr == "hestia: HESTIA_URL must be an http:// or https:// URL, not 'localhost:8080'\n"
+
+
+@pytest.mark.integration
+def test_another_server_at_the_url_is_not_taken_for_hestia(tmp_path: Path) -> None:
+    # `python3 -m http.server 8080` (or any other server) where the CLI expects Hestia.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = hestia_cli("status", url=url, cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == Exit.UNREACHABLE
+    assert result.stderr == (
+        f"hestia: {url} is not a Hestia gateway: /v1/services answered HTTP 404 File not found, "
+        "not Hestia's JSON (set HESTIA_URL)\n"
+    )
 
 
 @pytest.mark.unit
@@ -246,3 +275,28 @@ def test_token_is_sent(tmp_path: Path) -> None:
         assert secret not in allowed.stdout + allowed.stderr
     finally:
         gw.stop()
+
+
+@pytest.mark.integration
+def test_logs_follow_says_when_the_gateway_goes_away(tmp_path: Path) -> None:
+    # `hestia logs NAME -f` is a tail -f: its end is the gateway's, and it says so (exit 5).
+    echo = BackendSpec("echo", tmp_path)
+    gw = HestiaProcess({"services": {"echo": echo.service("--verbose", idle_timeout=0)}}, tmp_path / "hestia").start()
+    try:
+        assert hestia_cli("start", "echo", "--wait", url=gw.url).returncode == Exit.OK
+        proc = subprocess.Popen([HESTIA, "logs", "echo", "-f", "--tail", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_environ({"HESTIA_URL": gw.url}))
+        seen: list[str] = []
+        threading.Thread(target=lambda: seen.extend(proc.stdout or ()), daemon=True).start()
+        marker = f"/echo/marker-{free_port()}"
+        for _ in range(20):  # connected once a new line shows up
+            gw.http.get(f"/services/echo{marker}")
+            if wait_for(lambda: any(marker in line for line in list(seen)), 0.5, 0.02):
+                break
+        assert any(marker in line for line in list(seen)), seen
+        gw.stop()
+        assert proc.wait(timeout=20) == Exit.UNREACHABLE
+        assert proc.stderr is not None
+        assert proc.stderr.read() == "hestia: echo: the gateway closed the log stream (did it stop?)\n"
+    finally:
+        stop_cleanly(gw, tmp_path)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from semaphore_contract import CONTRACT_PATH, NOTES, PATHS, extract, load, spec_part
+from semaphore_contract import CONTRACT_PATH, NOTES, PATHS, extract, load, main, spec_part
 from semaphore_double import DEFAULT_SPEC_PATH, SemaphoreDouble, load_spec
 
 pytestmark = [pytest.mark.semaphore, pytest.mark.contract]
@@ -54,3 +54,17 @@ if SEMAPHORE_API_DOCS.is_file():
             f"tests/semaphore_contract.yml differs from {SEMAPHORE_API_DOCS}: "
             f"run python tests/semaphore_contract.py {SEMAPHORE_API_DOCS} and review the diff"
         )
+
+
+def test_the_regenerator_refuses_a_missing_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `python tests/semaphore_contract.py PATH` (DEV_ENVIRONMENT.md) with a wrong PATH or --help:
+    # a usage or one line, no traceback, and the contract in the repository left as it is.
+    before = CONTRACT_PATH.read_bytes()
+    missing = tmp_path / "api-docs.yml"
+    assert main(["semaphore_contract.py", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"semaphore_contract.py: cannot read {missing}: [Errno 2] No such file or directory: '{missing}'\n"
+    )
+    assert main(["semaphore_contract.py", "--help"]) == 2
+    assert capsys.readouterr().err == "usage: semaphore_contract.py path/to/semaphore/api-docs.yml\n"
+    assert CONTRACT_PATH.read_bytes() == before

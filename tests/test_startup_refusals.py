@@ -84,6 +84,7 @@ def test_a_busy_listen_address_is_one_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         line = one_line(run_to_exit(config(tmp_path / "h.db", f"tcp:{port}:interface=127.0.0.1"), tmp_path))
     assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+    assert line.endswith("(another process has it: choose another with --listen, $HESTIA_LISTEN or server.listen)")
 
 
 # -- the state store -------------------------------------------------------------------------

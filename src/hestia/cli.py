@@ -61,9 +61,9 @@ class CommandError(Exception):
 class Client:
     """A tiny JSON client of C{/v1}; every failure becomes a L{CommandError}."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0, url_from: str = "HESTIA_URL") -> None:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise CommandError(f"HESTIA_URL must be an http:// or https:// URL, not {url!r}", Exit.USAGE)
+            raise CommandError(f"{url_from} must be an http:// or https:// URL, not {url!r}", Exit.USAGE)
         self.base = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -96,6 +96,12 @@ class Client:
         except ValueError:
             body = None
         message = body.get("error") if isinstance(body, dict) else None
+        if message is None and error.code not in (401, 403):
+            # Not Hestia's JSON error: another server has the port (HESTIA_URL points elsewhere).
+            return CommandError(
+                f"{self.base} is not a Hestia gateway: {path} answered HTTP {error.code} {error.reason}, "
+                "not Hestia's JSON (set HESTIA_URL)", Exit.UNREACHABLE,
+            )
         message = message or f"HTTP {error.code} {error.reason}"
         if error.code in (401, 403):
             hint = "" if self.token else " (set HESTIA_TOKEN)"
@@ -303,7 +309,10 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: IO[str]) -> Exit:
                 out.write(line)
                 out.flush()
         except (KeyboardInterrupt, TimeoutError):
-            pass
+            return Exit.OK
+    if args.follow:
+        # The gateway never ends a follow: the connection closed under it (stopped, restarted).
+        raise CommandError(f"{args.name}: the gateway closed the log stream (did it stop?)", Exit.UNREACHABLE)
     return Exit.OK
 
 
@@ -403,6 +412,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
         client = Client(
             args.url or os.environ.get("HESTIA_URL") or DEFAULT_URL,
             args.token if args.token is not None else os.environ.get("HESTIA_TOKEN"),
+            url_from="--url" if args.url else "HESTIA_URL",  # the one to correct
         )
         handler = {"status": cmd_status, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
                    "logs": cmd_logs, "costs": cmd_costs}[args.command]

@@ -141,6 +141,12 @@ class ServiceConfig:
     # What a browser navigation to a cold service gets: "page" (a waiting page
     # that reloads into the real one) or "hold" (held like any API client).
     on_cold: str = "page"
+    # Issue 17: hestia.passive.PassiveRule for monitors' requests, or None (off).
+    passive: Any = None
+    # Issue 17: stop a start that requests triggered once all of them have left.
+    cancel_abandoned_start: bool = False
+    # Issue 17: hestia.gpu.GpuClaim (device and memory), or None.
+    gpu: Any = None
     # Costs, schedules and predictive warm-up (issue 16; hestia.costs_config):
     # the price of an hour running (None: not given, an instance inherits its
     # service's), the schedule's windows, the prewarm settings.
@@ -240,6 +246,11 @@ ROUTING_KEYS = {"strategy", "instances", "route_by", "targets", "models", "group
 SERVICE_KEYS |= ROUTING_KEYS
 HEALTH_KEYS = {"path", "tcp", "interval", "timeout"}
 SERVICE_KEYS |= {"pass_authorization"}  # hestia.auth
+# Issue 17 (local AI): parsed by hestia.passive, and by hestia.routing.
+TOP_LEVEL_KEYS |= {"passive", "gpus"}
+SERVICE_KEYS |= {"passive", "cancel_abandoned_start", "gpu"}
+ROUTING_KEYS |= {"aliases", "loading_events"}
+SERVICE_KEYS |= ROUTING_KEYS
 # Issue 16 (hestia.costs_config): costs, schedules, predictive warm-up.
 TOP_LEVEL_KEYS |= {"costs", "timezone"}
 SERVICE_KEYS |= {"cost_per_hour", "schedule", "prewarm"}
@@ -515,6 +526,9 @@ def _service(
         sections=sections,
         on_cold=on_cold,
         routing=routing,
+        cancel_abandoned_start=reader.boolean(
+            section.get("cancel_abandoned_start", False), f"{key}.cancel_abandoned_start"
+        ),
         **planning,
     )
 
@@ -646,6 +660,12 @@ def parse_config(
         from hestia.discovery import parse_discovery_section
 
         sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
+    from hestia.passive import resolve_passive  # issue 17: monitors look without waking
+
+    services = resolve_passive(reader.source, document.get("passive"), services_raw, services)
+    from hestia.gpu import resolve_gpus  # issue 17: GPU memory as the unit of sharing
+
+    sections["gpus"], services = resolve_gpus(reader.source, document.get("gpus"), services_raw, services)
     if "reload" in sections:
         from hestia.reload import parse_reload_section  # what a reload restarts (issue 19)
 

@@ -46,6 +46,7 @@ from hestia.config import (
     _Reader,
 )
 from hestia.docker_engine import ContainerEngineError, DockerEngine, EventStream
+from hestia.passive import default_passive_rule
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -232,6 +233,8 @@ class DockerDiscovery(Service):
         for container in containers:
             try:
                 service = service_from_labels(container, self.settings, self.gateway.config.defaults)
+                # Issue 17: a labelled container answers monitors by the top-level passive: rule.
+                service = replace(service, passive=default_passive_rule(self.gateway.config))
             except ConfigError as error:
                 if str(error) not in self._warned:
                     self._warned.add(str(error))

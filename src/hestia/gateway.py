@@ -157,6 +157,7 @@ class Gateway:
             self._add(service)
         self._coordinator = Coordinator(config.routing, reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
 
     # -- services ----------------------------------------------------------------
 
@@ -388,6 +389,7 @@ class Gateway:
         """
         policy = reload_policy(config.sections)
         summary = ReloadSummary()
+        self._gpus.detach()
         self._coordinator.detach()
         Coordinator.unwrap(self.services)
         self.config = config  # composite routes are built from the new routing plan
@@ -412,6 +414,7 @@ class Gateway:
                 self._update(current, service, policy, summary)
         self._coordinator = Coordinator(config.routing, self.reactor)
         self._coordinator.attach(self.services)
+        self._gpus = self._attach_gpus()
         self.start_keep_warm()
         self.adopt_running(summary.added + list(summary.replaced))
         return summary.as_json()
@@ -553,6 +556,20 @@ class Gateway:
 
             return next_instance()
         return succeed(None)  # a model router runs nothing of its own
+
+    def _attach_gpus(self) -> Any:
+        """Issue 17: the GPU claims of this configuration on the claimants' lifecycles (hestia.gpu)."""
+        from hestia.gpu import GpuCoordinator, NvidiaSmi
+
+        gpus = GpuCoordinator(self.config.sections.get("gpus") or {}, self.reactor,
+                              NvidiaSmi(self.reactor) if self.config.sections.get("gpus") else None)
+        claimants = {}
+        for name, route in self.services.items():
+            lifecycle = route.lifecycle if isinstance(route, GroupMemberRoute) else route
+            if isinstance(lifecycle, ServiceLifecycle) and lifecycle.config.gpu is not None:
+                claimants[name] = lifecycle
+        gpus.attach(claimants)
+        return gpus
 
     # -- requests ----------------------------------------------------------------------
 

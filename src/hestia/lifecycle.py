@@ -116,6 +116,22 @@ class Lease:
             self._lifecycle._lease_released()
 
 
+class PassiveLease(Lease):
+    """
+    A monitor's claim on a ready service (issue 17, L{hestia.passive}).
+
+    It is not use: it is not counted in flight and moves no idle clock, so a
+    monitor neither keeps a service up nor holds up an exclusive group's swap
+    (a stop that comes meanwhile cuts the monitor's request, which is what a
+    monitor of a stopping service should see).
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        self._released = True
+
+
 class ServiceLifecycle:
     """
     Drives one backend through its states on behalf of the requests for it.
@@ -151,6 +167,8 @@ class ServiceLifecycle:
         self.last_start_duration: float | None = None
         self.in_flight = 0
         self.queue = WaitQueue(reactor, config.queue_limit, self._describe)
+        self.queue.on_abandoned = self._start_abandoned
+        self._start_reason = ""
         self._generation = 0
         self._pending: Deferred[Any] | None = None
         self._start_began = 0.0
@@ -168,6 +186,13 @@ class ServiceLifecycle:
         # the Deferred it returns.  Exclusive groups and depends_on (see
         # hestia.groups) use it to stop a rival or start a dependency first.
         self.start_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Issue 17 (hestia.gpu): passed after the start gate, so that GPU memory
+        # is reserved only once dependencies run and the exclusive group is ours.
+        self.memory_gate: Callable[[ServiceLifecycle], Deferred[Any]] | None = None
+        # Told when the last request in flight ends (a GPU device may evict it now),
+        # and extra sections of status() (the GPU claim), by name.
+        self.idle_observers: list[Callable[[ServiceLifecycle], None]] = []
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         # The backend's admission window (hestia.admission), set by the
         # gateway; shown in the status and reconfigured on reload.
         self.admission: Admission | None = None
@@ -224,6 +249,16 @@ class ServiceLifecycle:
             return fail(error)
         self._request_start("request")
         return waiting.addCallback(lambda _: self._lease())
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        """
+        A lease for a monitor's request if the service is ready, else C{None}.
+
+        C{None} tells the caller to answer by itself: nothing is started.
+        """
+        if self.state is not State.READY:
+            return None
+        return succeed(PassiveLease(self, self.backend.url))
 
     def start(self, reason: str = "api") -> Deferred[None]:
         """
@@ -345,6 +380,7 @@ class ServiceLifecycle:
             "last_error_detail": self.last_error_detail,
             "cooldown_until": iso_time(self.cooldown_until) if cooldown > 0 else None,
             "details": self.backend.describe(),
+            **{name: section() for name, section in self.status_sections.items()},
             "concurrency": self.admission.status() if self.admission is not None else None,
             **self._reload_status(),
         }
@@ -362,6 +398,7 @@ class ServiceLifecycle:
             self._retry_call.cancel()
         self._generation += 1
         generation = self._generation
+        self._start_reason = reason
         if self._cleanup is None or self._cleanup.called:
             self._take_new_backend()  # before "starting", which log capture attaches on
         self._set_state(State.STARTING, reason)
@@ -372,7 +409,7 @@ class ServiceLifecycle:
             )
         # A failed start's clean-up (the half-started process) must end first.
         cleaned = self._cleanup_done()
-        if self.start_gate is None:
+        if self.start_gate is None and self.memory_gate is None:
             cleaned.addCallback(lambda _: self._launch(generation))
         else:
             cleaned.addCallback(lambda _: self._pass_gate(generation)).addCallbacks(
@@ -382,9 +419,13 @@ class ServiceLifecycle:
 
     def _pass_gate(self, generation: int) -> Deferred[Any] | None:
         """Wait for the start gate; an abandoned start cancels the wait."""
-        if generation != self._generation or self.start_gate is None:
+        if generation != self._generation:
             return None
-        gate = self.start_gate(self)
+        gate: Deferred[Any] = self.start_gate(self) if self.start_gate is not None else succeed(None)
+        memory_gate = self.memory_gate
+        if memory_gate is not None:
+            # Cancelling the chain cancels whichever gate it is waiting on.
+            gate.addCallback(lambda _: memory_gate(self) if generation == self._generation else None)
         self._pending = gate
         return gate
 
@@ -446,6 +487,27 @@ class ServiceLifecycle:
             log.failure("unexpected error starting {service}", failure, service=self.name)
             error = StartFailed(f"start failed: {error}")
         self._give_up_start(error)
+
+    def _start_abandoned(self) -> None:
+        """
+        The last request waiting for this start went away (issue 17).
+
+        With C{cancel_abandoned_start}, a start that requests asked for (not
+        the API, not keep_warm, not a dependant: those wait as start watchers)
+        is stopped: nobody would use what it loads.
+        """
+        if (
+            self.config.cancel_abandoned_start
+            and self.state is State.STARTING
+            and self._start_reason == "request"
+            and not self._start_watchers
+            and not self.config.keep_warm
+            and not self._shutting_down
+        ):
+            log.info("{service}: every request waiting for the start left: stopping it", service=self.name)
+            self.stop("abandoned").addErrback(
+                lambda failure: log.failure("stopping {service}", failure, service=self.name)
+            )
 
     def _start_timed_out(self, generation: int) -> None:
         self._start_timer = None
@@ -544,6 +606,9 @@ class ServiceLifecycle:
                 waiter.callback(None)
         if self.in_flight == 0 and not (self._idle_call is not None and self._idle_call.active()):
             self._arm_idle_timer()
+        if self.in_flight == 0:
+            for observer in self.idle_observers:
+                observer(self)
 
     def _arm_idle_timer(self, delay: float | None = None) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -806,6 +871,33 @@ class ServiceLifecycle:
 
         restarting = self._drain(self.config.stop_timeout).addCallback(drained).addBoth(released)
         return restarting.addCallback(stopped).addBoth(tell_joiners)
+
+    def yield_when_drained(self, reason: str) -> Deferred[None]:
+        """
+        Issue 17 (hestia.gpu): make room on a GPU without cutting anyone off.
+
+        New requests wait in the queue; those in flight (streams too) finish,
+        however long they take; then the service stops, and the requests that
+        waited start it again (through its gates) once it has stopped.
+        """
+        if self.state is not State.READY or self._holding or self._shutting_down:
+            return succeed(None)
+        self._holding = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        drained: Deferred[None] = succeed(None)
+        if self.in_flight:
+            drained = Deferred()
+            self._drain_waiters.append(drained)
+
+        def stop(_: object) -> Deferred[None] | None:
+            self._holding = False
+            if self.state is State.READY and not self._shutting_down:
+                return self._begin_stop(reason)
+            return None
+
+        return drained.addCallback(stop)
 
     def retire(self, reason: str = "removed") -> Deferred[None]:
         """

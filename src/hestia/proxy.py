@@ -27,10 +27,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -52,6 +52,7 @@ from hestia.headers import (
     split_service_path,
 )
 from hestia.interfaces import IHeadCheck, ILease
+from hestia.passive import write_passive_answer
 from hestia.routing import RouteRequest
 from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
@@ -167,12 +168,18 @@ class Exchange:
         rest: bytes,
         request_id: bytes,
         prefix: bytes | None = None,
+        loading_events: bool = False,
     ) -> None:
         """
         @param lifecycle: the service's route (L{hestia.routing.Route}): its
             lifecycle, or a route that picks an instance or target per request.
         @param prefix: sent as C{X-Forwarded-Prefix}; by default
             C{/services/<name>}, empty for a host-routed request.
+        @param loading_events: a streaming OpenAI request (issue 17): if it
+            has to wait for a start, its SSE headers go out at once, then a
+            keep-alive comment every L{KEEP_ALIVE} seconds, so that a chat
+            front end does not time out; a failed start ends it with an error
+            event in OpenAI's shape.
         """
         self.gateway = gateway
         self.lifecycle = lifecycle
@@ -200,6 +207,9 @@ class Exchange:
         # own failure must not answer again.
         self._answered_by_gateway = False
         self._forwarded_at = 0.0
+        self.loading_events = loading_events
+        self._early = False  # the client has its headers already (loading events)
+        self._keep_alive: LoopingCall | None = None
         now = gateway.reactor.seconds()
         self.record = RequestRecord(
             request_id=request_id.decode("ascii"),
@@ -211,20 +221,75 @@ class Exchange:
         )
 
     def begin(self) -> None:
+        self._begin(self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began)))
+
+    def begin_passive(self) -> bool:
+        """
+        Forward a monitor's request if the service is ready (L{hestia.passive}).
+
+        @return: C{False}, having done nothing, when it is not ready.
+        """
+        waiting = self.lifecycle.acquire_passive(RouteRequest(self.request, self.rest, self.record.began))
+        if waiting is None:
+            return False
+        self._begin(waiting)
+        return True
+
+    def _begin(self, waiting: Deferred[Any]) -> None:
         self.request.notifyFinish().addBoth(self._finished)
         self.gateway.request_began(self)
-        waiting = self.lifecycle.acquire(RouteRequest(self.request, self.rest, self.record.began))
         if waiting.called and ILease.providedBy(waiting.result):
             # A ready service leases at once (the warm path): go straight on.
             self._forward(waiting.result)
             return
         self._pending = waiting
+        if self.loading_events and not waiting.called:  # held for a start (an at-once refusal stays plain JSON)
+            self._open_early()
         waiting.addCallbacks(self._forward, self._failed)
+
+    # -- loading events (issue 17) ---------------------------------------------
+
+    KEEP_ALIVE = 2.0
+
+    def _open_early(self) -> None:
+        request = self.request
+        self._early = True
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+        request.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id])
+        request.responseHeaders.setRawHeaders(b"x-hestia-state", [b"starting"])
+        request.responseHeaders.removeHeader(b"server")
+        request.write(b": hestia: the model is loading\n\n")
+        keep_alive = self._keep_alive = LoopingCall(self._send_keep_alive)
+        keep_alive.clock = self.gateway.reactor
+        keep_alive.start(self.KEEP_ALIVE, now=False)
+
+    def _send_keep_alive(self) -> None:
+        if not self._gone:
+            self.request.write(b": hestia: still loading\n\n")
+
+    def _stop_keep_alive(self) -> None:
+        keep_alive, self._keep_alive = self._keep_alive, None
+        if keep_alive is not None and keep_alive.running:
+            keep_alive.stop()
+
+    def _end_with_error_event(self, message: str, kind: str = "server_error", code: str | None = None,
+                              error: Any = None) -> None:
+        """End an early-opened stream the way OpenAI ends one that failed: an error event."""
+        self._stop_keep_alive()
+        if self._gone:
+            return
+        if not isinstance(error, dict):
+            error = {"message": message, "type": kind, "param": None, "code": code}
+        self.request.write(b"data: " + json.dumps({"error": error}).encode("utf-8") + b"\n\n")
+        self.request.finish()
 
     # -- forwarding ------------------------------------------------------------
 
     def _forward(self, lease: ILease) -> None:
         self._pending = None
+        self._stop_keep_alive()
         self._lease = lease
         now = self.gateway.reactor.seconds()
         self.record.queued = now - self.record.began
@@ -338,6 +403,9 @@ class Exchange:
         self.record.error_kind = "response_timeout"
         log.warn("{service}: no response within {timeout}s to {method} {path}: answered 504",
                  service=self.lifecycle.name, timeout=timeout, method=self.record.method, path=self.record.path)
+        if self._early:  # loading events: the stream is open, its end says why
+            self._end_with_error_event(error.reason, code=type(error).__name__)
+            return
         write_error(self.request, error, self.request_id)
 
     def _retry_connect(self, failure: Failure) -> bool:
@@ -446,6 +514,14 @@ class Exchange:
             response.deliverBody(Protocol())  # Read nothing; drops the connection.
             self._release_slot()
             return
+        if self._early:
+            if response.code == 200:
+                self._relay = _BodyRelay(self)  # the client has its headers: the body follows
+                response.deliverBody(self._relay)
+            else:
+                readBody(response).addCallbacks(lambda body: self._backend_refused(response.code, body),
+                                                lambda failure: self._backend_refused(response.code, b""))
+            return
         request.setResponseCode(response.code, response.phrase)
         # Twisted would add "Content-Type: text/html" to a response without
         # one; the backend's response goes out as the backend sent it.
@@ -501,6 +577,17 @@ class Exchange:
             self.record.error_kind = "truncated"
             self.request.loseConnection()
 
+    def _backend_refused(self, code: int, body: bytes) -> None:
+        """The backend answered an early-opened stream with an error: pass it on as an event."""
+        self._cancel_response_timer()
+        self._release_slot()
+        try:
+            error = json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        text = body.decode("utf-8", "replace")[:500]
+        self._end_with_error_event(f"backend answered {code}: {text}", error=error)
+
     # -- failures and endings -------------------------------------------------------
 
     def _failed(self, failure: Failure) -> None:
@@ -523,6 +610,10 @@ class Exchange:
         self.record.status = error.status
         self.record.error = error.reason
         self.record.error_kind = self.record.error_kind or type(error).__name__
+        if self._early:
+            self._end_with_error_event(f"{error.service or self.lifecycle.name}: {error.reason}",
+                                       code=type(error).__name__)
+            return
         write_error(self.request, error, self.request_id)
 
     def _fail_over(self, failure: Failure) -> bool:
@@ -561,6 +652,7 @@ class Exchange:
         """The response is complete, or the client went away: clean up."""
         if self._tunnelled and not isinstance(result, Failure):
             return  # The tunnel's own end does this.
+        self._stop_keep_alive()
         self._cancel_response_timer()
         if self._tunnel is not None and not self._tunnelled:
             self.record.bytes = self._tunnel.bytes_to_client  # A refused upgrade, relayed.
@@ -722,13 +814,22 @@ class ServiceProxyResource(ReverseProxyResource):
         intercept = getattr(lifecycle, "intercept", None)
         if intercept is not None and intercept(request, routed[1]):
             return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
+        passive = lifecycle.config.passive  # issue 17: monitors look without waking
+        if passive is not None and passive.matches(request, routed[1]):
+            exchange = Exchange(self.gateway, lifecycle, request, routed[1], request_id,
+                                b"" if self.host_routed else None)
+            if not exchange.begin_passive():
+                write_passive_answer(request, lifecycle.name, lifecycle.state.value)
+            return NOT_DONE_YET
         if wants_waiting_page(lifecycle, request):
             # A person's browser: a page that says what is happening beats a
             # blank tab spinning for the whole cold start (hestia.ui).
             serve_waiting_page(self.gateway, lifecycle, request)
             return NOT_DONE_YET
         prefix = b"" if self.host_routed else None
-        Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix).begin()
+        wants_loading_events = getattr(lifecycle, "wants_loading_events", None)  # a route_by: model route
+        loading_events = wants_loading_events is not None and wants_loading_events(request, routed[1])
+        Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix, loading_events).begin()
         return NOT_DONE_YET
 
 

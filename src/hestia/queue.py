@@ -43,6 +43,10 @@ class WaitQueue:
         self.limit = limit
         self._describe = describe
         self._waiters: dict[Deferred[None], _Waiter] = {}
+        # Called when the last waiter left by itself (its client went away or
+        # it timed out), not when the queue was released or failed: the
+        # lifecycle's cancel_abandoned_start hangs on it (issue 17).
+        self.on_abandoned: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -112,7 +116,13 @@ class WaitQueue:
     def _cancelled(self, deferred: Deferred[None]) -> None:
         # The client went away: free its place at once.
         self._remove(deferred)
+        self._maybe_abandoned()
+
+    def _maybe_abandoned(self) -> None:
+        if not self._waiters and self.on_abandoned is not None:
+            self.on_abandoned()
 
     def _timed_out(self, deferred: Deferred[None], timeout: float) -> None:
         self._waiters.pop(deferred, None)
         deferred.errback(QueueTimedOut(f"request waited {timeout:g}s for the service to start", **self._describe()))
+        self._maybe_abandoned()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
+from io import BytesIO
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -48,8 +49,10 @@ from hestia.strategies import InstanceView, StrategyError, load_strategy
 
 # -- configuration ---------------------------------------------------------------
 
-# schedule and prewarm belong to the service (hestia.costs_config), not to one instance.
-INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"schedule", "prewarm"}) | BACKEND_SECTIONS | {"cost"}
+# An instance answers monitors as its parent service does (passive: is the parent's);
+# GPU claims (hestia.gpu) are for single-instance services; schedule and prewarm
+# belong to the service (hestia.costs_config), not to one instance.
+INSTANCE_KEYS = (SERVICE_KEYS - ROUTING_KEYS - {"passive", "gpu", "schedule", "prewarm"}) | BACKEND_SECTIONS | {"cost"}
 MAX_COST = 1e9  # finite, so that sums and comparisons of costs stay numbers
 # Paths whose request names a model, per client API.
 OLLAMA_MODEL_PATHS = frozenset(
@@ -57,6 +60,8 @@ OLLAMA_MODEL_PATHS = frozenset(
      "/api/create", "/api/copy", "/api/delete"}
 )
 OPENAI_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+# The Anthropic Messages API (issue 17): same /v1 prefix, its own error shape.
+ANTHROPIC_MODEL_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,12 @@ class ModelRoutePlan:
     targets: tuple[str, ...]
     # model -> target service, in the targets' order.
     models: Mapping[str, str]
+    # alias -> the real model it stands for (issue 17): routed to that model's
+    # service, with the body's model rewritten to the real name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    # Streaming OpenAI requests held through a cold start get their headers
+    # and SSE keep-alive comments at once (issue 17, hestia.proxy.Exchange).
+    loading_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,11 +167,26 @@ def _instances(
             sub = error.key.replace(f"services.{parent.name}", where, 1)
             raise ConfigError(error.source, sub, error.message) from None
         inherited: dict[str, Any] = {"name": f"{parent.name}.{index}", "keep_warm": parent.keep_warm}
-        for name in ("health", "env", "cwd"):
+        for name in ("health", "env", "cwd", "cancel_abandoned_start"):
             if name not in section:
                 inherited[name] = getattr(parent, name)
         instances.append(InstanceConfig(service=replace(service, **inherited), cost=float(cost)))
     return tuple(instances)
+
+
+def _aliases(reader: _Reader, raw: Any, owner: Mapping[str, str], key: str) -> dict[str, str]:
+    """C{aliases: {gpt-4o-mini: qwen2.5:7b}}: each alias names a model a target lists."""
+    aliases: dict[str, str] = {}
+    for alias, real in reader.mapping(raw, key).items():
+        if not isinstance(alias, str) or not alias or not isinstance(real, str) or not real:
+            raise reader.fail(key, f"expected alias: model names, got {alias!r}: {real!r}")
+        if alias in owner:
+            raise reader.fail(f"{key}.{alias}", f"{alias!r} is a model {owner[alias]} lists, not an alias")
+        if real not in owner:
+            known = ", ".join(owner) or "none"
+            raise reader.fail(f"{key}.{alias}", f"{real!r} is not a model of the targets (models: {known})")
+        aliases[alias] = real
+    return aliases
 
 
 def parse_routing(
@@ -201,6 +227,10 @@ def parse_routing(
             routed.append(service)
         elif "targets" in raw:
             raise reader.fail(f"{key}.targets", "only a route_by: model service has targets")
+        elif "aliases" in raw:
+            raise reader.fail(f"{key}.aliases", "only a route_by: model service has aliases")
+        elif "loading_events" in raw:
+            raise reader.fail(f"{key}.loading_events", "only a route_by: model service has loading events")
         if "models" in raw:
             listed = _names(reader, raw["models"], f"{key}.models")
             if not listed:
@@ -255,7 +285,9 @@ def parse_routing(
                         f"{key}.targets", f"model {model!r} is listed by both {owner[model]} and {target}"
                     )
                 owner[model] = target
-        model_routes[service.name] = ModelRoutePlan(service.name, targets, owner)
+        aliases = _aliases(reader, service.routing.get("aliases"), owner, f"{key}.aliases")
+        loading_events = reader.boolean(service.routing.get("loading_events", False), f"{key}.loading_events")
+        model_routes[service.name] = ModelRoutePlan(service.name, targets, owner, aliases, loading_events)
     return RoutingPlan(multi, model_routes, models, hosts, groups, membership, depends_on)
 
 
@@ -289,6 +321,9 @@ class Route(Protocol):
     def queue(self) -> Sized: ...
 
     def acquire(self, request: object = None) -> Deferred[Lease]: ...
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        """A monitor's lease when ready, else C{None}: nothing starts (L{hestia.passive})."""
 
     def start(self, reason: str = "api") -> Deferred[None]: ...
 
@@ -500,6 +535,13 @@ class MultiInstanceRoute:
         attempt()
         return outer
 
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        # Any ready instance answers a monitor; the strategy is for real use.
+        for lifecycle in self.instances:
+            if (leased := lifecycle.acquire_passive(request)) is not None:
+                return leased
+        return None
+
     def start(self, reason: str = "api") -> Deferred[None]:
         return self.choose(None).start(reason)
 
@@ -577,9 +619,14 @@ class ModelRoute:
         return max((target.state_since for target in self.targets()), default=0.0)
 
     def models(self) -> list[str]:
-        return list(self.plan.models)
+        """The names a client may ask for: the targets' models, then the aliases."""
+        return [*self.plan.models, *self.plan.aliases]
+
+    def owner_of(self, name: str) -> str:
+        return self.plan.models[self.plan.aliases.get(name, name)]
 
     def target_for(self, model: str | None) -> Route | None:
+        model = self.plan.aliases.get(model or "", model)
         target = self.plan.models.get(model or "")
         if target is None and model and ":" not in model:
             # Ollama's own rule: a bare name means its ":latest" tag.
@@ -593,6 +640,10 @@ class ModelRoute:
             # intercept() answers these before any acquire; this is for other callers.
             return fail(GatewayError(f"no target serves model {model!r}", service=self.name, state=self.state.value))
         return target.acquire(request)
+
+    def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
+        target = self.target_for(getattr(request, "model", None))
+        return None if target is None else target.acquire_passive(request)
 
     def start(self, reason: str = "api") -> Deferred[None]:
         # Which model is wanted is not known: targets start on their first request.
@@ -628,6 +679,19 @@ class ModelRoute:
             ],
         }
 
+    def wants_loading_events(self, request: Request, rest: bytes) -> bool:
+        """
+        Whether this request is a streaming OpenAI completion whose target is
+        not ready, on a route with C{loading_events}: it gets its headers now.
+        """
+        if not self.plan.loading_events or request.method != b"POST":
+            return False
+        path = rest.split(b"?", 1)[0].rstrip(b"/")
+        if path not in (b"/v1/chat/completions", b"/v1/completions"):
+            return False
+        target = self.target_for(_model_of(request, rest))
+        return target is not None and target.state is not State.READY and _streaming(request)
+
     # -- answering without a backend --------------------------------------------
 
     def intercept(self, request: Request, rest: bytes) -> bool:
@@ -642,17 +706,24 @@ class ModelRoute:
             _write_json(request, 200, {"models": [_ollama_model(name) for name in self.models()]})
             return True
         if path == "/v1/models" and method in (b"GET", b"HEAD"):
+            if request.requestHeaders.hasHeader(b"anthropic-version"):
+                # Anthropic's client lists models at the same path, in its own shape.
+                _write_json(request, 200, _anthropic_models(self.models()))
+                return True
             _write_json(request, 200, {
                 "object": "list",
-                "data": [{"id": name, "object": "model", "created": 0, "owned_by": self.plan.models[name]}
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": self.owner_of(name)}
                          for name in self.models()],
             })
             return True
         openai = path.startswith("/v1/")
+        anthropic = path in ANTHROPIC_MODEL_PATHS
         model = _model_of(request, rest)
         if model is not None and self.target_for(model) is not None:
+            if model in self.plan.aliases:
+                _rewrite_model(request, self.plan.aliases[model])
             return False
-        if model is None and path not in OLLAMA_MODEL_PATHS and path not in OPENAI_MODEL_PATHS:
+        if model is None and path not in OLLAMA_MODEL_PATHS and path not in OPENAI_MODEL_PATHS | ANTHROPIC_MODEL_PATHS:
             message = f"{path} names no model: {self.name} routes by model (JSON body 'model' or ?model=)"
             status = 404
         elif model is None:
@@ -660,7 +731,10 @@ class ModelRoute:
         else:
             message = f"model '{model}' not found"
             status = 404
-        if openai:
+        if anthropic:
+            kind = "not_found_error" if status == 404 else "invalid_request_error"
+            _write_json(request, status, {"type": "error", "error": {"type": kind, "message": message}})
+        elif openai:
             _write_json(request, status, {"error": {
                 "message": message, "type": "invalid_request_error", "param": "model",
                 "code": "model_not_found" if status == 404 else None,
@@ -673,6 +747,46 @@ class ModelRoute:
 def _ollama_model(name: str) -> dict[str, Any]:
     return {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
             "details": {}}
+
+
+def _streaming(request: Request) -> bool:
+    content = request.content
+    if content is None:
+        return False
+    content.seek(0)
+    try:
+        document = json.loads(content.read())
+    except ValueError:
+        return False
+    finally:
+        content.seek(0)
+    return isinstance(document, dict) and document.get("stream") is True
+
+
+def _anthropic_models(names: Sequence[str]) -> dict[str, Any]:
+    """The Anthropic Models API's list page: every model at once."""
+    return {
+        "data": [{"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+                 for name in names],
+        "has_more": False,
+        "first_id": names[0] if names else None,
+        "last_id": names[-1] if names else None,
+    }
+
+
+def _rewrite_model(request: Request, model: str) -> None:
+    """
+    Put the real model's name in the JSON body in place of an alias.
+
+    The body is re-serialised (same content, perhaps other spacing); the
+    forwarded C{Content-Length} is recomputed from it (L{hestia.headers}).
+    """
+    content = request.content
+    assert content is not None  # _model_of found the alias in it
+    content.seek(0)
+    document = json.loads(content.read())
+    document["model"] = model
+    request.content = BytesIO(json.dumps(document).encode("utf-8"))
 
 
 def _write_json(request: Request, status: int, document: Any) -> None:

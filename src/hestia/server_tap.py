@@ -9,6 +9,7 @@ up to C{server.shutdown_timeout}, then stop every service Hestia started.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import signal
 import sys
@@ -222,7 +223,10 @@ class HestiaService(MultiService):
         except CannotListenError as error:
             where = f"{error.interface or '*'}:{error.port}"
             reason = getattr(error.socketError, "strerror", None) or error.socketError
-            _refuse(f"hestia: cannot listen on {where}: {reason}")
+            hint = ""
+            if getattr(error.socketError, "errno", None) == errno.EADDRINUSE:
+                hint = " (another process has it: choose another with --listen, $HESTIA_LISTEN or server.listen)"
+            _refuse(f"hestia: cannot listen on {where}: {reason}{hint}")
 
     def startService(self) -> None:
         raise_open_file_limit()

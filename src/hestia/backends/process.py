@@ -47,6 +47,34 @@ def session_command(argv: tuple[str, ...]) -> tuple[str, list[str]]:
     return sys.executable, [sys.executable, "-c", wrapper, *argv]
 
 
+def find_program(argv: tuple[str, ...], env: dict[str, str], cwd: str | None) -> tuple[str, ...]:
+    """
+    C{argv} with a program that exists, or L{StartFailed} saying where it was looked for.
+
+    A bare name is looked up on the service's C{PATH}, then beside the Python running
+    Hestia: commands installed with Hestia (C{hestia-demo}, or any tool of the same
+    virtualenv) work when the virtualenv's C{twistd} runs without the virtualenv being
+    activated, as under systemd or C{/opt/hestia/bin/twistd}. Checking before spawning
+    says "command not found" instead of the exec wrapper's bare exit status 127.
+    """
+    program = argv[0]
+    if os.sep in program:
+        where = os.path.join(cwd or "", program)  # the child runs in cwd
+        if os.path.isfile(where) and os.access(where, os.X_OK):
+            return argv
+        raise StartFailed(f"command not found: {program} is not an executable file"
+                          + (f" (relative to cwd {cwd})" if cwd and not os.path.isabs(program) else ""))
+    search = env.get("PATH", os.defpath)
+    if shutil.which(program, path=search):
+        return argv
+    own_bin = os.path.dirname(sys.executable)
+    beside_hestia = shutil.which(program, path=own_bin)
+    if beside_hestia:
+        return (beside_hestia, *argv[1:])
+    also = "" if own_bin in search.split(os.pathsep) else f" and in {own_bin}"
+    raise StartFailed(f"command not found: {program} (looked in PATH={search}{also})")
+
+
 def describe_exit(reason: Failure) -> str:
     """C{exit status 3} or C{killed by signal 9 (SIGKILL)}."""
     value = reason.value
@@ -125,7 +153,14 @@ class ProcessBackend:
         if self._process is not None:
             return succeed(None)
         env = child_environment(self.service.env)
-        executable, argv = session_command(self.service.command or ())
+        try:
+            command = find_program(self.service.command or (), env, self.service.cwd)
+        except StartFailed as error:
+            # The transition line says only "start failed": the log says why, as the
+            # output of a command that ran would.
+            self._log.warn("{error}", error=str(error), service=self.service.name)
+            raise
+        executable, argv = session_command(command)
         self._stopping = False
         self._exit_reason = None
         # Each start's output on its own: a failed start's detail shows what this attempt
