@@ -215,6 +215,47 @@ def test_a_non_utf8_file_is_one_line(tmp_path: Path) -> None:
     assert "not UTF-8" in message and "line 2" in message
 
 
+BOMB = "".join(
+    f"        {name}: &{name} [{', '.join([f'*{previous}'] * 9) if previous else ', '.join(['x'] * 9)}]\n"
+    for previous, name in zip([""] + list("abcdefgh"), "abcdefghi")
+)
+
+
+def test_an_alias_bomb_is_refused_at_load(tmp_path: Path) -> None:
+    # Found attacking Hestia: nine lines of aliases in free-form extra_vars
+    # (9**9 strings once expanded) passed check-config; the first start's
+    # json.dumps, or a reload's comparison, would then take the gateway's memory and reactor.
+    text = (
+        "semaphore: {base_url: 'http://127.0.0.1:3000'}\n"
+        "services:\n"
+        "  vm:\n"
+        f"    url: '{URL}'\n"
+        "    semaphore:\n"
+        "      start_template_id: 1\n"
+        "      stop_template_id: 2\n"
+        "      extra_vars:\n" + BOMB
+    )
+    message = refusal(tmp_path, text, {"SEMAPHORE_API_TOKEN": "t"})
+    assert "aliases" in message and "1000000" in message
+
+
+def test_an_alias_that_contains_itself_is_refused_at_load(tmp_path: Path) -> None:
+    # Else json.dumps meets a circular reference at the service's first start.
+    text = (
+        "semaphore: {base_url: 'http://127.0.0.1:3000'}\n"
+        f"services:\n  vm:\n    url: '{URL}'\n"
+        "    semaphore: {start_template_id: 1, stop_template_id: 2, extra_vars: {loop: &m [a, *m]}}\n"
+    )
+    message = refusal(tmp_path, text, {"SEMAPHORE_API_TOKEN": "t"})
+    assert "refers to itself" in message
+
+
+def test_a_few_aliases_are_still_fine(tmp_path: Path) -> None:
+    text = f"defaults: &d {{idle_timeout: 60}}\nservices:\n  web: {{url: '{URL}', models: &m [a, b]}}\n" \
+           f"  api: {{url: '{URL}', models: *m}}\n"
+    assert set(load_text(tmp_path, text).services) == {"web", "api"}
+
+
 # -- hole 11: semaphore instances ---------------------------------------------------------
 
 

@@ -106,6 +106,32 @@ def test_a_refused_upgrade_does_not_forward_later_bytes_unparsed(hestia: MemoryH
     assert b"/v1/services" not in upgrade.sent()
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nhello",  # 45 bytes short, and then nothing
+    b"HTTP/1.1 404 Not Found\r\n\r\nuntil the close",  # a body that ends when the backend closes: never
+])
+def test_a_refused_upgrade_whose_body_stalls_is_cut_at_response_idle_timeout(answer: bytes) -> None:
+    # Found attacking a running Hestia: a plain request's stalled body was cut
+    # at response_idle_timeout, but a refused upgrade's relayed body waited
+    # for ever (past connection_idle_timeout too), holding the client, the
+    # backend connection and the service's in-flight count.
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "response_idle_timeout": 5}})
+    client = hestia.request(UPGRADE)
+    upgrade = hestia.upgrades.connections[0]
+    upgrade.answer(answer)
+    hestia.settle()
+    assert not client.closed
+    hestia.advance(4)
+    upgrade.answer(b"more")  # A byte resets the period.
+    hestia.advance(4)
+    assert not client.closed and not upgrade.transport.disconnecting
+    hestia.advance(2)
+    assert client.closed
+    assert upgrade.transport.disconnecting
+    assert hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.in_flight_requests == 0
+
+
 def test_a_101_splices_the_connections(hestia: MemoryHestia) -> None:
     client = hestia.request(UPGRADE)
     upgrade = hestia.upgrades.connections[0]
@@ -162,6 +188,31 @@ def test_an_unauthorised_body_is_refused_before_100_continue(credentials: bytes,
     assert json.loads(body_of(raw))["error"]
     if status == 401:
         assert b"WWW-Authenticate: Bearer" in raw
+    assert hestia.backend.seen == []
+
+
+@pytest.mark.parametrize(("target", "status"), [
+    (b"/services/nosuch/upload", 404),
+    (b"/nowhere", 404),
+    (b"/", 404),
+    (b"/services", 404),
+    (b"/services/", 404),
+    (b"/v1/health", 401),  # Open without a token, but only to a GET without a body.
+])
+def test_a_body_to_nowhere_is_refused_before_100_continue(target: bytes, status: int) -> None:
+    # Found attacking a running Hestia: a body sent anywhere but a known
+    # service or a guarded /v1 route got 100 Continue and was read (spooled to
+    # disk, up to max_body_size, 4 GiB by default) before its 404, so a client
+    # with no token could fill the disk.
+    hestia = MemoryHestia(auth=True)
+    method = b"GET" if target == b"/v1/health" else b"POST"
+    client = hestia.request(method + b" " + target + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
+                            b"Expect: 100-continue\r\n\r\n")
+    raw = client.received()
+    assert statuses(raw) == [status], raw
+    assert b"100 Continue" not in raw
+    assert client.closed
+    assert json.loads(body_of(raw))["error"]
     assert hestia.backend.seen == []
 
 

@@ -22,6 +22,7 @@ import socket
 import time
 import unicodedata
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -497,3 +498,46 @@ def test_whatever_the_bytes_the_gateway_holds(stream: list[bytes], cuts: list[in
         service = exchange.lifecycle.name
         assert _well_formed_for(exchange.request, service), exchange.request.uri
         assert _allowed(exchange.request, service, auth), exchange.request.requestHeaders
+
+
+# -- tokens in the environment of the processes Hestia starts ------------------------------------
+
+
+@pytest.mark.integration
+def test_hestias_token_variables_do_not_reach_the_processes_it_starts(tmp_path: Path) -> None:
+    # Found attacking a running Hestia: every process it started (a service's
+    # command, an exec backend's start/stop) inherited its environment, with
+    # the value of each auth token_env (the admin token too), so anybody who
+    # can run code in a service (a notebook) could read the admin token.
+    echo = BackendSpec("echo", tmp_path)
+    dumped = tmp_path / "process.env"
+    exec_dumped = tmp_path / "exec.env"
+    service = echo.service()
+    service["command"] = f"env > {dumped}; {service['command']}"  # a shell line already
+    config = {
+        "services": {
+            "echo": {**service, "env": {"GIVEN_BY_CONFIG": "kept"}},
+            "box": {"url": echo.url, "exec": {"start": f"env > {exec_dumped}", "stop": "true"}},
+        },
+        "auth": {"tokens": [{"name": "admin", "token_env": "TEST_ADMIN_SECRET", "scopes": ["admin"]},
+                            {"name": "ci", "token_env": "TEST_CI_SECRET", "services": ["echo"]}]},
+    }
+    hestia = HestiaProcess(config, tmp_path / "hestia", env={
+        "TEST_ADMIN_SECRET": "admin-secret-value", "TEST_CI_SECRET": "ci-secret-value",
+        "HESTIA_TOKEN": "cli-secret-value", "UNRELATED_VARIABLE": "inherited",
+    }).start()
+    try:
+        head = b"GET /services/%s/health HTTP/1.1\r\nHost: gw\r\nX-Hestia-Token: admin-secret-value"
+        assert raw_request(hestia.port, head % b"echo").status == 200
+        assert raw_request(hestia.port, head % b"box").status == 200
+        for path in (dumped, exec_dumped):
+            environment = path.read_text(encoding="utf-8")
+            assert "UNRELATED_VARIABLE=inherited" in environment  # Hestia's environment is passed on ...
+            for secret in ("admin-secret-value", "ci-secret-value", "cli-secret-value"):
+                assert secret not in environment, (path.name, secret)  # ... less its secrets.
+        assert "GIVEN_BY_CONFIG=kept" in dumped.read_text(encoding="utf-8")
+    finally:
+        status = hestia.stop()
+        wait_for(lambda: not echo.running(), 5.0)
+        reap_leftovers(str(tmp_path))
+        assert status in GRACEFUL, hestia.log_text()

@@ -122,6 +122,32 @@ class LockedStateTests(TestCase):
         self.assertEqual(len((yield store.events("web"))), 1)
 
     @inlineCallbacks
+    def test_an_interaction_waits_for_the_lock_a_bounded_time(self):  # type: ignore[no-untyped-def]
+        # Found attacking a running Hestia: the cost ledger's writes (interact)
+        # bypassed the store's bounded wait and failed with SQLite's own
+        # "database is locked", each logged as a critical traceback.
+        store = StateStore(self.path, lock_timeout=0.3)
+        self.addCleanup(store.close)
+        yield store.open()
+        self.hold_lock()
+
+        def insert(cursor: Any, first: str, second: str) -> int:
+            cursor.execute("INSERT INTO events (service, at, kind) VALUES (?, 1, 'start')", (first,))
+            cursor.execute("INSERT INTO events (service, at, kind) VALUES (?, 2, 'start')", (second,))
+            return 2
+
+        with self.assertRaises(StateStoreError) as caught:
+            yield store.interact(insert, "a", "b")
+        self.assertIn("locked by another process for more than 0.3s", str(caught.exception))
+        self.other.execute("ROLLBACK")
+        self.assertEqual((yield store.interact(insert, "a", "b")), 2)  # one transaction, written once
+        self.assertEqual(len((yield store.events("a"))), 1)
+        self.assertEqual(len((yield store.events("b"))), 1)
+        store.close()
+        with self.assertRaises(StoreClosed):
+            yield store.interact(insert, "c", "d")
+
+    @inlineCallbacks
     def test_closing_stops_a_wait_for_the_lock(self):  # type: ignore[no-untyped-def]
         store = StateStore(self.path, lock_timeout=600)  # the old store would wait this long
         yield store.open()

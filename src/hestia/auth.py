@@ -131,6 +131,26 @@ def parse_auth(config: Config, environ: Mapping[str, str] | None = None) -> Auth
     return AuthConfig(tokens, max_failures, window, passing)
 
 
+def secret_variables(config: Config) -> frozenset[str]:
+    """
+    The environment variables that hold Hestia's own credentials: each token's
+    C{token_env}, and the Semaphore API token's.  Kept out of the processes
+    Hestia starts (L{hestia.backends.environment}).
+    """
+    names: set[str] = set()
+    raw = config.sections.get("auth")
+    entries = raw.get("tokens") if isinstance(raw, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("token_env"), str):
+            names.add(entry["token_env"])
+    semaphore = config.sections.get("semaphore")
+    if isinstance(semaphore, dict):
+        names.add("SEMAPHORE_API_TOKEN")
+        if isinstance(semaphore.get("token_env"), str):
+            names.add(semaphore["token_env"])
+    return frozenset(names)
+
+
 def _token(source: str, index: int, raw: Any, config: Config, environ: Mapping[str, str]) -> Token:
     key = f"auth.tokens[{index}]"
     if not isinstance(raw, dict):
@@ -432,8 +452,9 @@ class AdminGuard(Resource):
         self.authenticator = authenticator
 
     def check_head(self, request: Request) -> Denied | None:
-        if is_open_route(request.method, list(request.postpath or [])):
-            return None
+        # Asked only when a body follows.  The open routes are open to a GET
+        # without one: a body sent to them is not read for a client without
+        # a token (it could be up to max_body_size, spooled to disk).
         return self.authenticator.check_admin(request)
 
     def render(self, request: Request) -> Any:

@@ -712,6 +712,45 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+# Aliases let a few lines stand for a huge document (nine lines of nine
+# aliases each are 9**9 values): Python shares the objects, but every walk
+# over the configuration -- a start's json.dumps, a reload's comparison --
+# pays for the whole expansion.  A real configuration is far smaller.
+MAX_YAML_NODES = 1_000_000
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand past L{MAX_YAML_NODES} values, or contain themselves."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in open_nodes:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to itself", node.start_mark)
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        open_nodes.discard(id(node))
+        if total > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand to more than {MAX_YAML_NODES} values", node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
 def _yaml_document(text: str, source: str) -> Any:
     """Parse C{text}; any YAML problem (duplicate keys too) is one line naming the line."""
     try:

@@ -34,8 +34,10 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hestia.lifecycle import State, StateChange, iso_time
+from hestia.state import StateStoreError, StoreClosed
 
 if TYPE_CHECKING:
     from hestia.config import Config
@@ -232,8 +234,10 @@ class CostLedger:
     def _write(self, work: Callable[..., Any], *args: Any) -> None:
         if self.store is None:
             return
-        writing = self.store.interact(work, *args)
-        writing.addErrback(lambda failure: log.failure("cannot record running time", failure))
+        # Tracked like the state writes, so that shutdown's flush waits for
+        # the spans its stops close (within shutdown_timeout).
+        writing = self.store.track(self.store.interact(work, *args))
+        writing.addErrback(_log_write_failure)
         self.store.track(writing)
 
     # -- observers ------------------------------------------------------------------------
@@ -463,6 +467,14 @@ def _recover_now(path: str, now: float) -> dict[str, Any]:
         return loaded
     finally:
         connection.close()
+
+
+def _log_write_failure(failure: Failure) -> None:
+    """A locked file or a closing store is one line (as for state writes); anything else its traceback."""
+    if failure.check(StateStoreError, StoreClosed):
+        log.error("cannot record running time: {problem}", problem=failure.value)
+        return
+    log.failure("cannot record running time", failure)
 
 
 def _checkpoint(cursor: Any, now: float) -> None:

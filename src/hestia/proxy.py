@@ -454,8 +454,10 @@ class Exchange:
             self.gateway.request_ended(self)
 
         def refused(status: int) -> None:
-            # A normal response after all: notifyFinish ends it.
+            # A normal response after all: notifyFinish ends it.  Its body has
+            # the same silence limit as any response body's (nothing waits forever).
             self._cancel_response_timer()
+            self._start_body_idle_timer()
             self._tunnelled = False
             self.record.status = status
             self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
@@ -483,20 +485,26 @@ class Exchange:
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
         self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
-                                   headers, closed, unreachable, refused)
+                                   headers, closed, unreachable, refused, self._note_body)
         timeout = self.lifecycle.config.response_timeout
         if timeout > 0 and self._tunnel is not None and self._tunnelled:
             self._response_timer = self.gateway.reactor.callLater(timeout, undecided, timeout)
 
-    def _respond(self, response: IResponse) -> None:
-        self._pending = None
-        self._cancel_response_timer()
+    def _start_body_idle_timer(self) -> None:
         idle = self.lifecycle.config.response_idle_timeout
         if idle > 0 and not self._gone:
             # One timer for the whole body: each piece only notes the time,
             # and the timer, when due, waits out the rest of the period.
             self._body_at = self.gateway.reactor.seconds()
             self._response_timer = self.gateway.reactor.callLater(idle, self._body_idle, idle)
+
+    def _note_body(self, data: bytes) -> None:
+        self._body_at = self.gateway.reactor.seconds()
+
+    def _respond(self, response: IResponse) -> None:
+        self._pending = None
+        self._cancel_response_timer()
+        self._start_body_idle_timer()
         if self._admission is not None:
             self._admission.answered()
         self.record.upstream = self.gateway.reactor.seconds() - self._forwarded_at
@@ -548,6 +556,9 @@ class Exchange:
         relay = self._relay
         if relay is not None and relay.transport is not None:
             cast(Any, relay.transport).stopProducing()  # drops the backend connection
+        tunnel = self._tunnel
+        if tunnel is not None and not tunnel.switched:
+            tunnel.abort()  # A refused upgrade's relayed answer: its own backend connection.
         self.request.loseConnection()
 
     def body_ended(self, reason: Failure) -> None:
@@ -822,12 +833,19 @@ class ServiceProxyResource(ReverseProxyResource):
         return NOT_DONE_YET
 
 
+@implementer(IHeadCheck)
 class ServicesResource(Resource):
     """C{/services/}: finds the proxy resource for the named service."""
+
+    _unnamed = UnknownService("no service named in the path: use /services/<name>/")
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self.gateway = gateway
+
+    def check_head(self, request: Request) -> Denied | None:
+        """C{/services} itself answers only an error: refused before a body is read."""
+        return _refusing(self._unnamed)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         try:
@@ -837,18 +855,32 @@ class ServicesResource(Resource):
             return ErrorResource(UnknownService("no such service", service=path.decode("ascii", "replace")))
 
     def render(self, request: Request) -> int:
-        write_error(request, UnknownService("no service named in the path: use /services/<name>/"))
+        write_error(request, self._unnamed)
         return NOT_DONE_YET
 
 
+def _refusing(error: GatewayError) -> Denied:
+    return Denied(error.status, error.reason, error.retry_after, error.service)
+
+
+@implementer(IHeadCheck)
 class ErrorResource(Resource):
-    """Answers every request below it with one JSON error."""
+    """
+    Answers every request below it with one JSON error.
+
+    The answer does not depend on the body, so the head check gives it at
+    once: a client with no token cannot make Hestia read (and spool to disk)
+    a body sent to an unknown path, up to C{max_body_size}, for a 404.
+    """
 
     isLeaf = True
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__()
         self.error = error
+
+    def check_head(self, request: Request) -> Denied | None:
+        return _refusing(self.error)
 
     def render(self, request: Request) -> int:
         write_error(request, self.error, request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id")))

@@ -25,7 +25,8 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
-from hestia.auth import AdminGuard, Authenticator, parse_auth
+from hestia.auth import AdminGuard, Authenticator, parse_auth, secret_variables
+from hestia.backends.environment import hidden_variables, hide_from_children
 from hestia.config import Config, ConfigError, ServerConfig
 from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
@@ -174,6 +175,7 @@ class HestiaService(MultiService):
             costs=self.planning.ledger,
         )
         self.authenticator = Authenticator(parse_auth(config), reactor.seconds)
+        hide_from_children(secret_variables(config))  # Before any service starts.
         self.site = build_site(self.gateway, self.api.resource(), self.authenticator, config.server)
         self.listen = listen or config.server.listen
         self.certificates: CertificateStore | None = None
@@ -262,6 +264,8 @@ class HestiaService(MultiService):
         if config.server.listen != self.config.server.listen:
             log.warn("server.listen changed: it takes effect on restart")
         auth = parse_auth(config)  # Before anything changes: a bad auth section keeps the old one.
+        # Once a secret, always: a variable a reload stops naming still holds its token.
+        hide_from_children(hidden_variables() | secret_variables(config))
         summary = self.gateway.apply(config)
         self.authenticator.update(auth)
         self.site.set_limits(Limits.from_server(config.server))

@@ -345,9 +345,27 @@ class StateStore:
 
     @inlineCallbacks
     def interact(self, work: Callable[..., Any], *args: Any):  # type: ignore[no-untyped-def]
-        """Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs)."""
+        """
+        Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs).
+
+        With the same bounded wait for a lock as every other operation (a
+        L{StateStoreError} after C{lock_timeout}, L{StoreClosed} once closing):
+        a try that meets the lock is rolled back before the next, so a
+        transaction of several statements is written once.
+        """
         yield self.open()
-        result = yield self._pool.runInteraction(work, *args)
+
+        def transaction(connection: Any) -> Any:
+            cursor = connection.cursor()
+            try:
+                return work(cursor, *args)
+            except sqlite3.OperationalError:
+                connection.rollback()
+                raise
+            finally:
+                cursor.close()
+
+        result = yield self._run(transaction)  # runWithConnection commits it.
         return result
 
     def close(self) -> None:

@@ -94,6 +94,8 @@ class Tunnel:
     @ivar on_error: called when no response can be relayed (the backend is
         unreachable, broke off, or spoke no HTTP); the client connection is
         still Twisted's then, so the caller answers with an error.
+    @ivar on_body: called with each piece of a refused upgrade's response
+        body as it is relayed (the caller's C{response_idle_timeout} clock).
     """
 
     def __init__(
@@ -102,11 +104,13 @@ class Tunnel:
         on_close: Callable[[int | None, int], None],
         on_refused: Callable[[int], None],
         on_error: Callable[[Failure], None],
+        on_body: Callable[[bytes], None] | None = None,
     ) -> None:
         self.request = request
         self.on_close = on_close
         self.on_refused = on_refused
         self.on_error = on_error
+        self.on_body = on_body
         self.client = _Side(self, "client")
         self.backend = _Side(self, "backend")
         self.status: int | None = None
@@ -167,6 +171,8 @@ class Tunnel:
                 self._respond(event)
             elif isinstance(event, h11.Data):
                 self.bytes_to_client += len(event.data)
+                if self.on_body is not None:
+                    self.on_body(bytes(event.data))
                 self.request.write(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 self._finish_response()
@@ -304,6 +310,7 @@ def open_tunnel(
     on_close: Callable[[int | None, int], None],
     on_error: Callable[[Failure], None],
     on_refused: Callable[[int], None],
+    on_body: Callable[[bytes], None] | None = None,
 ) -> Tunnel:
     """
     Connect to the backend, send the upgrade request, and act on its answer.
@@ -314,11 +321,12 @@ def open_tunnel(
         usable answer; the client connection is still Twisted's then, so the
         caller answers with a 502.
     @param on_refused: called with the status of a non-101 answer, before it is relayed.
+    @param on_body: called with each piece of that answer's body as it is relayed.
     @return: the L{Tunnel}, which the caller L{Tunnel.abort}s if the client leaves first.
     """
     parts = urlsplit(base_url)
     host = parts.hostname or "localhost"
-    tunnel = Tunnel(request, on_close, on_refused, on_error)
+    tunnel = Tunnel(request, on_close, on_refused, on_error, on_body)
     host_header = host.encode("idna") + (b":%d" % parts.port if parts.port else b"")
     assert request.content is not None
     request.content.seek(0)

@@ -26,6 +26,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hestia.backends.environment import child_environment
 from hestia.backends.process import session_command
 from hestia.config import _describe, _Reader, describe_command
 
@@ -272,8 +273,7 @@ class CommandRunner:
             run at all.  Cancelling it stops the command.
         """
         run = _Run(self, command, timeout)
-        env = dict(os.environ)
-        env.update(self.env)
+        env = child_environment(self.env)
         self.log.info("running {what} {command}", what=what, command=describe_command(command),
                       service=self.service)
         run.start(env, self.cwd)

@@ -27,6 +27,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
 
 from hestia import health
+from hestia.backends.environment import child_environment
 from hestia.config import ServiceConfig, describe_command
 from hestia.errors import StartFailed
 from hestia.interfaces import IBackend, IBackendFactory, IReconfigurableBackend
@@ -151,8 +152,7 @@ class ProcessBackend:
     def start(self) -> Deferred[None]:
         if self._process is not None:
             return succeed(None)
-        env = dict(os.environ)
-        env.update(self.service.env)
+        env = child_environment(self.service.env)
         try:
             command = find_program(self.service.command or (), env, self.service.cwd)
         except StartFailed as error:
