@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from hestia import health
 from hestia.backends.commands import CommandResult, CommandRunner
+from hestia.backends.deferreds import detached
 from hestia.config import ServiceConfig
 from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend
@@ -45,18 +46,6 @@ RECORDED_UP_PROBES = 3
 class StopFailed(Exception):
     """The stop command failed: the machine may still be awake (and costing)."""
 
-
-def _fresh(shared: Deferred[Any]) -> Deferred[None]:
-    """A new Deferred firing when C{shared} does, so a caller's cancel never reaches it."""
-    fresh: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        if not fresh.called:
-            fresh.callback(None)
-        return result
-
-    shared.addBoth(fire)
-    return fresh
 
 
 @implementer(IPersistentBackend, IAdoptableBackend, IReconfigurableBackend)
@@ -255,7 +244,7 @@ class MachineBackend:
                 self._recall = succeed(None)
             else:
                 self._recall = self._store.load_services().addCallbacks(self._apply_record, self._recall_failed)
-        return _fresh(self._recall)
+        return detached(self._recall)
 
     def _apply_record(self, records: dict[str, Any]) -> None:
         record = records.get(self.service.name) or {}

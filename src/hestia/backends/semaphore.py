@@ -33,6 +33,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
 
 from hestia import health
+from hestia.backends.deferreds import detached
 from hestia.config import ServiceConfig
 from hestia.errors import GatewayError, StartFailed, StartTimedOut
 from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
@@ -55,18 +56,6 @@ STOP_START_TASK_TIMEOUT = 60.0
 class StopFailed(Exception):
     """The stop task did not end with C{success}: the machine may still run."""
 
-
-def _fresh(shared: Deferred[Any]) -> Deferred[None]:
-    """A new Deferred firing when C{shared} does, so a caller's cancel never reaches it."""
-    fresh: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        if not fresh.called:
-            fresh.callback(None)
-        return result
-
-    shared.addBoth(fire)
-    return fresh
 
 
 @implementer(IPersistentBackend, IReconfigurableBackend)
@@ -180,7 +169,7 @@ class SemaphoreBackend:
                 self._recall = succeed(None)
             else:
                 self._recall = self._store.load_services().addCallbacks(self._apply_record, self._recall_failed)
-        return _fresh(self._recall)
+        return detached(self._recall)
 
     def _apply_record(self, records: dict[str, Any]) -> None:
         record = records.get(self.service.name)
