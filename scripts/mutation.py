@@ -48,6 +48,10 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
     "hestia.lifecycle.xǁServiceLifecycleǁ_abandon_start": [
         ("self._generation += 2", "a generation only has to differ from the abandoned one")],
+    "hestia.admission.xǁAdmissionǁ_cancelled": [
+        ("pop(deferred, )", "a waiter leaves the queue only by firing, and a fired Deferred's canceller is never called")],
+    "hestia.admission.xǁ_Turnǁ__init__": [
+        ("self.deferred = None", "the Deferred is the queue's key; nothing reads the turn's copy")],
     "hestia.queue.xǁWaitQueueǁ_timed_out": [
         ("pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires")],
     "hestia.headers.x_headers_for_backend": [
