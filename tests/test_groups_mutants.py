@@ -171,3 +171,16 @@ def test_every_instance_of_a_dependent_waits_for_its_dependency() -> None:
     gw.up("db")
     gw.up("pool.0")
     assert got[0].url == "http://p:1"
+
+
+def test_a_holder_yielding_its_group_is_logged_naming_who_gets_it() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    gw = group_gw(min_residency=0)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.start())
+    outcome(b.acquire(None))
+    with capturedLogs() as captured:
+        gw.up("a")
+        gw.clock.advance(0)
+    assert "a yields exclusive group gpu to b" in [formatEvent(event) for event in captured]
