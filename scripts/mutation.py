@@ -64,6 +64,12 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ('"site", )', "every channel without limits of its own (an HTTP/2 stream) has a site")],
     "hestia.guard.x_raise_open_file_limit": [
         ("soft <= hard", "with soft == hard, setting (hard, hard) changes nothing")],
+    "hestia.guard.xǁGuardedChannelǁallHeadersReceived": [
+        ("isinstance(site, GuardedSite)) or True", "a GuardedChannel is made only by GuardedSite.protocol: its site is one")],
+    "hestia.guard.xǁGuardedRequestǁparseCookies": [('b"HOST"', CASE)],
+    "hestia.lifecycle.xǁServiceLifecycleǁ_start_abandoned": [
+        ("failure: log.failure(\"stopping {service}\", service=",
+         "stop()'s Deferred never fails (a failed stop is the FAILED state), so this errback never runs")],
     "hestia.guard.xǁGuardedRequestǁprocess": [
         ("APPLICATION/JSON", "media types are case-insensitive (RFC 9110, 8.3.1)")],
     "hestia.proxy.x__client_headers": [('b"CONNECTION"', CASE)],
@@ -73,6 +79,7 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE),
         ("deliverBody(None)", "unreachable: a gone client's backend request is cancelled first, and a cancelled "
                               "Deferred drops the response that comes later")],
+    "hestia.proxy.xǁExchangeǁ__init__": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.proxy.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],

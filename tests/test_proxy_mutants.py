@@ -423,3 +423,38 @@ def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
     harness.gateway.proxy_resource("web").render(request)
     harness.settle()
     assert sent and sent[0].getRawHeaders(b"x-forwarded-for") == [b"unix"]
+
+
+# -- second round (issue 21): a monitor's request, the request id on a 504 --------------------------
+
+
+def test_a_monitor_of_a_ready_service_is_proxied_with_the_prefix_and_its_request_id() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "passive": {"paths": ["/healthz"]}}})
+    response = harness.result(harness.request("GET", "/services/web/healthz", headers={"X-Request-ID": "req-7"}))
+    assert response.code == 200
+    echoed = harness.json(response)
+    headers = {name.lower(): values for name, values in echoed["headers"]}
+    assert echoed["uri"] == "/healthz"
+    assert headers["x-forwarded-prefix"] == ["/services/web"] and headers["x-request-id"] == ["req-7"]
+    assert response.headers.getRawHeaders("x-request-id") == ["req-7"]
+
+
+def test_a_monitor_of_a_stopped_service_is_answered_without_starting_it() -> None:
+    harness = Harness({"app": {"url": "http://backend:8000", "command": ["serve"], "passive": {"paths": ["/healthz"]}}})
+    response = harness.result(harness.request("GET", "/services/app/healthz"))
+    assert harness.fakes["app"].starts == []
+    assert response.code == 200 and response.headers.getRawHeaders("x-hestia-state") == ["stopped"]
+    assert harness.json(response) == {"service": "app", "state": "stopped"}
+
+
+def test_a_response_timeout_504_carries_the_clients_request_id() -> None:
+    from test_admission import Harness as AdmissionHarness
+    from test_admission import SilentAgent
+
+    silent = SilentAgent()
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_timeout": 5}, agent=lambda traversal: silent)
+    hung = harness.get("/hung", headers={"X-Request-ID": "req-504"})
+    harness.settle()
+    harness.reactor.advance(5)
+    response = harness.result(hung)
+    assert response.code == 504 and response.headers.getRawHeaders("x-request-id") == ["req-504"]
