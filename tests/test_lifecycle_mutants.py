@@ -702,3 +702,13 @@ def test_retire_gives_up_waiting_after_stop_timeout_and_logs_the_requests_left()
         clock.advance(3)
     assert "svc: 1 requests still in flight after stop_timeout 3s" in logged(captured)
     assert lifecycle.state is State.STOPPING and events[-1].reason == "removed"
+
+
+def test_retiring_a_starting_service_fails_its_waiters_naming_the_service() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    lifecycle.retire()
+    assert waiting[0].check(ServiceUnavailable)
+    assert waiting[0].value.service == "svc" and "removed from the configuration" in str(waiting[0].value)
