@@ -82,6 +82,8 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy.xǁExchangeǁ__init__": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.proxy.xǁExchangeǁ_send": [
         ('self._pending = ""', "reassigned below before anything reads it, or the client is gone and nothing will")],
+    "hestia.proxy.xǁServiceProxyResourceǁ__init__": [
+        ("        None,", "ReverseProxyResource's host is never read: render and getChild are Hestia's own")],
     "hestia.proxy.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],

@@ -184,3 +184,25 @@ def test_a_holder_yielding_its_group_is_logged_naming_who_gets_it() -> None:
         gw.up("a")
         gw.clock.advance(0)
     assert "a yields exclusive group gpu to b" in [formatEvent(event) for event in captured]
+
+
+def test_a_bad_group_name_says_what_a_name_may_be() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"groups": {"Big GPU": {}}}, "t.yml", {})
+    assert caught.value.key == "groups.Big GPU"
+    assert "group names must match [a-z0-9][a-z0-9_-]*" in str(caught.value)
+
+
+def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely() -> None:
+    gw = group_gw(min_residency=100)
+    a = gw.gateway.lifecycle("a")
+    outcome(a.acquire(None))
+    gw.up("a")
+    plain = {name: {k: v for k, v in member(name).items() if k != "group"} for name in ("a", "b")}
+    gw.gateway.apply(parse_config({"services": plain}, "t.yml", {}))
+    gw.clock.advance(0)
+    b = gw.gateway.lifecycle("b")
+    got = outcome(b.acquire(None))
+    assert b.state is State.STARTING and a.state is State.READY  # no group: nobody yields
+    gw.up("b")
+    assert got[0].url == "http://b:1"

@@ -529,3 +529,19 @@ def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
         harness.reactor.advance(0.05)
     assert answer and answer[0].code == 502
     assert harness.reactor.seconds() - began < 3  # refused_for (1 s), not the 30 s of queue_timeout
+
+
+def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() -> None:
+    from hestia.config import parse_config
+
+    harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
+    resource = harness.gateway.proxy_resource("web")  # found before the reload removed it
+    harness.gateway.apply(parse_config({"services": {"other": {"url": "http://backend:8001"}}}, "t.yml", {}))
+    harness.settle()
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"GET"
+    request.requestHeaders.setRawHeaders(b"x-request-id", [b"req-gone"])
+    assert resource.render(request) is NOT_DONE_YET
+    assert request.responseCode == 404
+    assert json.loads(b"".join(request.written)) == {"error": "no such service", "service": "web"}
+    assert request.responseHeaders.getRawHeaders(b"x-request-id") == [b"req-gone"]
