@@ -68,6 +68,11 @@ def test_the_group_status_names_the_holder_and_who_waits() -> None:
     assert a.state is State.READY
     gw.clock.advance(1.1)
     assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert b.status()["group"]["yielding"] is True
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    group = b.status()["group"]
+    assert group["holder"] == "b" and group["yielding"] is False and group["waiting"] == []
 
 
 def test_a_held_request_counts_in_the_members_queue_and_is_bounded() -> None:
@@ -190,7 +195,7 @@ def test_a_bad_group_name_says_what_a_name_may_be() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"groups": {"Big GPU": {}}}, "t.yml", {})
     assert caught.value.key == "groups.Big GPU"
-    assert "group names must match [a-z0-9][a-z0-9_-]*" in str(caught.value)
+    assert str(caught.value) == "t.yml: groups.Big GPU: group names must match [a-z0-9][a-z0-9_-]*"
 
 
 def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely() -> None:
