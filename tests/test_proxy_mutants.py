@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
@@ -545,3 +545,13 @@ def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() ->
     assert request.responseCode == 404
     assert json.loads(b"".join(request.written)) == {"error": "no such service", "service": "web"}
     assert request.responseHeaders.getRawHeaders(b"x-request-id") == [b"req-gone"]
+
+
+def test_a_connect_failure_wrapped_in_response_never_received_is_retried_then_502() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
+    agent = FailingAgent(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
+    harness.gateway.agent = agent
+    response = after_retries(harness, harness.request("GET", "/services/web/x"))
+    assert response.code == 502
+    assert harness.json(response)["error"] == "backend unreachable: connection refused"
+    assert agent.calls > 1  # the request never reached the backend: trying again is safe
