@@ -712,3 +712,55 @@ def test_retiring_a_starting_service_fails_its_waiters_naming_the_service() -> N
     lifecycle.retire()
     assert waiting[0].check(ServiceUnavailable)
     assert waiting[0].value.service == "svc" and "removed from the configuration" in str(waiting[0].value)
+
+
+# -- third round (issue 21): the survivors of the seed-11 sample -------------------------------------
+
+
+def test_a_state_change_is_logged_as_a_structured_event_with_its_error() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make()
+    with capturedLogs() as captured:
+        fail_one_start(lifecycle, backend)
+    changes = [event for event in captured if event.get("event") == "state_change"]
+    failed = [event for event in changes if event["new"] == "failed"]
+    assert failed and failed[0]["service"] == "svc" and "exit status 1" in failed[0]["error"]
+    assert changes[0]["old"] == "stopped" and changes[0]["new"] == "starting" and changes[0]["error"] is None
+
+
+def test_a_restart_after_shutdown_is_refused_naming_the_service() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, backend, clock, _ = make()
+    lifecycle.shutdown()
+    refused = outcome(lifecycle.restart())
+    assert refused[0].check(ServiceUnavailable) and refused[0].value.service == "svc"
+
+
+def test_a_fresh_service_shows_no_cooldown() -> None:
+    lifecycle, _, _, _ = make()
+    assert lifecycle.status()["cooldown_until"] is None
+
+
+def test_yielding_a_ready_service_without_an_idle_timer_stops_it() -> None:
+    lifecycle, backend, clock, events = make(idle_timeout=0)
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    first[0].release()
+    stopped = outcome(lifecycle.yield_when_drained("gpu"))
+    assert lifecycle.state is State.STOPPING and events[-1].reason == "gpu"
+    backend.finish_stop()
+    assert stopped == [None]
+
+
+def test_requests_arriving_during_a_stop_start_it_again_as_requests() -> None:
+    lifecycle, backend, clock, events = make()
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    first[0].release()
+    lifecycle.stop("api")
+    waiting = outcome(lifecycle.acquire())
+    assert lifecycle.state is State.STOPPING and waiting == []
+    backend.finish_stop()
+    assert lifecycle.state is State.STARTING and lifecycle.state_reason == "request"

@@ -334,3 +334,24 @@ def test_a_strategy_that_chooses_no_instance_is_a_start_failure_naming_the_servi
     got = outcome(route.acquire(None))
     assert got[0].check(StartFailed)
     assert got[0].value.service == "pool" and "chose no instance" in str(got[0].value)
+
+
+def test_an_instance_may_cost_nothing() -> None:
+    # The range is 0..MAX_COST: a free instance (a machine already paid for) is valid, no ConfigError.
+    parse_config({"services": {"a": {"instances": [{"url": "http://a:1", "cost": 0},
+                                                   {"url": "http://b:1", "cost": 0.5}]}}}, "t.yml", {})
+
+
+def test_the_anthropic_model_list_has_anthropics_shape() -> None:
+    harness = model_harness()
+    response = harness.result(harness.request("GET", "/services/ai/v1/models",
+                                              headers={"anthropic-version": "2023-06-01"}))
+    listed = harness.json(response)
+    assert listed["data"][0] == {"type": "model", "id": "llama3:latest", "display_name": "llama3:latest",
+                                 "created_at": "1970-01-01T00:00:00Z"}
+    assert harness.fakes["llama"].starts == []
+
+
+def test_a_multi_instance_route_status_is_named() -> None:
+    gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
+    assert gw.gateway.lifecycle("web").status()["name"] == "web"
