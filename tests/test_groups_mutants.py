@@ -68,6 +68,11 @@ def test_the_group_status_names_the_holder_and_who_waits() -> None:
     assert a.state is State.READY
     gw.clock.advance(1.1)
     assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert b.status()["group"]["yielding"] is True
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    group = b.status()["group"]
+    assert group["holder"] == "b" and group["yielding"] is False and group["waiting"] == []
 
 
 def test_a_held_request_counts_in_the_members_queue_and_is_bounded() -> None:
@@ -171,3 +176,38 @@ def test_every_instance_of_a_dependent_waits_for_its_dependency() -> None:
     gw.up("db")
     gw.up("pool.0")
     assert got[0].url == "http://p:1"
+
+
+def test_a_holder_yielding_its_group_is_logged_naming_who_gets_it() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    gw = group_gw(min_residency=0)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.start())
+    outcome(b.acquire(None))
+    with capturedLogs() as captured:
+        gw.up("a")
+        gw.clock.advance(0)
+    assert "a yields exclusive group gpu to b" in [formatEvent(event) for event in captured]
+
+
+def test_a_bad_group_name_says_what_a_name_may_be() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"groups": {"Big GPU": {}}}, "t.yml", {})
+    assert caught.value.key == "groups.Big GPU"
+    assert str(caught.value) == "t.yml: groups.Big GPU: group names must match [a-z0-9][a-z0-9_-]*"
+
+
+def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely() -> None:
+    gw = group_gw(min_residency=100)
+    a = gw.gateway.lifecycle("a")
+    outcome(a.acquire(None))
+    gw.up("a")
+    plain = {name: {k: v for k, v in member(name).items() if k != "group"} for name in ("a", "b")}
+    gw.gateway.apply(parse_config({"services": plain}, "t.yml", {}))
+    gw.clock.advance(0)
+    b = gw.gateway.lifecycle("b")
+    got = outcome(b.acquire(None))
+    assert b.state is State.STARTING and a.state is State.READY  # no group: nobody yields
+    gw.up("b")
+    assert got[0].url == "http://b:1"

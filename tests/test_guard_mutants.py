@@ -373,3 +373,116 @@ def test_a_request_without_host_or_with_two_is_refused_on_the_wire() -> None:
     assert two.status() == 400 and two.closed
     assert refusal(b"GET", b"/\xc3\xa9")[0] == 400  # type: ignore[index]
     assert "visible ASCII" in refusal(b"GET", b"/a b")[1]  # type: ignore[index]
+
+
+# -- second round (issue 21): a resource refusing from the head, over HTTP/1.1 and HTTP/2 ---------
+
+
+class _Denied:
+    """What a head check answers (the shape IHeadCheck's check_head returns)."""
+
+    def __init__(self, status: int, reason: str, service: str | None, retry_after: float | None) -> None:
+        self.status, self.reason, self.service, self.retry_after = status, reason, service, retry_after
+
+
+def head_checked_tree(status: int, retry_after: float | None) -> tuple[Resource, Recorder]:
+    """A root whose child /limited refuses every request from its head alone."""
+    from zope.interface import implementer
+
+    from hestia.interfaces import IHeadCheck
+
+    @implementer(IHeadCheck)
+    class Limited(Recorder):
+        def check_head(self, request: Any) -> _Denied:
+            return _Denied(status, "not you", "app", retry_after)
+
+    root = Resource()
+    limited = Limited()
+    root.putChild(b"limited", limited)
+    return root, limited
+
+
+def test_a_head_refusal_over_http11_carries_the_service_the_challenge_and_retry_after() -> None:
+    connection = Connection()
+    root, limited = head_checked_tree(401, 2.6)
+    connection.site.resource = root
+    connection.send(b"POST /limited?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello")
+    assert connection.status() == 401 and connection.closed and limited.bodies == []
+    head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert b'WWW-Authenticate: Bearer realm="hestia"' in lines and b"Retry-After: 3" in lines
+    assert json.loads(body) == {"error": "not you", "service": "app", "state": None, "retry_after": 3}
+
+
+def test_exactly_max_headers_then_a_malformed_line_is_a_400_not_a_431() -> None:
+    connection = Connection(Limits(max_header_size=1 << 20))
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(500))
+    connection.send(b"GET / HTTP/1.1\r\nHost: gw\r\n" + many[: -len(b"X-499: v\r\n")] + b"no colon here\r\n\r\n")
+    assert connection.status() == 400 and connection.error()["error"] == "malformed request"
+    over = Connection(Limits(max_header_size=1 << 20))
+    over.send(b"GET / HTTP/1.1\r\nHost: gw\r\n" + many + b"\r\n")
+    assert over.status() == 431 and over.error()["error"] == "more than 500 header fields"
+
+
+def h2_stream(root: Resource, limits: Limits, headers: dict[bytes, bytes], method: bytes = b"POST",
+              uri: bytes = b"/limited?x=1") -> tuple[GuardedRequest, Any, Clock]:
+    """A GuardedRequest as Twisted's H2Stream makes it: the head is in, no DATA yet."""
+    clock = Clock()
+    channel = DummyChannel()
+    channel.site = GuardedSite(root, limits)
+    channel.site.reactor = clock
+    channel.command, channel.path = method, uri
+    request = GuardedRequest(channel)
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    request.parseCookies()
+    return request, channel, clock
+
+
+def answered(request: GuardedRequest, channel: Any) -> tuple[Any, Any]:
+    request.method, request.uri, request.clientproto = channel.command, channel.path, b"HTTP/2"
+    request.process()
+    body = channel.transport.written.getvalue().partition(b"\r\n\r\n")[2]
+    return request.responseHeaders, json.loads(body)
+
+
+def test_a_head_refusal_over_http2_is_answered_with_retry_after_and_no_100_continue() -> None:
+    root, limited = head_checked_tree(429, 0.2)
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5",
+                                                     b"expect": b"100-continue"})
+    assert not request.requestHeaders.hasHeader(b"expect")
+    request.handleContentChunk(b"hello")
+    headers, document = answered(request, channel)
+    assert request.code == 429 and limited.bodies == []
+    assert document == {"error": "not you", "service": "app", "state": None, "retry_after": 1}
+    assert headers.getRawHeaders(b"retry-after") == [b"1"] and not headers.hasHeader(b"www-authenticate")
+    assert headers.getRawHeaders(b"content-length") == [str(len(channel.transport.written.getvalue().partition(
+        b"\r\n\r\n")[2])).encode()]
+
+
+def test_a_401_over_http2_is_challenged() -> None:
+    root, _ = head_checked_tree(401, None)
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5"})
+    headers, document = answered(request, channel)
+    assert request.code == 401 and headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="hestia"']
+    assert "retry_after" not in document and not headers.hasHeader(b"retry-after")
+
+
+def test_an_http2_body_has_its_deadline_pushed_back_by_what_arrives() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    root = Resource()
+    root.putChild(b"limited", Recorder())
+    request, channel, clock = h2_stream(root, Limits(body_timeout=10, body_min_rate=1000),
+                                        {b"host": b"gw", b"content-length": b"5000"})
+    aborted: list[bool] = []
+    channel.abortConnection = lambda: aborted.append(True)
+    request.gotLength(5000)
+    request.handleContentChunk(b"x" * 5000)  # 5 s more at 1000 bytes/s
+    clock.advance(14.9)
+    assert aborted == []
+    with capturedLogs() as captured:
+        clock.advance(0.2)
+    assert aborted == [True]
+    assert ("reset an HTTP/2 stream whose body was not received in time (body_timeout 10s)"
+            in [formatEvent(event) for event in captured])

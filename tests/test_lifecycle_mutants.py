@@ -563,3 +563,204 @@ def test_a_probe_error_fails_the_start() -> None:
     clock.advance(0.01)
     backend.probes[-1].errback(StartFailed("probe broke"))
     assert waiting[0].value.reason == "probe broke" and lifecycle.state is State.FAILED
+
+
+# -- second round (issue 21): observers, gates, reload's new backend, retire, what is logged ----------
+
+
+def logged(events: list[dict[str, Any]]) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(event) for event in events]
+
+
+def test_idle_observers_are_told_which_service_went_idle() -> None:
+    lifecycle, backend, clock, _ = make()
+    seen: list[Any] = []
+    lifecycle.idle_observers.append(seen.append)
+    waiting = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    waiting[0].release()
+    assert seen == [lifecycle]
+
+
+def test_a_memory_gate_is_passed_after_the_start_gate_then_the_service_launches() -> None:
+    lifecycle, backend, clock, _ = make()
+    order: list[str] = []
+    start_gate: Deferred[None] = Deferred()
+    memory_gate: Deferred[None] = Deferred()
+
+    def through_start(route: Any) -> Deferred[None]:
+        order.append("start")
+        return start_gate
+
+    def through_memory(route: Any) -> Deferred[None]:
+        assert route is lifecycle
+        order.append("memory")
+        return memory_gate
+
+    lifecycle.start_gate = through_start
+    lifecycle.memory_gate = through_memory
+    waiting = outcome(lifecycle.acquire())
+    assert order == ["start"] and backend.starts == []
+    start_gate.callback(None)
+    assert order == ["start", "memory"] and backend.starts == []
+    memory_gate.callback(None)
+    assert len(backend.starts) == 1
+    become_ready(lifecycle, backend, clock)
+    assert len(waiting) == 1 and not isinstance(waiting[0], Failure)
+
+
+def test_an_observer_that_raises_is_logged_with_the_service_and_the_others_still_hear() -> None:
+    from twisted.logger import capturedLogs
+
+    def broken(change: StateChange) -> None:
+        raise RuntimeError("observer bug")
+
+    config = parse_config({"services": {"svc": {"url": "http://127.0.0.1:9", "command": ["true"]}}},
+                          "test.yml", environ={})
+    events: list[StateChange] = []
+    lifecycle = ServiceLifecycle(config.services["svc"], FakeBackend(), Clock(), [broken, events.append])
+    with capturedLogs() as captured:
+        lifecycle.acquire()
+    assert events and events[0].new is State.STARTING
+    messages = logged(captured)
+    assert "observer failed on svc" in messages
+    assert any(event.get("log_failure") is not None and event["log_failure"].check(RuntimeError)
+               for event in captured)
+
+
+def test_an_abandoned_start_is_stopped_and_said_so_in_the_log() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make(cancel_abandoned_start=True)
+    waiting = lifecycle.acquire()
+    with capturedLogs() as captured:
+        waiting.cancel()
+    assert "svc: every request waiting for the start left: stopping it" in logged(captured)
+    assert lifecycle.state is State.STOPPING and len(backend.stops) == 1
+
+
+def reloaded(lifecycle: ServiceLifecycle, **overrides: Any) -> Any:
+    service = {
+        "url": "http://127.0.0.1:9", "command": ["true"], "idle_timeout": 60, "start_timeout": 0,
+        "queue_limit": 5, "queue_timeout": 0, "stop_timeout": 3, **overrides,
+    }
+    return parse_config({"services": {"svc": service}}, "test.yml", environ={}).services["svc"]
+
+
+def test_a_reload_that_changes_how_it_runs_builds_the_next_backend_and_logs_the_changes() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make()
+    built: list[FakeBackend] = []
+
+    def build(config: Any) -> FakeBackend:
+        fresh = FakeBackend()
+        built.append(fresh)
+        return fresh
+
+    lifecycle.build_backend = build
+    lifecycle.reconfigure(reloaded(lifecycle, command=["serve", "b"]))
+    assert lifecycle.status()["pending_changes"] == ["command"]
+    with capturedLogs() as captured:
+        lifecycle.acquire()
+    assert len(built) == 1 and lifecycle.backend is built[0]
+    assert built[0].starts and backend.starts == []  # the new run is the new backend's
+    assert "svc: next run with its new settings (command)" in logged(captured)
+    assert lifecycle.status()["pending_changes"] == []
+    built[0].exit("crashed")  # the new backend's exits reach the lifecycle
+    assert lifecycle.state is not State.STARTING
+
+
+def test_retire_after_the_requests_in_flight_stops_with_reason_removed_and_refuses_the_queue() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, backend, clock, events = make()
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    lease = first[0]
+    stopped = outcome(lifecycle.retire())
+    assert lifecycle.state is State.READY and backend.stops == []  # the request in flight finishes first
+    lease.release()
+    assert lifecycle.state is State.STOPPING and events[-1].reason == "removed"
+    backend.finish_stop()
+    assert stopped == [None] and lifecycle.state is State.STOPPED
+    refused = outcome(lifecycle.acquire())
+    assert isinstance(refused[0], Failure) and refused[0].check(ServiceUnavailable)
+
+
+def test_retire_gives_up_waiting_after_stop_timeout_and_logs_the_requests_left() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, events = make(stop_timeout=3)
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    assert first
+    lifecycle.retire()
+    with capturedLogs() as captured:
+        clock.advance(3)
+    assert "svc: 1 requests still in flight after stop_timeout 3s" in logged(captured)
+    assert lifecycle.state is State.STOPPING and events[-1].reason == "removed"
+
+
+def test_retiring_a_starting_service_fails_its_waiters_naming_the_service() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, backend, clock, _ = make()
+    waiting = outcome(lifecycle.acquire())
+    lifecycle.retire()
+    assert waiting[0].check(ServiceUnavailable)
+    assert waiting[0].value.service == "svc" and "removed from the configuration" in str(waiting[0].value)
+
+
+# -- third round (issue 21): the survivors of the seed-11 sample -------------------------------------
+
+
+def test_a_state_change_is_logged_as_a_structured_event_with_its_error() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make()
+    with capturedLogs() as captured:
+        fail_one_start(lifecycle, backend)
+    changes = [event for event in captured if event.get("event") == "state_change"]
+    failed = [event for event in changes if event["new"] == "failed"]
+    assert failed and failed[0]["service"] == "svc" and "exit status 1" in failed[0]["error"]
+    assert changes[0]["old"] == "stopped" and changes[0]["new"] == "starting" and changes[0]["error"] is None
+
+
+def test_a_restart_after_shutdown_is_refused_naming_the_service() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, backend, clock, _ = make()
+    lifecycle.shutdown()
+    refused = outcome(lifecycle.restart())
+    assert refused[0].check(ServiceUnavailable) and refused[0].value.service == "svc"
+
+
+def test_a_fresh_service_shows_no_cooldown() -> None:
+    lifecycle, _, _, _ = make()
+    assert lifecycle.status()["cooldown_until"] is None
+
+
+def test_yielding_a_ready_service_without_an_idle_timer_stops_it() -> None:
+    lifecycle, backend, clock, events = make(idle_timeout=0)
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    first[0].release()
+    stopped = outcome(lifecycle.yield_when_drained("gpu"))
+    assert lifecycle.state is State.STOPPING and events[-1].reason == "gpu"
+    backend.finish_stop()
+    assert stopped == [None]
+
+
+def test_requests_arriving_during_a_stop_start_it_again_as_requests() -> None:
+    lifecycle, backend, clock, events = make()
+    first = outcome(lifecycle.acquire())
+    become_ready(lifecycle, backend, clock)
+    first[0].release()
+    lifecycle.stop("api")
+    waiting = outcome(lifecycle.acquire())
+    assert lifecycle.state is State.STOPPING and waiting == []
+    backend.finish_stop()
+    assert lifecycle.state is State.STARTING and lifecycle.state_reason == "request"

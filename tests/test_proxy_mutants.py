@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
@@ -423,3 +423,135 @@ def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
     harness.gateway.proxy_resource("web").render(request)
     harness.settle()
     assert sent and sent[0].getRawHeaders(b"x-forwarded-for") == [b"unix"]
+
+
+# -- second round (issue 21): a monitor's request, the request id on a 504 --------------------------
+
+
+def test_a_monitor_of_a_ready_service_is_proxied_with_the_prefix_and_its_request_id() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "passive": {"paths": ["/healthz"]}}})
+    response = harness.result(harness.request("GET", "/services/web/healthz", headers={"X-Request-ID": "req-7"}))
+    assert response.code == 200
+    echoed = harness.json(response)
+    headers = {name.lower(): values for name, values in echoed["headers"]}
+    assert echoed["uri"] == "/healthz"
+    assert headers["x-forwarded-prefix"] == ["/services/web"] and headers["x-request-id"] == ["req-7"]
+    assert response.headers.getRawHeaders("x-request-id") == ["req-7"]
+
+
+def test_a_monitor_of_a_stopped_service_is_answered_without_starting_it() -> None:
+    harness = Harness({"app": {"url": "http://backend:8000", "command": ["serve"], "passive": {"paths": ["/healthz"]}}})
+    response = harness.result(harness.request("GET", "/services/app/healthz"))
+    assert harness.fakes["app"].starts == []
+    assert response.code == 200 and response.headers.getRawHeaders("x-hestia-state") == ["stopped"]
+    assert harness.json(response) == {"service": "app", "state": "stopped"}
+
+
+def test_a_response_timeout_504_carries_the_clients_request_id() -> None:
+    from test_admission import Harness as AdmissionHarness
+    from test_admission import SilentAgent
+
+    silent = SilentAgent()
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_timeout": 5}, agent=lambda traversal: silent)
+    hung = harness.get("/hung", headers={"X-Request-ID": "req-504"})
+    harness.settle()
+    harness.reactor.advance(5)
+    response = harness.result(hung)
+    assert response.code == 504 and response.headers.getRawHeaders("x-request-id") == ["req-504"]
+
+
+def test_a_silent_response_body_is_cut_exactly_at_response_idle_timeout() -> None:
+    from test_admission import Harness as AdmissionHarness
+
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 4})
+    answer = harness.get("/stream")
+    harness.settle()
+    [held] = harness.backend.held
+    held.write(b"first")
+    response = harness.result(answer)
+    body: list[Any] = []
+    response.content().addBoth(body.append)
+    harness.settle()
+    harness.reactor.advance(4)  # exactly the timeout since the last byte (whole seconds: no rounding)
+    harness.settle()
+    assert len(body) == 1 and isinstance(body[0], Failure)
+    body[0].trap(Exception)
+
+
+def test_a_services_output_in_an_error_is_shown_only_where_auth_allows_it() -> None:
+    from test_auth_mutants import Site, auth_config
+    from twisted.internet.task import Clock
+
+    from hestia.auth import Authenticator
+
+    failed = StartFailed("exit status 1", detail=["token=abc"])
+    open_gateway = dummy()
+    write_error(open_gateway, failed)
+    assert json.loads(b"".join(open_gateway.written))["detail"] == ["token=abc"]
+    guarded = dummy()
+    guarded.site = Site(Authenticator(auth_config(), Clock().seconds))  # auth on, no admin token
+    write_error(guarded, failed)
+    document = json.loads(b"".join(guarded.written))
+    assert "detail" not in document and document["error"] == "exit status 1"
+
+
+def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_continue() -> None:
+    from test_auth_mutants import auth_config
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+
+    from hestia.auth import Authenticator
+    from hestia.guard import GuardedSite, Limits
+    from hestia.proxy import GatewayRoot
+
+    harness = Harness({"app": {"url": "http://backend:8000"}})
+    site = GuardedSite(GatewayRoot(harness.gateway, Resource()), Limits())
+    site.authenticator = Authenticator(auth_config(), Clock().seconds)
+    protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"POST /services/app/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
+                          b"Expect: 100-continue\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in head
+    assert json.loads(body)["service"] == "app"
+    protocol.connectionLost(Failure(ConnectionLost()))
+
+
+def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
+    harness.gateway.agent = FailingAgent(ResponseFailed([Failure(ConnectionRefusedError())]))
+    answer: list[Any] = []
+    harness.request("GET", "/services/web/x").addBoth(answer.append)
+    began = harness.reactor.seconds()
+    while not answer and harness.reactor.seconds() - began < 60:
+        harness.settle()
+        harness.reactor.advance(0.05)
+    assert answer and answer[0].code == 502
+    assert harness.reactor.seconds() - began < 3  # refused_for (1 s), not the 30 s of queue_timeout
+
+
+def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() -> None:
+    from hestia.config import parse_config
+
+    harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
+    resource = harness.gateway.proxy_resource("web")  # found before the reload removed it
+    harness.gateway.apply(parse_config({"services": {"other": {"url": "http://backend:8001"}}}, "t.yml", {}))
+    harness.settle()
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"GET"
+    request.requestHeaders.setRawHeaders(b"x-request-id", [b"req-gone"])
+    assert resource.render(request) is NOT_DONE_YET
+    assert request.responseCode == 404
+    assert json.loads(b"".join(request.written)) == {"error": "no such service", "service": "web"}
+    assert request.responseHeaders.getRawHeaders(b"x-request-id") == [b"req-gone"]
+
+
+def test_a_connect_failure_wrapped_in_response_never_received_is_retried_then_502() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
+    agent = FailingAgent(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
+    harness.gateway.agent = agent
+    response = after_retries(harness, harness.request("GET", "/services/web/x"))
+    assert response.code == 502
+    assert harness.json(response)["error"] == "backend unreachable: connection refused"
+    assert agent.calls > 1  # the request never reached the backend: trying again is safe

@@ -6,6 +6,7 @@ proxy harness; configuration errors judged by their key and message.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -293,3 +294,64 @@ def test_a_request_leaving_a_multi_instance_route_leaves_the_instances_queue() -
     waiting.addErrback(lambda _: None)
     waiting.cancel()
     assert len(route.instances[0].queue) == 0
+
+
+# -- second round (issue 21): the exact shapes of the answers a model route gives itself -----------
+
+
+def test_model_lists_have_the_shapes_ollama_and_openai_clients_read() -> None:
+    harness = model_harness()
+    tags = harness.json(harness.result(harness.request("GET", "/services/ai/api/tags")))
+    assert tags["models"][0] == {"name": "llama3:latest", "model": "llama3:latest",
+                                 "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "", "details": {}}
+    models = harness.json(harness.result(harness.request("GET", "/services/ai/v1/models")))
+    assert models["object"] == "list"
+    assert models["data"][2] == {"id": "qwen2.5:7b", "object": "model", "created": 0, "owned_by": "qwen"}
+
+
+def test_an_unknown_model_on_the_anthropic_api_is_one_anthropic_error_and_starts_nothing() -> None:
+    harness = model_harness()
+    response = harness.result(harness.request("POST", "/services/ai/v1/messages", data=b'{"model": "gpt-9"}'))
+    assert response.code == 404
+    body = harness.result(response.content())
+    assert json.loads(body) == {"type": "error", "error": {"type": "not_found_error",
+                                                           "message": "model 'gpt-9' not found"}}
+    assert all(fake.starts == [] for fake in harness.fakes.values())
+
+
+def test_a_strategy_that_chooses_no_instance_is_a_start_failure_naming_the_service() -> None:
+    from hestia.errors import StartFailed
+
+    gw = Gw({"services": {"pool": {"strategy": "failover", "instances": [
+        {"url": "http://p:1", "command": ["p"]}, {"url": "http://q:1", "command": ["q"]}]}}})
+    route = gw.gateway.lifecycle("pool")
+
+    class Nobody:
+        def choose(self, views: Any, request: Any) -> Any:
+            return object()
+
+    route.strategy = Nobody()
+    got = outcome(route.acquire(None))
+    assert got[0].check(StartFailed)
+    assert got[0].value.service == "pool" and "chose no instance" in str(got[0].value)
+
+
+def test_an_instance_may_cost_nothing() -> None:
+    # The range is 0..MAX_COST: a free instance (a machine already paid for) is valid, no ConfigError.
+    parse_config({"services": {"a": {"instances": [{"url": "http://a:1", "cost": 0},
+                                                   {"url": "http://b:1", "cost": 0.5}]}}}, "t.yml", {})
+
+
+def test_the_anthropic_model_list_has_anthropics_shape() -> None:
+    harness = model_harness()
+    response = harness.result(harness.request("GET", "/services/ai/v1/models",
+                                              headers={"anthropic-version": "2023-06-01"}))
+    listed = harness.json(response)
+    assert listed["data"][0] == {"type": "model", "id": "llama3:latest", "display_name": "llama3:latest",
+                                 "created_at": "1970-01-01T00:00:00Z"}
+    assert harness.fakes["llama"].starts == []
+
+
+def test_a_multi_instance_route_status_is_named() -> None:
+    gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
+    assert gw.gateway.lifecycle("web").status()["name"] == "web"
