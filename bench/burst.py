@@ -2,7 +2,7 @@
 Issue 13's benchmark: a crowd held through a cold start, against the same crowd sent directly.
 
 For each backend -- (a) a listen-backlog-5 Python C{ThreadingHTTPServer}
-(C{tests/backlog_backend.py}, what C{python3 -m http.server} is) and (b) nginx
+(C{tests/support/backlog_backend.py}, what C{python3 -m http.server} is) and (b) nginx
 -- and each N in C{--sizes} (50, 200, 1000, 10000):
 
   - B{through Hestia}: the service is stopped; N clients connect to Hestia and
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # bench/run.py: its process supervision and nginx configuration
 
-BACKLOG_BACKEND = run.REPO / "tests" / "backlog_backend.py"
+BACKLOG_BACKEND = run.REPO / "tests" / "support" / "backlog_backend.py"
 START_DELAY = 1.0
 CLIENT_TIMEOUT = 60.0
 
@@ -79,7 +79,7 @@ def python_kind(tmp: Path, port: int) -> Kind:
 
 
 def keepalive_kind(tmp: Path, port: int) -> Kind:
-    """C{tests/backend.py} (HTTP/1.1 keep-alive) as bench/run.py's cold start runs it."""
+    """C{tests/support/backend.py} (HTTP/1.1 keep-alive) as bench/run.py's cold start runs it."""
     stamp = tmp / "ka.stamp"
 
     def listened() -> float | None:
@@ -90,7 +90,7 @@ def keepalive_kind(tmp: Path, port: int) -> Kind:
 
     argv = [run.PYTHON, str(run.STAMPED_BACKEND), "--stamp", str(stamp), "--port", str(port),
             "--start-delay", str(START_DELAY)]
-    return Kind("keepalive", "tests/backend.py (HTTP/1.1)", argv, "/health", listened,
+    return Kind("keepalive", "tests/support/backend.py (HTTP/1.1)", argv, "/health", listened,
                 lambda: stamp.unlink(missing_ok=True))
 
 

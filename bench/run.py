@@ -59,7 +59,7 @@ REPO = BENCH.parent
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 TWISTD = str(VENV_BIN / "twistd") if (VENV_BIN / "twistd").exists() else shutil.which("twistd") or "twistd"
-BACKEND_PY = REPO / "tests" / "backend.py"
+BACKEND_PY = REPO / "tests" / "support" / "backend.py"
 STAMPED_BACKEND = BENCH / "stamped_backend.py"
 STOCK_PROXY = BENCH / "stock_proxy.py"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -1093,7 +1093,7 @@ def report(args: argparse.Namespace, info: dict[str, str], setup: Setup, results
     w("## Server-Sent Events: latency per event (send stamp to receipt)\n")
     w("| target | p50 ms | p99 ms | max ms | events > 5 ms | added p50 ms | added p99 ms |")
     w("|---|---:|---:|---:|---:|---:|---:|")
-    sse_labels = dict(LABELS, direct="backend direct (tests/backend.py)")
+    sse_labels = dict(LABELS, direct="backend direct (tests/support/backend.py)")
     for name in TARGETS:
         s = sse[name]
         if s["error"]:
@@ -1103,7 +1103,7 @@ def report(args: argparse.Namespace, info: dict[str, str], setup: Setup, results
           f"{fmt(ratio_diff(s['p50'], sse['direct']['p50']), 3)} | {fmt(ratio_diff(s['p99'], sse['direct']['p99']), 3)} |")
     w("")
 
-    w(f"## Cold start ({cold['starts']} starts of tests/backend.py --start-delay {COLD_START_DELAY:g})\n")
+    w(f"## Cold start ({cold['starts']} starts of tests/support/backend.py --start-delay {COLD_START_DELAY:g})\n")
     w("Per start: *own* = the backend's interpreter start-up (spawn -> its first line of Python, median of "
       f"{cold['baseline_runs']} direct spawns) + its own first line -> listening (stamped in that start); "
       "*overhead* = time to first byte through Hestia - own.\n")

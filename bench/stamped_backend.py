@@ -1,11 +1,11 @@
 """
-C{tests/backend.py}, plus a stamp file saying when it began and when it listened.
+C{tests/support/backend.py}, plus a stamp file saying when it began and when it listened.
 
 Used by C{bench/run.py} as the command of Hestia's cold-start service::
 
     python bench/stamped_backend.py --stamp FILE --port 8003 --start-delay 0.5
 
-Every argument after C{--stamp FILE} goes to C{tests/backend.py} unchanged.
+Every argument after C{--stamp FILE} goes to C{tests/support/backend.py} unchanged.
 Once the backend listens, C{FILE} holds C{{"pid", "began", "listening"}}:
 C{began} is the wall-clock time this script's first line ran (after the
 interpreter started), C{listening} the time its socket began listening.
@@ -22,7 +22,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 import backend  # type: ignore[import-not-found]  # noqa: E402
 

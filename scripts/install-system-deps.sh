@@ -21,7 +21,7 @@ wanted=(
   "busybox-static|the test images' only binary (no registry is reachable)"
   "docker-compose|runs docker-compose.yml against Podman's Docker API (tests/test_container_image.py)"
   "mmdebstrap|builds the Dockerfile's base image from Debian packages (podman-engine.sh base-image)"
-  "git|tests/wheelhouse.py builds the wheel from the checkout's files"
+  "git|tests/support/wheelhouse.py builds the wheel from the checkout's files"
   "nginx|a real reverse proxy in front of Hestia (proxy tests)"
   "caddy|a second real reverse proxy (proxy tests)"
   "wrk|load generator (bench/)"

@@ -45,14 +45,14 @@ def require(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
-# ---- integration: real Hestia processes (tests/hestiaproc.py) -------- begin ----
+# ---- integration: real Hestia processes (tests/support/hestiaproc.py) -------- begin ----
 # Appended by the integration-test helper; keep this block self-contained.
 
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from hestiaproc import HestiaProcess, processes_marked, reap_leftovers, wait_for  # noqa: E402
+from support.hestiaproc import HestiaProcess, processes_marked, reap_leftovers, wait_for  # noqa: E402
 
 StartHestia = Callable[..., HestiaProcess]
 

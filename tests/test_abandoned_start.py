@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 
 from hestia.config import ConfigError, parse_config

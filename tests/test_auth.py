@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from hestiaproc import BackendSpec, HestiaProcess, reap_leftovers, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
+from support.hestiaproc import BackendSpec, HestiaProcess, reap_leftovers, wait_for
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 

@@ -1,4 +1,4 @@
-"""Checks that tests/backend.py behaves the way the gateway tests assume.
+"""Checks that tests/support/backend.py behaves the way the gateway tests assume.
 
 If the double drifts (a header merged, a stream buffered, a signal mishandled),
 gateway tests would fail or, worse, pass for the wrong reason; these pin it down.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import BackendProcess, pid_alive, port_open, wait_for
+from support.backendproc import BackendProcess, pid_alive, port_open, wait_for
 
 Spawn = Callable[..., BackendProcess]
 

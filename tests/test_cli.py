@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from backendproc import free_port, wait_for
-from hestiaproc import BackendSpec, HestiaProcess, clean_environ, run_to_exit, stop_cleanly
+from support.backendproc import free_port, wait_for
+from support.hestiaproc import BackendSpec, HestiaProcess, clean_environ, run_to_exit, stop_cleanly
 
 from hestia.cli import Exit, human_duration, status_table
 

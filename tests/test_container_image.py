@@ -40,8 +40,8 @@ import httpx
 import pytest
 import yaml
 from conftest import require
-from hestiaproc import free_port, wait_for
-from wheelhouse import REPO, build_wheelhouse
+from support.hestiaproc import free_port, wait_for
+from support.wheelhouse import REPO, build_wheelhouse
 
 pytestmark = pytest.mark.container
 

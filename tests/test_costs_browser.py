@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 from test_ui_browser import ARTIFACTS, browser, until
 
 from hestia.state import migrate

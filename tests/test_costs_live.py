@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import wait_for
 from conftest import StartHestia
-from hestiaproc import VENV_BIN, BackendSpec, clean_environ, reap_leftovers
+from support.backendproc import wait_for
+from support.hestiaproc import VENV_BIN, BackendSpec, clean_environ, reap_leftovers
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from backendproc import free_port
 from conftest import StartHestia, require
-from hestiaproc import clean_environ, wait_for
+from support.backendproc import free_port
+from support.hestiaproc import clean_environ, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_SH = ROOT / "scripts" / "dev.sh"

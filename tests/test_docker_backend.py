@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hestiaproc import HestiaProcess, wait_for
+from support.hestiaproc import HestiaProcess, wait_for
 from test_docker_engine import IMAGE, SANDBOX_HOST_CONFIG, SOCK, free_port, require_engine
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import require
-from hestiaproc import clean_environ
+from support.hestiaproc import clean_environ
 
 import hestia.config as config_module
 import hestia.costs_config as costs_config_module

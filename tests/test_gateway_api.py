@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port, pid_alive, wait_for
-from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
+from support.backendproc import free_port, pid_alive, wait_for
+from support.hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """
 Issue 2, "Must show": unchanged official clients work through Hestia from a cold start.
 
-The C{ollama} service is a real ``tests/backend.py`` (which speaks the Ollama
+The C{ollama} service is a real ``tests/support/backend.py`` (which speaks the Ollama
 API, and OpenAI's under C{/v1}) that Hestia starts on the client's first call.
 """
 
@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port, pid_alive, port_open, wait_for
 from conftest import StartHestia
-from hestiaproc import BackendSpec, clean_environ, run_to_exit
+from support.backendproc import free_port, pid_alive, port_open, wait_for
+from support.hestiaproc import BackendSpec, clean_environ, run_to_exit
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ Issue 2, "Lifecycle behaviour" and the lifecycle errors of "Proxy behaviour".
 
 The tests run a real ``twistd -n hestia`` -- one shared by the module (each
 test adding services of its own, see L{Shared}), or their own when they end it
--- whose services are real ``tests/backend.py`` processes started by Hestia's
+-- whose services are real ``tests/support/backend.py`` processes started by Hestia's
 process backend.  Each start appends a line to a counter file (see
 L{hestiaproc.BackendSpec}), so "how many processes were started" is a fact, not
 a guess.  Time is only ever waited for by polling Hestia's status or the
@@ -27,9 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import pid_alive, port_open, wait_for
 from conftest import StartHestia
-from hestiaproc import (
+from support.backendproc import pid_alive, port_open, wait_for
+from support.hestiaproc import (
     GRACEFUL,
     BackendSpec,
     HestiaProcess,

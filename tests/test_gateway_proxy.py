@@ -2,7 +2,7 @@
 Issue 2, "Proxy behaviour": what crosses a real Hestia, byte for byte.
 
 One real ``twistd -n hestia`` serves the whole module; its ``echo`` service is a
-real ``tests/backend.py`` that Hestia itself starts (cold, on the first request)
+real ``tests/support/backend.py`` that Hestia itself starts (cold, on the first request)
 and never idle-stops, so the tests see exactly what a backend receives and what
 a client gets back.  Raw sockets are used wherever a client library would
 normalise what is being checked (paths, hop-by-hop headers).
@@ -23,15 +23,15 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port, port_open
-from hestiaproc import BackendSpec, HestiaProcess, raw_request, stop_cleanly
+from support.backendproc import free_port, port_open
+from support.hestiaproc import BackendSpec, HestiaProcess, raw_request, stop_cleanly
 
 pytestmark = pytest.mark.integration
 
 
 class RawUpstream:
     """
-    A fixed HTTP/1.1 answer on loopback, for what tests/backend.py cannot send.
+    A fixed HTTP/1.1 answer on loopback, for what tests/support/backend.py cannot send.
 
     Used as a C{static} service to show which response headers Hestia drops.
     """
@@ -157,7 +157,7 @@ def test_path_and_query_reach_the_backend_byte_for_byte(gw: Gateway, rest: bytes
 
 def test_bare_service_path_is_the_backend_root(gw: Gateway) -> None:
     response = raw_request(gw.port, b"GET /services/echo?x=1 HTTP/1.1\r\nHost: gw.test")
-    # tests/backend.py answers 404 for "/" but names the path it received.
+    # tests/support/backend.py answers 404 for "/" but names the path it received.
     assert response.status == 404
     assert response.json() == {"error": "not found", "path": "/"}
 

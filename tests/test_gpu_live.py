@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 Issue 13 (and issue 12, hole 4) against real processes: held requests survive the herd.
 
 The backend is what a new user runs: Python's C{ThreadingHTTPServer} with a
-listen backlog of 5, one connection per request (C{tests/backlog_backend.py}),
+listen backlog of 5, one connection per request (C{tests/support/backlog_backend.py}),
 started by Hestia as a process service.  A crowd held through its cold start
 must all be answered 200; so must a warm burst of new client connections.  A
 backend that takes a request and never answers gets a 504 at
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import free_port
-from hestiaproc import HestiaProcess, stop_cleanly
+from support.backendproc import free_port
+from support.hestiaproc import HestiaProcess, stop_cleanly
 
-BACKLOG_BACKEND = Path(__file__).with_name("backlog_backend.py")
+BACKLOG_BACKEND = Path(__file__).parent / "support" / "backlog_backend.py"
 
 
 def raise_open_files(wanted: int) -> None:

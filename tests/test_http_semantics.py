@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import free_port
-from hestiaproc import HestiaProcess, backend_command
+from support.backendproc import free_port
+from support.hestiaproc import HestiaProcess, backend_command
 
 pytestmark = pytest.mark.integration
 

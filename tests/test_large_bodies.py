@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port
-from hestiaproc import backend_command
+from support.backendproc import free_port
+from support.hestiaproc import backend_command
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from backendproc import free_port
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.backendproc import free_port
+from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 

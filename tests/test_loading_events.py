@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 
 from hestia.config import ConfigError, parse_config
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hestiaproc import BackendSpec, HestiaProcess, read_request_log, wait_for
+from support.hestiaproc import BackendSpec, HestiaProcess, read_request_log, wait_for
 from test_metrics import START_DELAY, Traffic, traffic  # noqa: F401  (the module fixture, shared)
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel

@@ -3,7 +3,7 @@ Issue 5, "Metrics": C{/v1/metrics} of a real ``twistd -n hestia`` after known tr
 
 One gateway for the module, run with C{--log-format json} (its log is checked
 by C{test_logging.py}'s twin tests below and in that module), and real
-C{tests/backend.py} processes:
+C{tests/support/backend.py} processes:
 
   - C{echo} starts in 1 s (slow enough to queue requests on a busy machine) with a queue of 2: two requests are held during
     its cold start, a third is refused (503 queue full); two more are served
@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port
 from conftest import IN_CI, require
-from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 from prometheus_client.parser import text_string_to_metric_families
+from support.backendproc import free_port
+from support.hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 
 START_DELAY = 1.0
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
+from support.hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "docs" / "openapi.yaml"

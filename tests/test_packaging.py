@@ -20,8 +20,8 @@ import httpx
 import pytest
 import yaml
 from conftest import StartHestia
-from hestiaproc import VENV_BIN, free_port, wait_for
-from wheelhouse import REPO, build_wheelhouse, fresh_venv, wheel_files
+from support.hestiaproc import VENV_BIN, free_port, wait_for
+from support.wheelhouse import REPO, build_wheelhouse, fresh_venv, wheel_files
 
 from hestia import __version__
 

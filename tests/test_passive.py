@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import StartHestia
-from hestiaproc import BackendSpec
+from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 

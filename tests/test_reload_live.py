@@ -1,7 +1,7 @@
 """
 Issue 19, live: a reload restarts only what must restart.
 
-A real C{twistd hestia}, real backends (tests/backend.py) and, for a remote
+A real C{twistd hestia}, real backends (tests/support/backend.py) and, for a remote
 machine, the Semaphore UI double: a changed timeout keeps the running process;
 a changed command waits for an explicit restart, under load, without a failed
 request; a removed service finishes its stream first; a semaphore VM is not
@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import pid_alive, wait_for
 from conftest import StartHestia
-from hestiaproc import VENV_BIN, BackendSpec, HestiaProcess, clean_environ
+from support.backendproc import pid_alive, wait_for
+from support.hestiaproc import VENV_BIN, BackendSpec, HestiaProcess, clean_environ
 
 # The Semaphore double and its helpers, shared with the backend's own tests; the browser of the UI's.
 from test_semaphore_backend import SLOW_START, START, STOP, alive_vms, config, double, gateways, run, tasks_of

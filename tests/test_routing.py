@@ -25,7 +25,7 @@ import ollama
 import openai
 import pytest
 from conftest import StartHestia, require
-from hestiaproc import BackendSpec, free_port, read_request_log
+from support.hestiaproc import BackendSpec, free_port, read_request_log
 
 pytestmark = pytest.mark.integration
 

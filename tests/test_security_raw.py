@@ -5,11 +5,11 @@ the test backend behind it receiving nothing.
 One gateway serves the module, with small limits so that the tests are quick:
 C{max_body_size: 1m}, C{max_header_size: 8k}, C{header_timeout: 1s},
 C{connection_idle_timeout: 2s}.  Its C{echo} service is a real
-C{tests/backend.py} whose C{--request-log} shows what got through.  Those tests
+C{tests/support/backend.py} whose C{--request-log} shows what got through.  Those tests
 are marked C{integration}.
 
 Issue 12 adds a Hypothesis property (marked C{unit}) that drives raw request
-bytes through the daemon's own site in memory (tests/inmemory.py): whatever the
+bytes through the daemon's own site in memory (tests/support/inmemory.py): whatever the
 bytes, Hestia never answers 5xx of its own nor logs a traceback, never opens a
 tunnel without a backend C{101}, and a request reaches a backend only if it is
 well-formed, inside one service's prefix and authorised.
@@ -27,10 +27,10 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, RawResponse, raw_request, reap_leftovers, wait_for
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-from inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia
+from support.hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, RawResponse, raw_request, reap_leftovers, wait_for
+from support.inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia
 from twisted.logger import globalLogPublisher
 
 from hestia.config import SERVICE_NAME

@@ -1,7 +1,7 @@
 """
 The C{semaphore} backend, end to end: a real C{twistd hestia} gateway, the
-Semaphore UI double (tests/semaphore_double.py) as a subprocess whose start
-template really starts a C{tests/backend.py} "VM", and real HTTP through the
+Semaphore UI double (tests/support/semaphore_double.py) as a subprocess whose start
+template really starts a C{tests/support/backend.py} "VM", and real HTTP through the
 proxy.  Every test ends by checking that the double saw no protocol violation
 and that the API token appeared nowhere: not in the gateway's log, not in
 C{/v1}, not in an error body.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
+from support.hestiaproc import HestiaProcess, free_port, wait_for
+from support.semaphore_double import DoubleProcess
 from twisted.internet.task import Clock
 
 from hestia.config import ConfigError, parse_config
@@ -30,13 +31,9 @@ from hestia.lifecycle import ServiceLifecycle, State
 from hestia.semaphore import Secret, SemaphoreService, clean_lines, find_hestia_url
 from hestia.testing import FakeBackend
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hestiaproc import HestiaProcess, free_port, wait_for  # noqa: E402
-from semaphore_double import DoubleProcess  # noqa: E402
-
 TOKEN = "s3cr3t-semaphore-token-4f9c1d"
 START, STOP, HANG_WAITING, ERROR, HANG_RUNNING, SLOW_START, SLOW_STOP = 1, 2, 3, 4, 5, 6, 7
-VM = ["python", "tests/backend.py", "--port", "{port}", "--name", "{hestia_service}"]
+VM = ["python", "tests/support/backend.py", "--port", "{port}", "--name", "{hestia_service}"]
 SCENARIO: dict[str, Any] = {
     "queue_interval_seconds": 0.05,
     "templates": {

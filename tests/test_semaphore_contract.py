@@ -1,5 +1,5 @@
 """
-The Semaphore contract in the repository (tests/semaphore_contract.yml).
+The Semaphore contract in the repository (tests/support/semaphore_contract.yml).
 
 The double validates against that file, so a fresh clone needs nothing outside the
 repository.  Where Semaphore's own api-docs.yml is at hand (beside the repository, as
@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-from semaphore_contract import CONTRACT_PATH, NOTES, PATHS, extract, load, main, spec_part
-from semaphore_double import DEFAULT_SPEC_PATH, SemaphoreDouble, load_spec
+from support.semaphore_contract import CONTRACT_PATH, NOTES, PATHS, extract, load, main, spec_part
+from support.semaphore_double import DEFAULT_SPEC_PATH, SemaphoreDouble, load_spec
 
 pytestmark = [pytest.mark.semaphore, pytest.mark.contract]
 
@@ -51,13 +51,13 @@ if SEMAPHORE_API_DOCS.is_file():
     def test_the_contract_agrees_with_semaphores_own_api_docs() -> None:
         expected = extract(load(SEMAPHORE_API_DOCS))
         assert spec_part(load(CONTRACT_PATH)) == expected, (
-            f"tests/semaphore_contract.yml differs from {SEMAPHORE_API_DOCS}: "
-            f"run python tests/semaphore_contract.py {SEMAPHORE_API_DOCS} and review the diff"
+            f"tests/support/semaphore_contract.yml differs from {SEMAPHORE_API_DOCS}: "
+            f"run python tests/support/semaphore_contract.py {SEMAPHORE_API_DOCS} and review the diff"
         )
 
 
 def test_the_regenerator_refuses_a_missing_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # `python tests/semaphore_contract.py PATH` (DEV_ENVIRONMENT.md) with a wrong PATH or --help:
+    # `python tests/support/semaphore_contract.py PATH` (DEV_ENVIRONMENT.md) with a wrong PATH or --help:
     # a usage or one line, no traceback, and the contract in the repository left as it is.
     before = CONTRACT_PATH.read_bytes()
     missing = tmp_path / "api-docs.yml"

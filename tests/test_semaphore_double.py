@@ -1,4 +1,4 @@
-"""Tests of the Semaphore UI test double (tests/semaphore_double.py).
+"""Tests of the Semaphore UI test double (tests/support/semaphore_double.py).
 
 The gateway's Semaphore tests are only as good as the double they run against, so
 the NOTES.md rules the double claims to implement are pinned here, over real
@@ -14,7 +14,6 @@ import json
 import re
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,23 +21,21 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, Request, TextMessage
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semaphore_double import (
+from support.semaphore_double import (
     DoubleProcess,
     iter_pids_alive,
     parse_scenario,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, Request, TextMessage
 
 pytestmark = [pytest.mark.semaphore, pytest.mark.contract, pytest.mark.timeout(60)]
 
 TOKEN = "double-test-token"
-BACKEND = Path(__file__).resolve().parent / "backend.py"
-# tests/backend.py is the project's VM stand-in; fall back to the stdlib if it is absent.
+BACKEND = Path(__file__).resolve().parent / "support" / "backend.py"
+# tests/support/backend.py is the project's VM stand-in; fall back to the stdlib if it is absent.
 VM_COMMAND = (
-    ["python", "tests/backend.py", "--port", "{port}", "--name", "{hestia_service}"]
+    ["python", "tests/support/backend.py", "--port", "{port}", "--name", "{hestia_service}"]
     if BACKEND.exists()
     else ["python", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
 )

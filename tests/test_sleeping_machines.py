@@ -1,7 +1,7 @@
 """
 Issue 18, live: machines that sleep, behind a real C{twistd hestia}.
 
-The "machine" is a real C{tests/backend.py} process.  For C{wol}, the test
+The "machine" is a real C{tests/support/backend.py} process.  For C{wol}, the test
 listens for UDP on loopback, checks the magic packet byte for byte, and only
 then starts the machine, which Hestia must then serve; its C{stop_command}
 puts it back to sleep (kills it).  For C{exec}, the commands really start and
@@ -19,7 +19,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backendproc import BACKEND, BackendProcess, free_port, pid_alive, port_open  # noqa: E402
-from hestiaproc import PYTHON, HestiaProcess, read_lines, wait_for  # noqa: E402
+from support.backendproc import BACKEND, BackendProcess, free_port, pid_alive, port_open
+from support.hestiaproc import PYTHON, HestiaProcess, read_lines, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from backendproc import free_port
 from conftest import StartHestia
-from hestiaproc import VENV_BIN, wait_for
+from support.backendproc import free_port
+from support.hestiaproc import VENV_BIN, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from backendproc import free_port, wait_for
 from conftest import StartHestia
-from hestiaproc import BackendSpec, clean_environ, run_to_exit
+from support.backendproc import free_port, wait_for
+from support.hestiaproc import BackendSpec, clean_environ, run_to_exit
 
 from hestia.state import SCHEMA_VERSION
 

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hestiaproc import BackendSpec, HestiaProcess, free_port, raw_request, reap_leftovers, wait_for
+from support.hestiaproc import BackendSpec, HestiaProcess, free_port, raw_request, reap_leftovers, wait_for
 
 from hestia.tls import https_port
 

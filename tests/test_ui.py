@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from backendproc import free_port
-from hestiaproc import PYTHON, BackendSpec, HestiaProcess, stop_cleanly
+from support.backendproc import free_port
+from support.hestiaproc import PYTHON, BackendSpec, HestiaProcess, stop_cleanly
 from twisted.web.test.requesthelper import DummyRequest
 
 from hestia.events_stream import sse_message

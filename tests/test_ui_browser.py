@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import free_port
 from conftest import require
-from hestiaproc import PYTHON, BackendSpec, HestiaProcess, reap_leftovers, stop_cleanly
+from support.backendproc import free_port
+from support.hestiaproc import PYTHON, BackendSpec, HestiaProcess, reap_leftovers, stop_cleanly
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 

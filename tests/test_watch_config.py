@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
-from backendproc import wait_for
 from conftest import StartHestia
-from hestiaproc import BackendSpec, HestiaProcess
+from support.backendproc import wait_for
+from support.hestiaproc import BackendSpec, HestiaProcess
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath

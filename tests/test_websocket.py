@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backendproc import free_port, wait_for
+from support.backendproc import free_port, wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.integration
 
-WS_BACKEND = str(Path(__file__).with_name("ws_backend.py"))
+WS_BACKEND = str(Path(__file__).parent / "support" / "ws_backend.py")
 
 
 def ws_service(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], int]:

@@ -5,7 +5,7 @@ Hestia needs (launch a task, follow it, read its output, stop it).
 Semaphore runs the Ansible playbooks that provision and tear down the remote
 machines behind C{semaphore} services (L{hestia.backends.semaphore}).  The
 client honours what the real server does beyond its OpenAPI description
-(the C{x-hestia-notes} of C{tests/semaphore_contract.yml}): C{template_id} is a JSON integer,
+(the C{x-hestia-notes} of C{tests/support/semaphore_contract.yml}): C{template_id} is a JSON integer,
 C{environment} a I{string} holding a JSON object, an unknown task id is a 400
 (not a 404), a stop needs a JSON body, and a task may stay C{waiting} or
 C{running} for ever, so every wait here has its own limit.

@@ -4,7 +4,7 @@ Test doubles for Hestia's interfaces, in the spirit of L{treq.testing}.
 L{FakeBackend} is an L{IBackend} whose every step the test controls: each
 C{start()}, C{probe()} and C{stop()} returns a L{Deferred} the test fires, so
 lifecycle rules can be checked step by step with a L{Clock} and no processes.
-Integration tests use real processes instead (see C{tests/backend.py}).
+Integration tests use real processes instead (see C{tests/support/backend.py}).
 """
 
 from __future__ import annotations

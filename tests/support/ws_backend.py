@@ -1,7 +1,7 @@
 """
 A WebSocket echo backend built on the `websockets` package, run as a real subprocess.
 
-    python tests/ws_backend.py --port N [--start-delay S]
+    python tests/support/ws_backend.py --port N [--start-delay S]
 
 `/echo` echoes every message; `/upper` answers text upper-cased; `/health` is plain
 HTTP 200 for Hestia's health check; any other path is refused with 404 (a

@@ -17,7 +17,7 @@ import venv
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def source_tree(dest: Path) -> Path:

@@ -6,9 +6,9 @@ launching Semaphore tasks.  A hand-rolled mock that answers whatever the gateway
 expects would let protocol bugs through, so this double is held to two
 independent references and records every departure from them:
 
-* ``tests/semaphore_contract.yml``, the part of Semaphore's own Swagger 2.0
+* ``tests/support/semaphore_contract.yml``, the part of Semaphore's own Swagger 2.0
   description that Hestia relies on, copied unchanged into the repository by
-  ``tests/semaphore_contract.py`` (loaded once; ``$SEMAPHORE_API_DOCS`` may name
+  ``tests/support/semaphore_contract.py`` (loaded once; ``$SEMAPHORE_API_DOCS`` may name
   Semaphore's whole ``api-docs.yml`` instead).  Every
   ``in: body`` request is validated against the operation's schema (``#/definitions``
   refs resolved through a ``referencing`` registry, Draft 4 semantics like Swagger
@@ -88,7 +88,7 @@ Scenario format (YAML shown; JSON alike; unknown keys are rejected)::
       1:
         behaviour: start
         name: Start VM               # optional; also playbook, description
-        command: [python, tests/backend.py, --port, "{port}", --name, "{hestia_service}"]
+        command: [python, tests/support/backend.py, --port, "{port}", --name, "{hestia_service}"]
         cwd: .                       # relative to the repo root (default: repo root)
         env: {EXTRA: "1"}            # extra environment for the VM process
         waiting_seconds: 0           # minimum time in "waiting"
@@ -129,7 +129,7 @@ VMs and tasks persist in ``--state-dir`` (``vms.json``, ``tasks.json``; VM logs
 still knows its VMs.  SIGTERM/SIGINT kill the VM processes unless
 ``--keep-vms-on-exit``.
 
-Run:  ``python tests/semaphore_double.py --port 0 --token T --project-id 1 --state-dir DIR
+Run:  ``python tests/support/semaphore_double.py --port 0 --token T --project-id 1 --state-dir DIR
 [--scenario-file FILE]``; in-process: ``SemaphoreDouble(...).listen()``; from tests:
 ``DoubleProcess(...)`` (a context manager that runs the real subprocess).
 """
@@ -167,8 +167,8 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 JSON = dict[str, Any]
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPEC_PATH = REPO_ROOT / "tests" / "semaphore_contract.yml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SPEC_PATH = REPO_ROOT / "tests" / "support" / "semaphore_contract.yml"
 SPEC_URI = "urn:semaphore:api-docs"
 
 FINISHED = frozenset({"success", "error", "stopped"})
@@ -1629,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project-id", type=int, default=1)
     ap.add_argument("--state-dir", required=True)
     ap.add_argument("--scenario-file")
-    ap.add_argument("--spec", help="the spec (default: $SEMAPHORE_API_DOCS or tests/semaphore_contract.yml)")
+    ap.add_argument("--spec", help="the spec (default: $SEMAPHORE_API_DOCS or tests/support/semaphore_contract.yml)")
     ap.add_argument("--keep-vms-on-exit", action="store_true",
                     help="leave VM processes running on SIGTERM, to simulate a server restart")
     args = ap.parse_args(argv)

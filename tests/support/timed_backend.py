@@ -1,4 +1,4 @@
-"""``tests/backend.py`` whose request log stamps each request with its arrival time.
+"""``tests/support/backend.py`` whose request log stamps each request with its arrival time.
 
 The readiness test measures, on the backend's own clock, the gap between the
 moment it could first answer its health check (its socket listening) and the

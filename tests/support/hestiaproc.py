@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 import yaml
-from backendproc import BACKEND, free_port, pid_alive, wait_for
+
+from support.backendproc import BACKEND, free_port, pid_alive, wait_for
 
 GRACEFUL = (0, -signal.SIGTERM)  # twistd re-raises the signal it shut down on
 VENV_BIN = Path(sys.executable).parent
@@ -54,13 +55,13 @@ def backend_command(
     port: int, *args: str, request_log: Path, start_file: Path | None = None, timed: bool = False
 ) -> list[str] | str:
     """
-    The command Hestia should run for a C{tests/backend.py} on C{port}.
+    The command Hestia should run for a C{tests/support/backend.py} on C{port}.
 
     @param request_log: always given: it is also the marker that lets
         L{reap_leftovers} find the process.
     @param start_file: when given, the command is a shell line that appends
         C{started} to this file before exec-ing the backend: one line per start.
-    @param timed: run C{tests/timed_backend.py}, whose request log stamps each
+    @param timed: run C{tests/support/timed_backend.py}, whose request log stamps each
         request with the time it arrived.
     """
     script = TIMED_BACKEND if timed else BACKEND
@@ -95,7 +96,7 @@ def read_request_log(path: Path) -> list[dict[str, Any]]:
 @dataclass
 class BackendSpec:
     """
-    One C{tests/backend.py} service for a Hestia configuration, and what it left.
+    One C{tests/support/backend.py} service for a Hestia configuration, and what it left.
 
     @ivar dir: where its request log, start counter and pid files go (the test's
         C{tmp_path}, which makes them markers for L{reap_leftovers}).

@@ -6,7 +6,7 @@ keep-alive, repeated headers, signals, process groups -- only show up with a
 real process and a real socket.  Standard library only (Python 3.11+), so it starts in
 about 0.1 s and never depends on the code under test.
 
-Usage: python tests/backend.py --port PORT [options]   (see ``--help``)
+Usage: python tests/support/backend.py --port PORT [options]   (see ``--help``)
 """
 
 from __future__ import annotations

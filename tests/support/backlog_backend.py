@@ -6,7 +6,7 @@ C{request_queue_size = 5} (the standard library's default, which
 C{http.server} and Hestia's shipped demo run with), one connection per
 request, a thread per connection::
 
-    python tests/backlog_backend.py --port 8001 [--start-delay 0.5] [--stamp FILE]
+    python tests/support/backlog_backend.py --port 8001 [--start-delay 0.5] [--stamp FILE]
 
   - C{GET /hang...} is taken and never answered (the handler sleeps);
   - C{GET /health} and every other path answer C{200} with a few bytes.

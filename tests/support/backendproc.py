@@ -1,4 +1,4 @@
-"""Run ``tests/backend.py`` as a real subprocess, for any test that needs a live backend.
+"""Run ``tests/support/backend.py`` as a real subprocess, for any test that needs a live backend.
 
 Each backend gets its own session (and so its own process group) so that ``stop()``
 can kill it *and* anything it spawned, and no test leaves processes behind even
@@ -67,7 +67,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 
 
 class BackendProcess:
-    """One ``tests/backend.py`` subprocess on loopback; use as a context manager or call stop()."""
+    """One ``tests/support/backend.py`` subprocess on loopback; use as a context manager or call stop()."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.port = port if port is not None else free_port(host)
