@@ -9,7 +9,7 @@ a mutant costs a fraction of a second.
 
     scripts/mutation.py                     every core module, every mutant (long: see DEV_ENVIRONMENT.md)
     scripts/mutation.py queue headers       those modules
-    scripts/mutation.py --sample 60 config  a fixed sample of 60 mutants (same seed, same sample
+    scripts/mutation.py --sample 60 reader  a fixed sample of 60 mutants (same seed, same sample
                                             while the source is unchanged: before/after figures)
     scripts/mutation.py --report lifecycle  only print the last results, run nothing
     scripts/mutation.py --fresh             regenerate everything (after a merge: see --help)
@@ -57,8 +57,8 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.headers.x_headers_for_backend": [
         ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up")],
     "hestia.headers.x_join_url": [('"ASCII"', "codec names are case-insensitive")],
-    "hestia.config.x__size": [('or "B")[0].lower()', "the unit is lower-cased right after: 'B' is 'b'")],
-    "hestia.config.xǁ_Readerǁcheck_keys": [
+    "hestia.config.reader.xǁReaderǁsize": [('or "B")[0].lower()', "the unit is lower-cased right after: 'B' is 'b'")],
+    "hestia.config.reader.xǁReaderǁcheck_keys": [
         ("allowed, )", "only the best match (close[0]) is used; n=3 returns it first too")],
     "hestia.guard.x__limits": [
         ('"site", )', "every channel without limits of its own (an HTTP/2 stream) has a site")],

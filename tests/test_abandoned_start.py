@@ -17,9 +17,10 @@ from conftest import StartHestia
 from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.errors import QueueTimedOut
 from hestia.lifecycle import ServiceLifecycle, State
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 

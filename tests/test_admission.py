@@ -27,9 +27,10 @@ from zope.interface import implementer
 
 from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry, ConnectTimes
 from hestia.api import ManagementAPI
-from hestia.config import ConfigError, ServiceConfig, parse_config
+from hestia.config import ConfigError, ServiceConfig
 from hestia.errors import QueueFull, QueueTimedOut
 from hestia.gateway import Gateway
+from hestia.loader import parse_config
 from hestia.metrics import HestiaMetrics
 from hestia.proxy import GatewayRoot
 from hestia.testing import FakeBackend

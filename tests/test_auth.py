@@ -23,8 +23,9 @@ from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
 from hestia.auth import Authenticator, credential_headers, digest, is_open_route, parse_auth
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.headers import HOP_BY_HOP, PathEscape, headers_for_backend, split_service_path
+from hestia.loader import parse_config
 
 ADMIN, LAPTOP, CI = "admin-secret-1", "laptop-secret-2", "ci-secret-3"
 

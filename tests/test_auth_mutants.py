@@ -28,7 +28,8 @@ from hestia.auth import (
     parse_auth,
     write_denied,
 )
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
+from hestia.loader import parse_config
 
 pytestmark = pytest.mark.unit
 

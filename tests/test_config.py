@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from hestia.config import ConfigError, load_config, parse_config
+from hestia.config import ConfigError
+from hestia.loader import load_config, parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -17,15 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hestia.auth import parse_auth
-from hestia.config import (
-    MAX_BODY_SIZE,
-    MAX_COUNT,
-    MAX_DURATION,
-    ConfigError,
-    _StrictLoader,
-    load_config,
-    parse_config,
-)
+from hestia.config import MAX_BODY_SIZE, MAX_COUNT, MAX_DURATION, ConfigError
+from hestia.config.document import _StrictLoader
+from hestia.loader import load_config, parse_config
 from hestia.preflight import load_checked
 
 pytestmark = pytest.mark.unit

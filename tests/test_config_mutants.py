@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from hestia.config import ConfigError, ServerConfig, describe_command, env_prefix, load_config, parse_config
+from hestia.config import ConfigError, ServerConfig, describe_command, env_prefix
+from hestia.loader import load_config, parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -18,9 +18,9 @@ from twisted.internet import task
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from hestia.config import parse_config
 from hestia.costs import CostLedger
 from hestia.lifecycle import State, StateChange
+from hestia.loader import parse_config
 from hestia.prewarm import habits, minute_of_week
 from hestia.simulation import SimulatedGateway, run_until
 from hestia.state import StateStore

@@ -33,11 +33,12 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from hestia.backends.docker import DockerSettings, parse_docker_section
-from hestia.config import ConfigError, Tunables, _Reader, parse_config
+from hestia.config import ConfigError, Reader, Tunables
 from hestia.discovery import DiscoverySettings, service_from_labels
 from hestia.docker_engine import DockerEngine, NoSuchContainer
 from hestia.gateway import Gateway
 from hestia.interfaces import IAdoptableBackend
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 ENGINE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "podman-engine.sh"
@@ -371,7 +372,7 @@ class ConfigTests(unittest.SynchronousTestCase):
             self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
         self.assertEqual(
-            parse_docker_section(_Reader("f"), {"group": "db"}, "k", "svc").group, ("db",)
+            parse_docker_section(Reader("f"), {"group": "db"}, "k", "svc").group, ("db",)
         )
 
     def test_top_level_section(self) -> None:

@@ -21,7 +21,7 @@ from support.hestiaproc import clean_environ
 
 import hestia.config as config_module
 import hestia.costs_config as costs_config_module
-from hestia.config import load_config
+from hestia.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration-reference.md"

@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.errors import StartFailed
 from hestia.gpu import Device, DeviceConfig, GpuClaim, GpuCoordinator, parse_nvidia_smi
 from hestia.lifecycle import ServiceLifecycle, State
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 pytestmark = pytest.mark.unit
@@ -375,7 +376,7 @@ def test_the_worked_example_in_the_docs_loads(tmp_path: Any) -> None:
     import re
     from pathlib import Path
 
-    from hestia.config import load_config
+    from hestia.loader import load_config
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "gpu-sharing.md").read_text(encoding="utf-8")
     block = re.findall(r"```yaml\n(.*?)```", page, re.S)[0]

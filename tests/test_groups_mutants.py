@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from test_routing_mutants import Gw, outcome
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.errors import StartFailed
 from hestia.lifecycle import State
+from hestia.loader import parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyChannel
 
-from hestia.config import parse_config
 from hestia.guard import (
     GuardedRequest,
     GuardedSite,
@@ -28,6 +27,7 @@ from hestia.guard import (
     refusal,
     set_no_delay,
 )
+from hestia.loader import parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -17,9 +17,10 @@ from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from hestia.config import ConfigError, ServiceConfig, parse_config
+from hestia.config import ConfigError, ServiceConfig
 from hestia.gateway import Gateway
 from hestia.interfaces import ILease
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 

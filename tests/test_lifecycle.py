@@ -11,9 +11,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from hestia.config import parse_config
 from hestia.errors import GatewayError, QueueFull, QueueTimedOut, ServiceUnavailable, StartFailed, StartTimedOut
 from hestia.lifecycle import Lease, ServiceLifecycle, State, StateChange, iso_time
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 pytestmark = pytest.mark.unit

@@ -19,7 +19,8 @@ import pytest
 from conftest import StartHestia
 from support.hestiaproc import BackendSpec
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
+from hestia.loader import parse_config
 
 CHAT: dict[str, Any] = {"model": "llama3:8b", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 

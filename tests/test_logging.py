@@ -250,8 +250,8 @@ def test_output_buffer_tail_and_sequence_numbers() -> None:
 def test_follow_resource_streams_and_unfollows_when_the_client_leaves() -> None:
     from twisted.internet.task import Clock
 
-    from hestia.config import parse_config
     from hestia.gateway import Gateway
+    from hestia.loader import parse_config
     from hestia.testing import FakeBackend
 
     class Listening(FakeBackend):

@@ -251,8 +251,9 @@ class Unit:
         from twisted.web.resource import Resource
 
         from hestia.api import ManagementAPI
-        from hestia.config import ServiceConfig, parse_config
+        from hestia.config import ServiceConfig
         from hestia.gateway import Gateway
+        from hestia.loader import parse_config
         from hestia.metrics import HestiaMetrics
         from hestia.proxy import GatewayRoot
         from hestia.testing import FakeBackend
@@ -338,7 +339,7 @@ def test_unit_methods_outside_the_standard_set_are_folded() -> None:
     [("idle", "idle"), ("api", "api"), ("shutdown", "shutdown"), ("exited", "failure"), ("reload", "api")],
 )
 def test_unit_stop_reasons(how: str, reason: str) -> None:
-    from hestia.config import parse_config
+    from hestia.loader import parse_config
     from hestia.metrics import STOP_REASONS
 
     unit = Unit()

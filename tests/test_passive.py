@@ -19,8 +19,9 @@ from support.hestiaproc import BackendSpec
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.lifecycle import PassiveLease, ServiceLifecycle, State
+from hestia.loader import parse_config
 from hestia.passive import PassiveRule
 from hestia.testing import FakeBackend
 

@@ -18,8 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from hestia.api import ManagementAPI
-from hestia.config import ServiceConfig, parse_config
+from hestia.config import ServiceConfig
 from hestia.gateway import Gateway
+from hestia.loader import parse_config
 from hestia.proxy import GatewayRoot
 from hestia.testing import FakeBackend
 

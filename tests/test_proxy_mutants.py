@@ -532,7 +532,7 @@ def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
 
 
 def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() -> None:
-    from hestia.config import parse_config
+    from hestia.loader import parse_config
 
     harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
     resource = harness.gateway.proxy_resource("web")  # found before the reload removed it

@@ -18,10 +18,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 import hestia.config as config_module
-from hestia.config import ConfigError, ServiceConfig, parse_config
+from hestia.config import ConfigError, ServiceConfig
 from hestia.errors import QueueFull, ServiceUnavailable
 from hestia.gateway import Gateway
 from hestia.lifecycle import Lease, ServiceLifecycle, State
+from hestia.loader import parse_config
 from hestia.reload import (
     DERIVED,
     HOW_IT_RUNS,

@@ -14,8 +14,9 @@ from test_proxy import Harness
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.gateway import Gateway
+from hestia.loader import parse_config
 from hestia.testing import FakeBackend
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from hestia.config import ConfigError, load_config, parse_config
+from hestia.config import ConfigError
 from hestia.lifecycle import State
+from hestia.loader import load_config, parse_config
 from hestia.schedule import covers, next_change, parse_window
 from hestia.simulation import SimulatedGateway, run_until
 

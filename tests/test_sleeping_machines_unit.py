@@ -24,9 +24,10 @@ from hestia.backends.commands import KILL_GRACE, OUTPUT_GRACE, CommandResult, Co
 from hestia.backends.exec import ExecBackend
 from hestia.backends.machine import StopFailed
 from hestia.backends.wol import WakeOnLanBackend, magic_packet
-from hestia.config import ConfigError, load_config, parse_config
+from hestia.config import ConfigError
 from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IBackendFactory, IPersistentBackend
+from hestia.loader import load_config, parse_config
 
 pytestmark = pytest.mark.unit
 

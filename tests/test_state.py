@@ -203,8 +203,8 @@ def test_a_closed_store_answers_503_on_the_events_route_and_never_hangs(tmp_path
     from twisted.internet.task import Clock
 
     from hestia.api import ManagementAPI
-    from hestia.config import parse_config
     from hestia.gateway import Gateway
+    from hestia.loader import parse_config
     from hestia.testing import FakeBackend
 
     path = str(tmp_path / "hestia.db")

@@ -19,9 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from hestia import strategies
-from hestia.config import ConfigError, parse_config
+from hestia.config import ConfigError
 from hestia.gateway import Gateway
 from hestia.lifecycle import State
+from hestia.loader import parse_config
 from hestia.strategies import (
     Failover,
     InstanceView,

@@ -264,9 +264,9 @@ def test_openapi_is_served(gw: Gw) -> None:
 def test_event_hub_streams_changes_beats_and_forgets_closed_streams() -> None:
     from twisted.internet.task import Clock
 
-    from hestia.config import parse_config
     from hestia.events_stream import EventHub
     from hestia.gateway import Gateway
+    from hestia.loader import parse_config
     from hestia.testing import FakeBackend
 
     clock = Clock()

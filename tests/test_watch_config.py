@@ -23,7 +23,8 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from hestia.config import ConfigError, load_config, parse_config
+from hestia.config import ConfigError
+from hestia.loader import load_config, parse_config
 from hestia.watch import (
     DEBOUNCE_DELAY,
     ConfigWatcher,

@@ -41,7 +41,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from hestia.config import Config, ConfigError, _Reader
+from hestia.config import Config, ConfigError, Reader
 from hestia.interfaces import IHeadCheck
 
 log = Logger(namespace="hestia.auth")
@@ -123,7 +123,7 @@ def parse_auth(config: Config, environ: Mapping[str, str] | None = None) -> Auth
             raise ConfigError(source, f"auth.tokens.{token.name}", "has the same value as another token")
         seen.add(token.digest)
     # The shared readers bound every number (no NaN, no .inf: hestia.config).
-    reader = _Reader(source)
+    reader = Reader(source)
     max_failures = reader.integer(raw.get("max_failures", AuthConfig.max_failures), "auth.max_failures", minimum=1)
     window = reader.duration(raw.get("failure_window", AuthConfig.failure_window), "auth.failure_window")
     if window <= 0:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from hestia.schedule import Window, machine_timezone, parse_window
 
 if TYPE_CHECKING:
-    from hestia.config import _Reader
+    from hestia.config import Reader
 
 SERVICE_PLANNING_KEYS = {"schedule", "prewarm"}
 COSTS_KEYS = {"currency"}
@@ -50,7 +50,7 @@ class CostSettings:
         return self.timezone or machine_timezone()
 
 
-def _number(reader: _Reader, value: Any, key: str) -> float:
+def _number(reader: Reader, value: Any, key: str) -> float:
     if isinstance(value, str):
         try:
             value = float(value)
@@ -61,7 +61,7 @@ def _number(reader: _Reader, value: Any, key: str) -> float:
     return float(value)
 
 
-def parse_service_planning(reader: _Reader, section: Mapping[str, Any], key: str, composite: bool) -> dict[str, Any]:
+def parse_service_planning(reader: Reader, section: Mapping[str, Any], key: str, composite: bool) -> dict[str, Any]:
     """The ServiceConfig fields of C{cost_per_hour}, C{schedule} and C{prewarm}."""
     fields: dict[str, Any] = {}
     if "cost_per_hour" in section:
@@ -76,7 +76,7 @@ def parse_service_planning(reader: _Reader, section: Mapping[str, Any], key: str
     return fields
 
 
-def parse_schedule(reader: _Reader, raw: Any, key: str) -> tuple[Window, ...]:
+def parse_schedule(reader: Reader, raw: Any, key: str) -> tuple[Window, ...]:
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list):
         raise reader.fail(key, f"expected a list of windows such as 'mon-fri 08:30-18:00', got {raw!r}")
@@ -90,7 +90,7 @@ def parse_schedule(reader: _Reader, raw: Any, key: str) -> tuple[Window, ...]:
     return tuple(windows)
 
 
-def parse_prewarm(reader: _Reader, raw: Any, key: str) -> PrewarmSettings:
+def parse_prewarm(reader: Reader, raw: Any, key: str) -> PrewarmSettings:
     if raw is True or (isinstance(raw, str) and raw.strip().lower() in ("true", "yes", "on")):
         return PrewarmSettings()
     section = reader.mapping(raw, key)
@@ -102,7 +102,7 @@ def parse_prewarm(reader: _Reader, raw: Any, key: str) -> PrewarmSettings:
     return PrewarmSettings(lead=lead, min_weeks=min_weeks, budget_per_day=budget)
 
 
-def parse_cost_settings(reader: _Reader, document: Mapping[str, Any]) -> CostSettings:
+def parse_cost_settings(reader: Reader, document: Mapping[str, Any]) -> CostSettings:
     costs = reader.mapping(document.get("costs"), "costs")
     reader.check_keys(costs, COSTS_KEYS, "costs")
     currency = reader.string(costs.get("currency", DEFAULT_CURRENCY), "costs.currency").strip().upper()

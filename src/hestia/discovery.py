@@ -35,16 +35,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from hestia.backends.docker import DockerSettings, parse_host, parse_stop_mode, shared_engine
-from hestia.config import (
-    SERVICE_NAME,
-    Config,
-    ConfigError,
-    HealthCheck,
-    ServiceConfig,
-    Tunables,
-    _check_url,
-    _Reader,
-)
+from hestia.config import SERVICE_NAME, Config, ConfigError, HealthCheck, Reader, ServiceConfig, Tunables
 from hestia.docker_engine import ContainerEngineError, DockerEngine, EventStream
 from hestia.passive import default_passive_rule
 
@@ -72,7 +63,7 @@ class DiscoverySettings:
     stop_mode: str = "stop"
 
 
-def parse_discovery_section(reader: _Reader, raw: Any, key: str) -> DiscoverySettings:
+def parse_discovery_section(reader: Reader, raw: Any, key: str) -> DiscoverySettings:
     """Validate the top-level C{docker:} mapping (called by L{hestia.config})."""
     section = reader.mapping(raw, key)
     reader.check_keys(section, DISCOVERY_KEYS, key)
@@ -99,13 +90,13 @@ def service_from_labels(
     """
     name = container_name(container)
     labels: Mapping[str, str] = container.get("Labels") or {}
-    reader = _Reader(f"container {name}")
+    reader = Reader(f"container {name}")
     service_name = labels.get("hestia.name", name)
     if not SERVICE_NAME.match(service_name):
         raise reader.fail("hestia.name", f"service names must match [a-z0-9][a-z0-9_-]*, got {service_name!r}"
                           " (set the hestia.name label)")
     if "hestia.url" in labels:
-        url = _check_url(reader, labels["hestia.url"], "hestia.url")
+        url = reader.url(labels["hestia.url"], "hestia.url")
     elif "hestia.port" in labels:
         port = reader.integer(labels["hestia.port"], "hestia.port", minimum=1, maximum=65535)
         if port > 65535:

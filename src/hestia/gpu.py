@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from hestia.config import ServiceConfig, _Reader, _size
+from hestia.config import Reader, ServiceConfig
 from hestia.errors import StartFailed
 
 log = Logger(namespace="hestia.gpu")
@@ -84,14 +84,14 @@ class GpuClaim:
     vram: int
 
 
-def _vram(reader: _Reader, value: Any, key: str) -> int:
-    size = _size(reader, value, key, maximum=MAX_VRAM)
+def _vram(reader: Reader, value: Any, key: str) -> int:
+    size = reader.size(value, key, maximum=MAX_VRAM)
     if size <= 0:
         raise reader.fail(key, "expected a size above 0 (e.g. 16GiB)")
     return size
 
 
-def parse_devices(reader: _Reader, raw: Any) -> dict[str, DeviceConfig]:
+def parse_devices(reader: Reader, raw: Any) -> dict[str, DeviceConfig]:
     devices = {}
     for name, section in reader.mapping(raw, "gpus").items():
         key = f"gpus.{name}"
@@ -125,7 +125,7 @@ def resolve_gpus(
 
     @raise ConfigError: naming the file and key.
     """
-    reader = _Reader(source)
+    reader = Reader(source)
     devices = parse_devices(reader, raw) if raw is not None else {}
     resolved = dict(services)
     for name, service in services.items():

@@ -55,7 +55,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hestia.config import SERVICE_NAME, _Reader
+from hestia.config import SERVICE_NAME, Reader
 from hestia.errors import GatewayError, StartFailed
 from hestia.interfaces import ILease
 from hestia.lifecycle import ServiceLifecycle, State, StateChange
@@ -80,7 +80,7 @@ class GroupConfig:
     min_residency: float = DEFAULT_MIN_RESIDENCY
 
 
-def parse_groups(reader: _Reader, raw: Any) -> dict[str, GroupConfig]:
+def parse_groups(reader: Reader, raw: Any) -> dict[str, GroupConfig]:
     """The top-level C{groups:} section; errors name C{groups.<name>.<key>}."""
     section = reader.mapping(raw, "groups")
     groups = {}
@@ -98,7 +98,7 @@ def parse_groups(reader: _Reader, raw: Any) -> dict[str, GroupConfig]:
     return groups
 
 
-def check_dependencies(reader: _Reader, depends_on: Mapping[str, tuple[str, ...]]) -> None:
+def check_dependencies(reader: Reader, depends_on: Mapping[str, tuple[str, ...]]) -> None:
     """A dependency cycle would make every member wait for the others: refuse it."""
     done: set[str] = set()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from hestia.config import Config, ServiceConfig, _Reader
+from hestia.config import Config, Reader, ServiceConfig
 
 # Substrings of the User-Agent that common monitors send (compared without case).
 DEFAULT_USER_AGENTS = (
@@ -71,13 +71,13 @@ class PassiveRule:
         return False
 
 
-def _strings(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+def _strings(reader: Reader, value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
         raise reader.fail(key, "expected a list of non-empty strings")
     return tuple(value)
 
 
-def parse_passive(reader: _Reader, raw: Any, key: str) -> PassiveRule | None:
+def parse_passive(reader: Reader, raw: Any, key: str) -> PassiveRule | None:
     """C{false} -> C{None}; C{true} -> the defaults; a mapping -> its lists over the defaults."""
     if isinstance(raw, (bool, str)):
         return PassiveRule() if reader.boolean(raw, key) else None
@@ -104,7 +104,7 @@ def resolve_passive(
 
     @raise ConfigError: naming the file and key.
     """
-    reader = _Reader(source)
+    reader = Reader(source)
     default = PassiveRule() if top_level is None else parse_passive(reader, top_level, "passive")
     resolved = {}
     for name, service in services.items():
@@ -118,7 +118,7 @@ def resolve_passive(
 def default_passive_rule(config: Config) -> PassiveRule | None:
     """The top-level rule, for services not from the file (labelled containers)."""
     raw = config.sections.get("passive")
-    return PassiveRule() if raw is None else parse_passive(_Reader(config.source), raw, "passive")
+    return PassiveRule() if raw is None else parse_passive(Reader(config.source), raw, "passive")
 
 
 def write_passive_answer(request: Request, service: str, state: str) -> None:

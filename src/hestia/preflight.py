@@ -15,7 +15,8 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 
 from hestia.auth import parse_auth
-from hestia.config import Config, ConfigError, load_config
+from hestia.config import Config, ConfigError
+from hestia.loader import load_config
 from hestia.tls import PREFIX as TLS_PREFIX
 from hestia.tls import _split_unescaped
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
-from hestia.config import ServiceConfig, _Reader
+from hestia.config import Reader, ServiceConfig
 
 
 class Applies(enum.Enum):
@@ -206,7 +206,7 @@ class ReloadPolicy:
     restart: str = "next_stop"
 
 
-def parse_reload_section(reader: _Reader, raw: Any) -> ReloadPolicy:
+def parse_reload_section(reader: Reader, raw: Any) -> ReloadPolicy:
     section = reader.mapping(raw, "reload")
     reader.check_keys(section, RELOAD_KEYS, "reload")
     restart = section.get("restart", ReloadPolicy.restart)

@@ -39,9 +39,10 @@ from hestia.config import (
     ROUTING_KEYS,
     SERVICE_KEYS,
     ConfigError,
+    Reader,
     ServiceConfig,
-    _Reader,
-    _service,
+    ServiceParser,
+    parse_service,
 )
 from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
@@ -114,7 +115,7 @@ class RoutingPlan:
     depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _names(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+def _names(reader: Reader, value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
         raise reader.fail(key, "expected a list of names")
     if len(set(value)) != len(value):
@@ -122,7 +123,7 @@ def _names(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _strategy(reader: _Reader, raw: Any, key: str) -> tuple[str, dict[str, Any]]:
+def _strategy(reader: Reader, raw: Any, key: str) -> tuple[str, dict[str, Any]]:
     if isinstance(raw, str):
         name, options = raw, {}
     elif isinstance(raw, dict) and isinstance(raw.get("name"), str):
@@ -138,7 +139,7 @@ def _strategy(reader: _Reader, raw: Any, key: str) -> tuple[str, dict[str, Any]]
 
 
 def _instances(
-    reader: _Reader, parent: ServiceConfig, raw: Any, environ: Mapping[str, str]
+    reader: Reader, parent: ServiceConfig, raw: Any, parse: ServiceParser
 ) -> tuple[InstanceConfig, ...]:
     key = f"services.{parent.name}.instances"
     if not isinstance(raw, list) or not raw:
@@ -162,7 +163,7 @@ def _instances(
         try:
             # An instance is parsed like a service of its own, inheriting the
             # parent's settings (tunables, health, env, cwd) unless it sets them.
-            service = _service(reader, parent.name, section, parent.tunables, {})
+            service = parse(reader, parent.name, section, parent.tunables, {})
         except ConfigError as error:
             sub = error.key.replace(f"services.{parent.name}", where, 1)
             raise ConfigError(error.source, sub, error.message) from None
@@ -174,7 +175,7 @@ def _instances(
     return tuple(instances)
 
 
-def _aliases(reader: _Reader, raw: Any, owner: Mapping[str, str], key: str) -> dict[str, str]:
+def _aliases(reader: Reader, raw: Any, owner: Mapping[str, str], key: str) -> dict[str, str]:
     """C{aliases: {gpt-4o-mini: qwen2.5:7b}}: each alias names a model a target lists."""
     aliases: dict[str, str] = {}
     for alias, real in reader.mapping(raw, key).items():
@@ -190,7 +191,8 @@ def _aliases(reader: _Reader, raw: Any, owner: Mapping[str, str], key: str) -> d
 
 
 def parse_routing(
-    source: str, services: Mapping[str, ServiceConfig], groups_raw: Any, environ: Mapping[str, str]
+    source: str, services: Mapping[str, ServiceConfig], groups_raw: Any, environ: Mapping[str, str],
+    parse: ServiceParser = parse_service,
 ) -> RoutingPlan:
     """
     Validate the routing keys of every service and the top-level C{groups:}.
@@ -199,7 +201,7 @@ def parse_routing(
     """
     from hestia.groups import check_dependencies, parse_groups
 
-    reader = _Reader(source)
+    reader = Reader(source)
     groups = parse_groups(reader, groups_raw)
     multi: dict[str, MultiInstancePlan] = {}
     models: dict[str, tuple[str, ...]] = {}
@@ -215,7 +217,7 @@ def parse_routing(
         if "instances" in raw:
             strategy, options = _strategy(reader, raw.get("strategy", "prefer-warm"), f"{key}.strategy")
             multi[name] = MultiInstancePlan(name, strategy, options, _instances(reader, service, raw["instances"],
-                                                                                environ))
+                                                                                parse))
         elif "strategy" in raw:
             raise reader.fail(f"{key}.strategy", "only a service with instances has a strategy")
         if "route_by" in raw:

@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
-from hestia.config import MAX_ID, Config, ServiceConfig, _check_url, _Reader
+from hestia.config import MAX_ID, Config, Reader, ServiceConfig
 
 log = Logger(namespace="hestia.semaphore")
 
@@ -114,7 +114,7 @@ class SemaphoreService:
     extra_vars: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _server_settings(reader: _Reader, raw: Any, environ: Mapping[str, str], base_dir: Path) -> SemaphoreServer:
+def _server_settings(reader: Reader, raw: Any, environ: Mapping[str, str], base_dir: Path) -> SemaphoreServer:
     section = dict(reader.mapping(raw, "semaphore"))
     reader.check_keys(section, SERVER_KEYS, "semaphore")
     if environ.get("SEMAPHORE_BASE_URL"):
@@ -123,7 +123,7 @@ def _server_settings(reader: _Reader, raw: Any, environ: Mapping[str, str], base
         section["project_id"] = environ["SEMAPHORE_PROJECT_ID"]
     if "base_url" not in section:
         raise reader.fail("semaphore.base_url", "missing (or set SEMAPHORE_BASE_URL)")
-    base_url = _check_url(reader, section["base_url"], "semaphore.base_url")
+    base_url = reader.url(section["base_url"], "semaphore.base_url")
     token = _token(reader, section, environ, base_dir)
     values: dict[str, Any] = {}
     for key in ("queue_timeout", "poll_interval", "request_timeout", "stop_task_timeout"):
@@ -137,7 +137,7 @@ def _server_settings(reader: _Reader, raw: Any, environ: Mapping[str, str], base
     return SemaphoreServer(base_url=base_url, token=token, project_id=project_id, **values)
 
 
-def _token(reader: _Reader, section: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) -> Secret:
+def _token(reader: Reader, section: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) -> Secret:
     """The token from C{$SEMAPHORE_API_TOKEN}, C{token_env}, or a file: never from the YAML itself."""
     env_name = reader.string(section.get("token_env", "SEMAPHORE_API_TOKEN"), "semaphore.token_env")
     file_name = environ.get("SEMAPHORE_API_TOKEN_FILE") or section.get("token_file")
@@ -156,7 +156,7 @@ def _token(reader: _Reader, section: Mapping[str, Any], environ: Mapping[str, st
     raise reader.fail("semaphore.token_env", f"no API token: set ${env_name} or SEMAPHORE_API_TOKEN_FILE")
 
 
-def _service_settings(reader: _Reader, service: ServiceConfig, server: SemaphoreServer) -> SemaphoreService:
+def _service_settings(reader: Reader, service: ServiceConfig, server: SemaphoreServer) -> SemaphoreService:
     key = f"services.{service.name}.semaphore"
     raw = dict(reader.mapping(service.sections.get("semaphore"), key))
     reader.check_keys(raw, SERVICE_KEYS, key)
@@ -182,10 +182,10 @@ def resolve_semaphore(config: Config, environ: Mapping[str, str]) -> Config:
     Validate the Semaphore settings and put the resolved L{SemaphoreService} in
     each semaphore service's C{sections["semaphore"]}.
 
-    Called by L{hestia.config.parse_config}, so a bad section fails at load
+    Called by L{hestia.loader.parse_config}, so a bad section fails at load
     time with one line naming file, service and key, like every other key.
     """
-    reader = _Reader(config.source)
+    reader = Reader(config.source)
     uses = [service for service in config.services.values() if service.backend == "semaphore"]
     if not uses and "semaphore" not in config.sections:
         return config

@@ -18,10 +18,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from hestia.config import Config, parse_config
+from hestia.config import Config
 from hestia.costs import CostLedger
 from hestia.interfaces import IBackend
 from hestia.lifecycle import Lease, ServiceLifecycle, State
+from hestia.loader import parse_config
 from hestia.prewarm import Prewarmer
 from hestia.schedule import ScheduleKeeper
 

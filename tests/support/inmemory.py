@@ -31,8 +31,9 @@ from zope.interface import implementer
 
 from hestia.api import ManagementAPI
 from hestia.auth import Authenticator, digest, parse_auth
-from hestia.config import ServiceConfig, parse_config
+from hestia.config import ServiceConfig
 from hestia.gateway import Gateway
+from hestia.loader import parse_config
 from hestia.proxy import Exchange
 from hestia.server_tap import build_site
 from hestia.testing import FakeBackend

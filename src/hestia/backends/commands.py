@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from hestia.backends.environment import child_environment
 from hestia.backends.process import session_command
-from hestia.config import _describe, _Reader, describe_command
+from hestia.config import Reader, describe, describe_command
 
 # Between SIGTERM and SIGKILL for a command past its timeout (or abandoned).
 KILL_GRACE = 5.0
@@ -39,7 +39,7 @@ OUTPUT_LINES_KEPT = 200
 _PARTIAL_LINE_LIMIT = 8192
 
 
-def parse_command(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+def parse_command(reader: Reader, value: Any, key: str) -> tuple[str, ...]:
     """
     A command as configured: a list of arguments, or a string run by
     C{/bin/sh -c} (as the service's C{command} is).  Empty is an error.
@@ -52,18 +52,18 @@ def parse_command(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
         if not value:
             raise reader.fail(key, "must not be empty")
         if not all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in value):
-            raise reader.fail(key, f"expected a list of arguments (strings), got {_describe(value)}")
+            raise reader.fail(key, f"expected a list of arguments (strings), got {describe(value)}")
         argv = tuple(str(part) for part in value)
         if not argv[0].strip():
             raise reader.fail(key, "the program (first argument) must not be empty")
         return argv
-    raise reader.fail(key, f"expected a list of arguments or a shell command string, got {_describe(value)}")
+    raise reader.fail(key, f"expected a list of arguments or a shell command string, got {describe(value)}")
 
 
 MAX_COMMAND_TIMEOUT = 86400.0
 
 
-def parse_command_timeout(reader: _Reader, value: Any, key: str) -> float:
+def parse_command_timeout(reader: Reader, value: Any, key: str) -> float:
     """A command's timeout: more than 0, at most a day (so never NaN or infinite)."""
     seconds = reader.duration(value, key, maximum=MAX_COMMAND_TIMEOUT)
     if not 0 < seconds <= MAX_COMMAND_TIMEOUT:

@@ -60,7 +60,7 @@ from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IBackendFactory, IReconfigurableBackend
 
 if TYPE_CHECKING:
-    from hestia.config import _Reader
+    from hestia.config import Reader
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ class DockerSettings:
     shown_as: str | None = None  # the container's name, when C{container} is an id
 
 
-def parse_host(reader: _Reader, value: Any, key: str) -> str:
+def parse_host(reader: Reader, value: Any, key: str) -> str:
     """An engine address, checked now so that a typo is a config error, not a 502."""
     host = reader.string(value, key)
     try:
@@ -101,13 +101,13 @@ def parse_host(reader: _Reader, value: Any, key: str) -> str:
     return host
 
 
-def parse_stop_mode(reader: _Reader, value: Any, key: str) -> str:
+def parse_stop_mode(reader: Reader, value: Any, key: str) -> str:
     if value not in STOP_MODES:
         raise reader.fail(key, f"expected stop or pause, got {value!r}")
     return str(value)
 
 
-def parse_docker_section(reader: _Reader, raw: Mapping[str, Any], key: str, service: str) -> DockerSettings:
+def parse_docker_section(reader: Reader, raw: Mapping[str, Any], key: str, service: str) -> DockerSettings:
     """Validate a service's C{docker:} mapping (called by L{hestia.config})."""
     reader.check_keys(raw, DOCKER_KEYS, key)
     container = reader.string(raw.get("container", service), f"{key}.container")
@@ -128,9 +128,9 @@ def settings_of(service: ServiceConfig) -> DockerSettings:
     if isinstance(section, DockerSettings):
         return section
     # Built by hand (tests, plugins): validate it the same way.
-    from hestia.config import _Reader
+    from hestia.config import Reader
 
-    return parse_docker_section(_Reader("<service>"), dict(section or {}), f"services.{service.name}.docker",
+    return parse_docker_section(Reader("<service>"), dict(section or {}), f"services.{service.name}.docker",
                                 service.name)
 
 

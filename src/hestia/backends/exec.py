@@ -28,7 +28,7 @@ from zope.interface import provider
 
 from hestia.backends.commands import CommandResult, parse_command, parse_command_timeout
 from hestia.backends.machine import MachineBackend, start_failed
-from hestia.config import ServiceConfig, _Reader, describe_command
+from hestia.config import Reader, ServiceConfig, describe_command
 from hestia.errors import StartFailed
 from hestia.interfaces import IBackend, IBackendFactory
 
@@ -46,7 +46,7 @@ class ExecSettings:
     stop_on_shutdown: bool = False
 
 
-def parse_exec_section(reader: _Reader, raw: Mapping[str, Any], key: str, service: str) -> ExecSettings:
+def parse_exec_section(reader: Reader, raw: Mapping[str, Any], key: str, service: str) -> ExecSettings:
     """Validate a service's C{exec:} mapping (called by L{hestia.config})."""
     reader.check_keys(raw, EXEC_KEYS, key)
     for required in ("start", "stop"):
@@ -70,7 +70,7 @@ def settings_of(service: ServiceConfig) -> ExecSettings:
     if isinstance(section, ExecSettings):
         return section
     # Built by hand (tests, plugins): validate it the same way.
-    return parse_exec_section(_Reader("<service>"), dict(section or {}), f"services.{service.name}.exec",
+    return parse_exec_section(Reader("<service>"), dict(section or {}), f"services.{service.name}.exec",
                               service.name)
 
 

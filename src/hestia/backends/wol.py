@@ -31,7 +31,7 @@ from zope.interface import provider
 from hestia import health
 from hestia.backends.commands import parse_command, parse_command_timeout
 from hestia.backends.machine import MachineBackend
-from hestia.config import ServiceConfig, _describe, _Reader, describe_command
+from hestia.config import Reader, ServiceConfig, describe, describe_command
 from hestia.errors import StartFailed
 from hestia.interfaces import IBackend, IBackendFactory
 
@@ -67,14 +67,14 @@ def _sexagesimal(value: int) -> str:
     return ":".join(reversed(groups)) or "0"
 
 
-def parse_mac(reader: _Reader, value: Any, key: str) -> bytes:
+def parse_mac(reader: Reader, value: Any, key: str) -> bytes:
     """C{52:54:00:ab:cd:ef}, C{52-54-00-AB-CD-EF}, C{5254.00ab.cdef} or C{525400abcdef}."""
     if isinstance(value, int) and not isinstance(value, bool):
         # YAML 1.1 reads an unquoted 52:54:00:12:34:56 as a base-60 integer.
         raise reader.fail(key, f'write the MAC address in quotes (mac: "{_sexagesimal(value)}"): '
                                "unquoted, YAML reads it as a number")
     if not isinstance(value, str):
-        raise reader.fail(key, f"expected a MAC address such as 52:54:00:ab:cd:ef, got {_describe(value)}")
+        raise reader.fail(key, f"expected a MAC address such as 52:54:00:ab:cd:ef, got {describe(value)}")
     text = value.strip()
     if _COLON_OR_DASH.match(text):
         digits = text.replace(":", "").replace("-", "")
@@ -92,10 +92,10 @@ def parse_mac(reader: _Reader, value: Any, key: str) -> bytes:
     return mac
 
 
-def parse_address(reader: _Reader, value: Any, key: str) -> str:
+def parse_address(reader: Reader, value: Any, key: str) -> str:
     """An IPv4 or IPv6 literal: a broadcast address (C{192.168.1.255}) or the machine's own."""
     if not isinstance(value, str) or not value.strip():
-        raise reader.fail(key, f"expected an IPv4 or IPv6 address such as 192.168.1.255, got {_describe(value)}")
+        raise reader.fail(key, f"expected an IPv4 or IPv6 address such as 192.168.1.255, got {describe(value)}")
     text = value.strip()
     try:
         address = ipaddress.ip_address(text)
@@ -124,7 +124,7 @@ class WakeOnLanSettings:
     stop_on_shutdown: bool = False
 
 
-def parse_wol_section(reader: _Reader, raw: Mapping[str, Any], key: str, service: str) -> WakeOnLanSettings:
+def parse_wol_section(reader: Reader, raw: Mapping[str, Any], key: str, service: str) -> WakeOnLanSettings:
     """Validate a service's C{wol:} mapping (called by L{hestia.config})."""
     reader.check_keys(raw, WOL_KEYS, key)
     if "mac" not in raw:
@@ -161,7 +161,7 @@ def settings_of(service: ServiceConfig) -> WakeOnLanSettings:
     if isinstance(section, WakeOnLanSettings):
         return section
     # Built by hand (tests, plugins): validate it the same way.
-    return parse_wol_section(_Reader("<service>"), dict(section or {}), f"services.{service.name}.wol", service.name)
+    return parse_wol_section(Reader("<service>"), dict(section or {}), f"services.{service.name}.wol", service.name)
 
 
 class _Sender(DatagramProtocol):
