@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from hestia.errors import QueueFull, StartFailed
-from hestia.proxy import write_error
+from hestia.proxy import ServiceProxyResource, write_error
 
 pytestmark = pytest.mark.unit
 
@@ -204,7 +204,7 @@ def test_unknown_paths_are_json_404s_that_name_what_is_served() -> None:
 
 def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
-    resource = harness.gateway.proxy_resource("web")
+    resource = ServiceProxyResource(harness.gateway, "web")
     request = dummy()
     request.uri = b"/services/api/x"
     request.method = b"GET"
@@ -285,7 +285,7 @@ def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
 
 def test_an_absolute_form_target_to_a_host_routed_service_is_400() -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "hosts": ["web.example"]}})
-    resource = harness.gateway.proxy_resource("web", host_routed=True)
+    resource = ServiceProxyResource(harness.gateway, "web", host_routed=True)
     request = dummy()
     request.uri = b"http://evil.example/x"
     request.method = b"GET"
@@ -420,7 +420,7 @@ def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
     request.client = UNIXAddress(b"/run/hestia.sock")
     request.getClientAddress = lambda: request.client  # type: ignore[method-assign]
     request.isSecure = lambda: False  # type: ignore[method-assign]
-    harness.gateway.proxy_resource("web").render(request)
+    ServiceProxyResource(harness.gateway, "web").render(request)
     harness.settle()
     assert sent and sent[0].getRawHeaders(b"x-forwarded-for") == [b"unix"]
 
@@ -535,7 +535,7 @@ def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() ->
     from hestia.loader import parse_config
 
     harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
-    resource = harness.gateway.proxy_resource("web")  # found before the reload removed it
+    resource = ServiceProxyResource(harness.gateway, "web")  # found before the reload removed it
     harness.gateway.apply(parse_config({"services": {"other": {"url": "http://backend:8001"}}}, "t.yml", {}))
     harness.settle()
     request = dummy()

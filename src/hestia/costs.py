@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hestia.lifecycle import State, StateChange, iso_time
+from hestia.records import RequestRecord
 from hestia.state import StateStoreError, StoreClosed
 
 if TYPE_CHECKING:
@@ -289,10 +290,9 @@ class CostLedger:
                     row["ended_at"] = at
                     break
 
-    def request_finished(self, exchange: Any) -> None:
+    def request_finished(self, record: RequestRecord) -> None:
         """A request observer: who woke a service, when guesses ended, first uses."""
-        record = exchange.record
-        who = getattr(exchange.request, "hestia_token_name", None) or record.client
+        who = record.token_name or record.client
         self.note_request(record.service, record.began, self._reactor.seconds(), who)
 
     def note_request(self, service: str, began: float, ended: float, who: str) -> bool:

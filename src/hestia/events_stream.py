@@ -28,10 +28,10 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from hestia.lifecycle import StateChange, iso_time
+from hestia.records import RequestRecord
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.proxy import Exchange
 
 log = Logger(namespace="hestia.events")
 
@@ -93,8 +93,8 @@ class EventHub:
             except Exception:
                 log.failure("event stream subscriber failed")
 
-    def _request_finished(self, exchange: Exchange) -> None:
-        name = exchange.record.service
+    def _request_finished(self, record: RequestRecord) -> None:
+        name = record.service
         self._requests[name].append(self.reactor.seconds())
         self._totals[name] += 1
 

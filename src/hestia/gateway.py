@@ -10,7 +10,7 @@ services that did not change.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -27,17 +27,15 @@ from hestia.errors import UnknownService
 from hestia.groups import Coordinator, GroupMemberRoute
 from hestia.guard import set_no_delay
 from hestia.health import BackendEndpointFactory
-from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend
+from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend, IRequestExchange
 from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
+from hestia.records import RequestRecord
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
-from hestia.routing import ModelRoute, MultiInstanceRoute
-
-if TYPE_CHECKING:
-    from hestia.proxy import Exchange, ServiceProxyResource
+from hestia.routing import ModelRoute, MultiInstanceRoute, persistent_lifecycles
 
 log = Logger(namespace="hestia.gateway")
 
-RequestObserver = Callable[["Exchange"], None]
+RequestObserver = Callable[[RequestRecord], None]
 
 
 class _ClientProtocol(HTTP11ClientProtocol):
@@ -141,7 +139,6 @@ class Gateway:
         self.services: dict[str, Any] = {}
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
-        self._proxies: dict[tuple[str, bool], ServiceProxyResource] = {}
         self._in_flight_requests = 0
         # Backend URL -> its admission window (hestia.admission).
         self._admissions: dict[str, Admission] = {}
@@ -244,24 +241,6 @@ class Gateway:
         except KeyError:
             raise UnknownService("no such service", service=name) from None
 
-    def proxy_resource(self, name: str, host_routed: bool = False) -> ServiceProxyResource:
-        """
-        The proxy resource of service C{name}, built once per service (and per
-        routing mode: below C{/services/<name>/}, or by C{Host} at C{/}).
-        """
-        from hestia.proxy import ServiceProxyResource
-
-        key = (name, host_routed)
-        if key not in self._proxies:
-            self.lifecycle(name)
-            self._proxies[key] = ServiceProxyResource(self, name, host_routed=host_routed)
-        return self._proxies[key]
-
-    def _forget_proxy(self, name: str) -> None:
-        """Drop the cached resources of a service that changed or went away."""
-        for host_routed in (False, True):
-            self._proxies.pop((name, host_routed), None)
-
     def add_state_observer(self, observer: Observer) -> None:
         """Tell C{observer} of every transition of every service, present and future."""
         self.state_observers.append(observer)
@@ -288,8 +267,6 @@ class Gateway:
 
     def use_store(self, store: Any) -> None:
         """Give every L{IPersistentBackend}, present and future, the state store."""
-        from hestia.reconcile import persistent_lifecycles  # instances included (issue 18)
-
         self.store = store
         for lifecycle in persistent_lifecycles(self.services):
             lifecycle.backend.use_store(store)
@@ -331,7 +308,6 @@ class Gateway:
             if current.config == service:
                 return False
             current.stop("reload")
-            self._forget_proxy(service.name)
         self.discovered.add(service.name)
         self._add(service)
         self.adopt_running([service.name])
@@ -342,7 +318,6 @@ class Gateway:
         if name in self.discovered:
             self.discovered.discard(name)
             self.services.pop(name).stop("removed")
-            self._forget_proxy(name)
 
     def adopt_running(self, names: list[str] | None = None) -> None:
         """
@@ -396,7 +371,6 @@ class Gateway:
         for name in list(self.services):
             if name not in config.services and name not in self.discovered:
                 self._retire(self.services.pop(name))
-                self._forget_proxy(name)
                 summary.removed.append(name)
         for name, service in config.services.items():
             current = self.services.get(name)
@@ -405,7 +379,6 @@ class Gateway:
                 self.discovered.discard(name)
                 if current is not None:
                     self._retire(current)
-                    self._forget_proxy(name)
                 current = None
             if current is None:
                 self._add(service)
@@ -452,7 +425,6 @@ class Gateway:
         changes = diff(current.config, service)
         self._retire(current)
         self._add(service)
-        self._forget_proxy(name)
         summary.replaced[name] = list(changes.in_place + changes.how_it_runs)
 
     def _reconfigure(self, lifecycle: ServiceLifecycle, service: ServiceConfig, policy: ReloadPolicy) -> bool:
@@ -573,14 +545,15 @@ class Gateway:
 
     # -- requests ----------------------------------------------------------------------
 
-    def request_began(self, exchange: Exchange) -> None:
+    def request_began(self, exchange: IRequestExchange) -> None:
         self._in_flight_requests += 1
 
-    def request_ended(self, exchange: Exchange) -> None:
+    def request_ended(self, exchange: IRequestExchange) -> None:
         self._in_flight_requests -= 1
+        record: RequestRecord = exchange.record
         for observer in self.request_observers:
             try:
-                observer(exchange)
+                observer(record)
             except Exception:
                 log.failure("request observer failed")
         if self._in_flight_requests == 0:

@@ -180,3 +180,13 @@ class IHeadCheck(Interface):
             headers and traversal (C{prepath}/C{postpath}) are set, but not its body.
         @return: a L{hestia.auth.Denied} (status, reason, retry_after) or C{None}.
         """
+
+
+class IRequestExchange(Interface):
+    """
+    One proxied request on its way (L{hestia.proxy.Exchange}): what the
+    gateway counts while it is in flight and hands, as its record, to the
+    request observers (access log, metrics, costs, the event stream).
+    """
+
+    record = Attribute("the request's L{hestia.records.RequestRecord}, complete once it has ended")

@@ -41,10 +41,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from hestia.lifecycle import StateChange
+from hestia.records import RequestRecord
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.proxy import Exchange
 
 access = Logger(namespace="hestia.access")
 
@@ -145,7 +145,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def access_log(exchange: Exchange) -> None:
+def access_log(record: RequestRecord) -> None:
     """
     A request observer: one C{request} event per finished proxied request.
 
@@ -153,7 +153,6 @@ def access_log(exchange: Exchange) -> None:
     its whole life waiting for one, so its C{queued_ms} is its duration and
     it has no C{upstream_ms}.
     """
-    record = exchange.record
     queued = record.queued if record.leased else record.duration
     answered = record.leased and record.error_kind not in ("connect", "upstream")
     upstream = _ms(record.upstream) if answered else None

@@ -34,10 +34,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from hestia.lifecycle import State, StateChange
+from hestia.records import RequestRecord
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.proxy import Exchange
 
 # Why a service stopped.  The label is kept to exactly these values so that
 # dashboards can rely on them: an explicit stop by an operator (the API, or a
@@ -219,9 +219,8 @@ class HestiaMetrics:
 
     # -- observers ------------------------------------------------------------
 
-    def request_finished(self, exchange: Exchange) -> None:
+    def request_finished(self, record: RequestRecord) -> None:
         """A request observer: count one finished proxied request."""
-        record = exchange.record
         service = record.service
         method = record.method if record.method in KNOWN_METHODS else "other"
         status = record.status if record.status is not None else CLIENT_CLOSED

@@ -19,7 +19,6 @@ becomes an L{Exchange}, which:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -51,8 +50,9 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.interfaces import IHeadCheck, ILease
+from hestia.interfaces import IHeadCheck, ILease, IRequestExchange
 from hestia.passive import write_passive_answer
+from hestia.records import RequestRecord
 from hestia.routing import RouteRequest
 from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
@@ -88,34 +88,6 @@ def write_error(request: Request, error: GatewayError, request_id: bytes | None 
         request.responseHeaders.setRawHeaders(b"x-request-id", [request_id])
     request.write(body)
     request.finish()
-
-
-@dataclass
-class RequestRecord:
-    """What happened to one proxied request: for the access log and metrics."""
-
-    request_id: str
-    service: str
-    method: str
-    path: str
-    client: str
-    status: int | None = None
-    bytes: int = 0
-    began: float = 0.0
-    queued: float = 0.0
-    upstream: float = 0.0
-    duration: float = 0.0
-    error: str | None = None
-    error_kind: str | None = None
-    # The request got its lease (it left the queue for the backend): only
-    # then is C{queued} its queue wait and C{queued + upstream} its time to
-    # the response headers.
-    leased: bool = False
-    # Failed connects that were tried again (hestia.admission.ConnectRetry).
-    connect_retries: int = 0
-    # Seconds from the lease to the first send: the wait for a turn in the
-    # backend's admission window (None: never sent).
-    slot_wait: float | None = None
 
 
 class RequestBody(FileBodyProducer):
@@ -157,6 +129,7 @@ class _BodyRelay(Protocol):
         self._exchange.body_ended(reason)
 
 
+@implementer(IRequestExchange)
 class Exchange:
     """One client request, from arrival to the last byte of its response."""
 
@@ -218,6 +191,7 @@ class Exchange:
             path=request.uri.decode("ascii", "replace"),
             client=_client_ip(request),
             began=now,
+            token_name=getattr(request, "hestia_token_name", None),
         )
 
     def begin(self) -> None:
@@ -833,15 +807,38 @@ class ServiceProxyResource(ReverseProxyResource):
         return NOT_DONE_YET
 
 
+class ServiceResources:
+    """
+    The proxy resource of each service, built once per route and per routing
+    mode (below C{/services/<name>/}, or by C{Host} at C{/}).
+
+    A reload that replaces a service's route replaces its resource too: the
+    cache is keyed by the route object, so nothing has to be told to forget.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._built: dict[tuple[str, bool], tuple[object, ServiceProxyResource]] = {}
+
+    def get(self, name: str, host_routed: bool = False) -> ServiceProxyResource:
+        """The resource of service C{name}; L{UnknownService} if there is none."""
+        route = self.gateway.lifecycle(name)
+        built = self._built.get((name, host_routed))
+        if built is None or built[0] is not route:
+            built = self._built[(name, host_routed)] = (route, ServiceProxyResource(self.gateway, name, host_routed))
+        return built[1]
+
+
 @implementer(IHeadCheck)
 class ServicesResource(Resource):
     """C{/services/}: finds the proxy resource for the named service."""
 
     _unnamed = UnknownService("no service named in the path: use /services/<name>/")
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, resources: ServiceResources | None = None) -> None:
         super().__init__()
         self.gateway = gateway
+        self.resources = resources or ServiceResources(gateway)
 
     def check_head(self, request: Request) -> Denied | None:
         """C{/services} itself answers only an error: refused before a body is read."""
@@ -850,7 +847,7 @@ class ServicesResource(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         try:
             name = path.decode("ascii")
-            return self.gateway.proxy_resource(name)
+            return self.resources.get(name)
         except (UnicodeDecodeError, UnknownService):
             return ErrorResource(UnknownService("no such service", service=path.decode("ascii", "replace")))
 
@@ -898,14 +895,15 @@ class GatewayRoot(Resource):
     def __init__(self, gateway: Gateway, api: IResource) -> None:
         super().__init__()
         self.gateway = gateway
-        self.putChild(b"services", ServicesResource(gateway))
+        self.resources = ServiceResources(gateway)
+        self.putChild(b"services", ServicesResource(gateway, self.resources))
         self.putChild(b"v1", api)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         # A Host listed in a service's hosts: goes to that service at / (issue 7).
         name = self.gateway.host_route(request.getHeader(b"host"))
         if name is not None:
-            return self.gateway.proxy_resource(name, host_routed=True)
+            return self.resources.get(name, host_routed=True)
         return super().getChildWithDefault(path, request)  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: Request) -> Resource:

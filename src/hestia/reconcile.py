@@ -26,7 +26,7 @@ wait for the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -34,7 +34,8 @@ from twisted.logger import Logger
 
 from hestia.interfaces import IPersistentBackend
 from hestia.lifecycle import ServiceLifecycle, State
-from hestia.routing import MultiInstanceRoute
+from hestia.records import RequestRecord
+from hestia.routing import persistent_lifecycles
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -70,19 +71,6 @@ def reconcile(gateway: Gateway, store: StateStore):  # type: ignore[no-untyped-d
     return done
 
 
-def persistent_lifecycles(services: Mapping[str, Any]) -> Iterator[Any]:
-    """
-    Every lifecycle whose backend records its state (L{IPersistentBackend}),
-    the instances of a multi-instance service included (each is recorded
-    under its own name, C{<service>.<index>}).
-    """
-    for route in list(services.values()):
-        lifecycles = route.instances if isinstance(route, MultiInstanceRoute) else [route]
-        for lifecycle in lifecycles:
-            if IPersistentBackend.providedBy(lifecycle.backend):
-                yield lifecycle
-
-
 @inlineCallbacks
 def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]):  # type: ignore[no-untyped-def]
     state = record.get("state")
@@ -108,15 +96,17 @@ def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]):  # type
     return None
 
 
-def request_time_recorder(gateway: Gateway, store: StateStore, now: Callable[[], float]) -> Callable[[Any], None]:
+def request_time_recorder(
+    gateway: Gateway, store: StateStore, now: Callable[[], float]
+) -> Callable[[RequestRecord], None]:
     """
     A request observer recording the last request time of persistent services
     (throttled), so that a resumed service keeps its idle clock.
     """
     written: dict[str, float] = {}
 
-    def record(exchange: Any) -> None:
-        lifecycle = getattr(exchange, "lifecycle", None)
+    def record(request: RequestRecord) -> None:
+        lifecycle = gateway.services.get(request.service)
         if lifecycle is None or not IPersistentBackend.providedBy(lifecycle.backend):
             return
         if lifecycle.last_request_at is None or lifecycle.state is not State.READY:

@@ -24,7 +24,7 @@ L{RoutingPlan} that the gateway builds routes from.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any, Protocol
@@ -45,6 +45,7 @@ from hestia.config import (
     parse_service,
 )
 from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut
+from hestia.interfaces import IPersistentBackend
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
 from hestia.strategies import InstanceView, StrategyError, load_strategy
 
@@ -822,3 +823,16 @@ def build_route(
     if plan is not None and service.name in plan.model_routes:
         return ModelRoute(service, plan.model_routes[service.name], lookup, plan.models)
     raise ValueError(f"{service.name} is not a composite service of this configuration")
+
+
+def persistent_lifecycles(services: Mapping[str, Any]) -> Iterator[Any]:
+    """
+    Every lifecycle whose backend records its state (L{IPersistentBackend}),
+    the instances of a multi-instance service included (each is recorded
+    under its own name, C{<service>.<index>}).
+    """
+    for route in list(services.values()):
+        lifecycles = route.instances if isinstance(route, MultiInstanceRoute) else [route]
+        for lifecycle in lifecycles:
+            if IPersistentBackend.providedBy(lifecycle.backend):
+                yield lifecycle
