@@ -26,6 +26,7 @@ from hestia.auth import Authenticator, credential_headers, digest, is_open_route
 from hestia.config import ConfigError
 from hestia.headers import HOP_BY_HOP, PathEscape, headers_for_backend, split_service_path
 from hestia.loader import parse_config
+from hestia.records import credentials_of
 
 ADMIN, LAPTOP, CI = "admin-secret-1", "laptop-secret-2", "ci-secret-3"
 
@@ -128,10 +129,10 @@ def test_consumed_credentials_are_marked_for_stripping(authenticator: tuple[Auth
     auth, _ = authenticator
     checked = request(Authorization=f"Bearer {CI}")
     auth.check_service(checked, "ollama")
-    assert checked.hestia_consumed_headers == {b"authorization", b"x-hestia-token"}
+    assert credentials_of(checked).consumed == {b"authorization", b"x-hestia-token"}
     passing = request(Authorization="Bearer sk-openai-key", X_Hestia_Token=CI)
     assert auth.check_service(passing, "web") is None
-    assert passing.hestia_consumed_headers == {b"x-hestia-token"}
+    assert credentials_of(passing).consumed == {b"x-hestia-token"}
 
 
 @pytest.mark.unit

@@ -30,6 +30,7 @@ from hestia.auth import (
 )
 from hestia.config import ConfigError
 from hestia.loader import parse_config
+from hestia.records import credentials_of
 
 pytestmark = pytest.mark.unit
 
@@ -119,7 +120,7 @@ class Site:
 def test_authorize_service_without_an_authenticator_strips_only_hestias_header() -> None:
     made = request(X_Hestia_Token="x")
     assert authorize_service(made, "app") is True
-    assert made.hestia_consumed_headers == frozenset({b"x-hestia-token"})
+    assert credentials_of(made).consumed == frozenset({b"x-hestia-token"})
     assert made.written == [] and not made.finished
 
 
@@ -127,8 +128,8 @@ def test_authorize_service_lets_a_good_token_through_and_names_it() -> None:
     made = request(Authorization=f"Bearer {USER}")
     made.site = Site(Authenticator(auth_config(), Clock().seconds))
     assert authorize_service(made, "app") is True
-    assert made.hestia_token_name == "user"
-    assert made.hestia_consumed_headers == frozenset({b"x-hestia-token", b"authorization"})
+    assert credentials_of(made).token_name == "user"
+    assert credentials_of(made).consumed == frozenset({b"x-hestia-token", b"authorization"})
     assert made.written == []
 
 
@@ -149,7 +150,7 @@ def test_a_service_receiving_its_clients_authorization_takes_only_the_hestia_hea
     assert "Bearer" not in denied.reason
     good = request(Authorization="Bearer sk-client-own", X_Hestia_Token=f" {USER} ")
     assert authenticator.check_service(good, "keys") is None
-    assert good.hestia_consumed_headers == frozenset({b"x-hestia-token"})
+    assert credentials_of(good).consumed == frozenset({b"x-hestia-token"})
 
 
 def test_credentials_to_strip() -> None:
@@ -164,7 +165,7 @@ def test_auth_off_lets_everything_through() -> None:
     assert not authenticator.enabled
     made = request()
     assert authenticator.check_service(made, "app") is None
-    assert made.hestia_consumed_headers == {b"x-hestia-token"}
+    assert credentials_of(made).consumed == {b"x-hestia-token"}
     assert authenticator.check_admin(request()) is None
 
 

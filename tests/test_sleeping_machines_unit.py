@@ -16,8 +16,10 @@ import pytest
 import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hestia.backends import find_backend
 from hestia.backends.commands import KILL_GRACE, OUTPUT_GRACE, CommandResult, CommandRunner
@@ -184,6 +186,7 @@ def test_backends_are_registered_plugins() -> None:
 # ------------------------------------------------------------------ fakes for the reactor
 
 
+@implementer(IProcessTransport)
 class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid: int | None = pid

@@ -75,7 +75,7 @@ class ManagementAPI:
         self.events_hub = EventHub(gateway)
 
     def resource(self) -> IResource:
-        return self.app.resource()  # type: ignore[no-any-return]
+        return self.app.resource()
 
     @app.handle_errors(GatewayError)  # type: ignore[arg-type]
     def gateway_error(self, request: Request, failure: Failure) -> bytes:

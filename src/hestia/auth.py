@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from hestia.config import Config, ConfigError, Reader
 from hestia.interfaces import IHeadCheck
+from hestia.records import credentials_of
 
 log = Logger(namespace="hestia.auth")
 
@@ -261,7 +262,7 @@ class Authenticator:
         May C{request} reach C{service}?  Marks the headers to strip either way.
         """
         passing = service in self.config.pass_authorization
-        request.hestia_consumed_headers = credential_headers(self.enabled, passing)  # type: ignore[attr-defined]
+        credentials_of(request).consumed = credential_headers(self.enabled, passing)
         if not self.enabled:
             return None
         return self._check(request, lambda token: token.may_reach(service), allow_bearer=not passing,
@@ -278,11 +279,12 @@ class Authenticator:
         # Decided once per request and scope: the channel asks when the head is
         # in (before a body), the resource again when it renders; a wrong token
         # must count once against the client.
-        decided: tuple[str, Denied | None] | None = getattr(request, "hestia_auth_decision", None)
-        if decided is not None and decided[0] == scope:
-            return decided[1]
+        credentials = credentials_of(request)
+        if credentials.decision is not None and credentials.decision[0] == scope:
+            decided = credentials.decision[1]
+            return decided if isinstance(decided, Denied) else None
         denied = self._decide(request, allowed, allow_bearer=allow_bearer, scope=scope)
-        request.hestia_auth_decision = (scope, denied)  # type: ignore[attr-defined]
+        credentials.decision = (scope, denied)
         return denied
 
     def _decide(self, request: Request, allowed: Callable[[Token], bool], *, allow_bearer: bool,
@@ -303,8 +305,8 @@ class Authenticator:
         if not allowed(token):
             log.warn("token {name} may not reach {scope}", name=token.name, scope=scope)
             return Denied(403, f"token {token.name!r} does not grant {scope}")
-        request.hestia_token_name = token.name  # type: ignore[attr-defined]
-        request.hestia_token_admin = token.admin  # type: ignore[attr-defined]
+        credentials = credentials_of(request)
+        credentials.token_name, credentials.admin = token.name, token.admin
         return None
 
     def _match(self, presented: bytes) -> Token | None:
@@ -376,7 +378,7 @@ def may_see_output(request: Request) -> bool:
     authenticator: Authenticator | None = getattr(getattr(request, "site", None), "authenticator", None)
     if authenticator is None or not authenticator.enabled:
         return True
-    return bool(getattr(request, "hestia_token_admin", False))
+    return credentials_of(request).admin
 
 
 def write_denied(request: Request, denied: Denied, service: str | None = None) -> None:
@@ -407,7 +409,7 @@ def authorize_service(request: Request, service: str) -> bool:
     """
     authenticator: Authenticator | None = getattr(getattr(request, "site", None), "authenticator", None)
     if authenticator is None:
-        request.hestia_consumed_headers = credential_headers(False, False)  # type: ignore[attr-defined]
+        credentials_of(request).consumed = credential_headers(False, False)
         return True
     denied = authenticator.check_service(request, service)
     if denied is None:

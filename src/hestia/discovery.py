@@ -150,7 +150,7 @@ class DockerDiscovery(Service):
         super().startService()
         self._run(self._connect())
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()

@@ -481,7 +481,7 @@ class GuardedSite(Site):
             return None
         return Refusal(denied.status, denied.reason, denied.service, denied.retry_after)
 
-    def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
+    def protocol(self) -> _GenericHTTPChannelProtocol:
         return _GenericHTTPChannelProtocol(GuardedChannel(self.limits))
 
     def set_limits(self, limits: Limits) -> None:

@@ -9,6 +9,7 @@ service will never come up.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,7 +61,7 @@ def health_url(base_url: str, check: HealthCheck) -> str:
 
 
 @inlineCallbacks
-def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float):  # type: ignore[no-untyped-def]
+def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float) -> Generator[Deferred[Any], Any, Any]:
     """C{True} when a GET of C{url} answers 2xx within C{timeout} seconds."""
     request = agent.request(b"GET", url.encode("ascii"), Headers({b"user-agent": [b"hestia-health"]}))
     request.addTimeout(timeout, reactor)
@@ -76,7 +77,7 @@ def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float): 
 
 
 @inlineCallbacks
-def probe_tcp(reactor: IReactorTime, url: str, timeout: float):  # type: ignore[no-untyped-def]
+def probe_tcp(reactor: IReactorTime, url: str, timeout: float) -> Generator[Deferred[Any], Any, Any]:
     """C{True} when something accepts a TCP connection at C{url}'s host and port."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -92,5 +93,5 @@ def probe_tcp(reactor: IReactorTime, url: str, timeout: float):  # type: ignore[
 def probe(agent: IAgent, reactor: IReactorTime, base_url: str, check: HealthCheck) -> Deferred[bool]:
     """One attempt of C{check} against the service at C{base_url}."""
     if check.path:
-        return probe_http(agent, reactor, health_url(base_url, check), check.timeout)  # type: ignore[no-any-return]
-    return probe_tcp(reactor, base_url, check.timeout)  # type: ignore[no-any-return]
+        return probe_http(agent, reactor, health_url(base_url, check), check.timeout)
+    return probe_tcp(reactor, base_url, check.timeout)

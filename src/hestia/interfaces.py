@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 
@@ -112,7 +113,7 @@ class IPersistentBackend(IBackend):
     def detach() -> None:
         """The gateway is going away: stop following anything, write nothing more."""
 
-    def recorded_up() -> Any:
+    def recorded_up() -> Deferred[bool]:
         """
         @return: a L{Deferred} firing C{True} when the store says the service
             was up and it still answers its health check at the recorded url.

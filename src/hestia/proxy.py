@@ -52,7 +52,7 @@ from hestia.headers import (
 )
 from hestia.interfaces import IHeadCheck, ILease, IRequestExchange
 from hestia.passive import write_passive_answer
-from hestia.records import RequestRecord
+from hestia.records import RequestRecord, credentials_of
 from hestia.routing import RouteRequest
 from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
@@ -191,7 +191,7 @@ class Exchange:
             path=request.uri.decode("ascii", "replace"),
             client=_client_ip(request),
             began=now,
-            token_name=getattr(request, "hestia_token_name", None),
+            token_name=credentials_of(request).token_name,
         )
 
     def begin(self) -> None:
@@ -279,7 +279,7 @@ class Exchange:
             host=request.getHeader(b"host"),
             prefix=self.prefix,
             request_id=self.request_id,
-            drop=getattr(request, "hestia_consumed_headers", frozenset()),
+            drop=credentials_of(request).consumed,
         )
         if is_upgrade(request):
             self._open_tunnel(lease, headers)
@@ -904,10 +904,10 @@ class GatewayRoot(Resource):
         name = self.gateway.host_route(request.getHeader(b"host"))
         if name is not None:
             return self.resources.get(name, host_routed=True)
-        return super().getChildWithDefault(path, request)  # type: ignore[no-any-return]
+        return super().getChildWithDefault(path, request)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return ErrorResource(UnknownService("not found: Hestia serves /services/<name>/ and /v1/"))
 
     def render(self, request: Request) -> int:
-        return self.getChild(b"", request).render(request)  # type: ignore[no-any-return]
+        return self.getChild(b"", request).render(request)

@@ -26,10 +26,10 @@ wait for the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from hestia.interfaces import IPersistentBackend
@@ -47,7 +47,7 @@ REQUEST_TIME_EVERY = 2.0
 
 
 @inlineCallbacks
-def reconcile(gateway: Gateway, store: StateStore):  # type: ignore[no-untyped-def]
+def reconcile(gateway: Gateway, store: StateStore) -> Generator[Deferred[Any], Any, Any]:
     """
     Resume every persistent service from its recorded state.
 
@@ -72,13 +72,13 @@ def reconcile(gateway: Gateway, store: StateStore):  # type: ignore[no-untyped-d
 
 
 @inlineCallbacks
-def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]) -> Generator[Deferred[Any], Any, Any]:
     state = record.get("state")
     leftover = bool(record.get("url") or record.get("task_id") or (record.get("data") or {}).get("phase"))
     if lifecycle.state is not State.STOPPED:
         return "already taken up by a request"
     if state == State.READY.value:
-        up = yield lifecycle.backend.recorded_up()  # type: ignore[attr-defined]
+        up = yield IPersistentBackend(lifecycle.backend).recorded_up()
         if lifecycle.state is not State.STOPPED:
             return "already taken up by a request"
         if up:

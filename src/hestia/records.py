@@ -6,6 +6,7 @@ event stream) receive, so that they depend on this module and not on the proxy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 
 @dataclass
@@ -36,3 +37,35 @@ class RequestRecord:
     slot_wait: float | None = None
     # The name of the token that authorised the request (hestia.auth), if any.
     token_name: str | None = None
+
+
+@dataclass
+class Credentials:
+    """
+    What authentication found on one request, for the layers that act after it.
+
+    @ivar consumed: the request headers that carried Hestia's own credentials:
+        the proxy removes them, so a token never reaches a backend.
+    @ivar token_name: the token that authorised the request, if one did.
+    @ivar admin: that token grants the management API.
+    @ivar decision: the scope decided last and its refusal (or C{None}),
+        decided once per request and scope (the head check and the render
+        both ask; a wrong token counts once against the client).
+    """
+
+    consumed: frozenset[bytes] = frozenset()
+    token_name: str | None = None
+    admin: bool = False
+    decision: tuple[str, object] | None = None
+
+
+# Keyed by the request object and forgotten with it: no attribute is added to Twisted's Request.
+_CREDENTIALS: WeakKeyDictionary[object, Credentials] = WeakKeyDictionary()
+
+
+def credentials_of(request: object) -> Credentials:
+    """The L{Credentials} of C{request} (empty until authentication has looked)."""
+    found = _CREDENTIALS.get(request)
+    if found is None:
+        found = _CREDENTIALS[request] = Credentials()
+    return found

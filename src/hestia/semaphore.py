@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -281,7 +281,9 @@ class SemaphoreClient:
         return f"/project/{self.server.project_id}"
 
     @inlineCallbacks
-    def _call(self, method: str, path: str, body: Any = None, expect: tuple[int, ...] = (200,)):  # type: ignore[no-untyped-def]
+    def _call(
+        self, method: str, path: str, body: Any = None, expect: tuple[int, ...] = (200,)
+    ) -> Generator[Deferred[Any], Any, Any]:
         if self._detached:
             yield Deferred()
         url = f"{self.server.base_url}/api{path}"
@@ -344,10 +346,10 @@ class SemaphoreClient:
         body: dict[str, Any] = {"template_id": int(template_id), "environment": json.dumps(dict(environment))}
         if message:
             body["message"] = message
-        return self._call("POST", f"{self._project}/tasks", body, expect=(201, 200))  # type: ignore[no-any-return]
+        return self._call("POST", f"{self._project}/tasks", body, expect=(201, 200))
 
     @inlineCallbacks
-    def task(self, task_id: int):  # type: ignore[no-untyped-def]
+    def task(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
         """The Task; L{NoSuchTask} for an unknown id (400 or 404)."""
         try:
             task = yield self._call("GET", f"{self._project}/tasks/{int(task_id)}")
@@ -361,10 +363,10 @@ class SemaphoreClient:
 
     def tasks(self) -> Deferred[list[dict[str, Any]]]:
         """Every task of the project (to find one launched just before a crash)."""
-        return self._call("GET", f"{self._project}/tasks")  # type: ignore[no-any-return]
+        return self._call("GET", f"{self._project}/tasks")
 
     @inlineCallbacks
-    def output(self, task_id: int):  # type: ignore[no-untyped-def]
+    def output(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
         """The task's whole output so far, as plain lines."""
         try:
             entries = yield self._call("GET", f"{self._project}/tasks/{int(task_id)}/output")
@@ -377,16 +379,16 @@ class SemaphoreClient:
     def stop(self, task_id: int, force: bool = False) -> Deferred[None]:
         """Ask Semaphore to stop a task (only call it for an unfinished one)."""
         body = {"force": True} if force else {}
-        return self._call("POST", f"{self._project}/tasks/{int(task_id)}/stop", body, expect=(204, 200))  # type: ignore[no-any-return]
+        return self._call("POST", f"{self._project}/tasks/{int(task_id)}/stop", body, expect=(204, 200))
 
     @inlineCallbacks
-    def follow(  # type: ignore[no-untyped-def]
+    def follow(
         self,
         task_id: int,
         waiting_timeout: float | None = None,
         timeout: float | None = None,
         on_update: Callable[[dict[str, Any]], None] | None = None,
-    ):
+    ) -> Generator[Deferred[Any], Any, Any]:
         """
         Poll a task until it finishes; fires with the finished Task.
 
@@ -421,7 +423,7 @@ class SemaphoreClient:
                 raise TaskStuck(f"task {task_id} did not finish within {timeout:g}s (status {status})", task)
             if self._detached:
                 yield Deferred()
-            yield deferLater(self._reactor, delay, lambda: None)  # type: ignore[arg-type]
+            yield deferLater(self._reactor, delay, lambda: None)
             delay = min(delay * POLL_GROWTH, self.server.poll_interval)
 
 

@@ -13,12 +13,13 @@ import errno
 import inspect
 import signal
 import sys
+from collections.abc import Generator
 from typing import Any, NoReturn
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -287,7 +288,7 @@ class HestiaService(MultiService):
             log.error("reload failed, keeping the running configuration: {error}", error=str(error))
 
     @inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Generator[Deferred[Any], Any, Any]:
         if self.watcher is not None:  # No reload half-way through a shutdown.
             self.watcher.stopService()
         if self._previous_sighup is not None:

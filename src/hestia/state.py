@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +344,7 @@ class StateStore:
         return ended
 
     @inlineCallbacks
-    def interact(self, work: Callable[..., Any], *args: Any):  # type: ignore[no-untyped-def]
+    def interact(self, work: Callable[..., Any], *args: Any) -> Generator[Deferred[Any], Any, Any]:
         """
         Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs).
 
@@ -390,7 +390,7 @@ class StateStore:
     # -- services -------------------------------------------------------------
 
     @inlineCallbacks
-    def save_service(  # type: ignore[no-untyped-def]
+    def save_service(
         self,
         name: str,
         state: str,
@@ -401,7 +401,7 @@ class StateStore:
         last_request_at: float | None = None,
         data: dict[str, Any] | None = None,
         now: float,
-    ):
+    ) -> Generator[Deferred[Any], Any, Any]:
         """
         Record a service's current facts; fires once they are on disk.
 
@@ -427,7 +427,7 @@ class StateStore:
         )
 
     @inlineCallbacks
-    def clear_service_fields(self, name: str, *fields: str):  # type: ignore[no-untyped-def]
+    def clear_service_fields(self, name: str, *fields: str) -> Generator[Deferred[Any], Any, Any]:
         """Forget C{url}, C{task_id} or C{data} (a stopped VM has neither)."""
         allowed = {"url": "NULL", "task_id": "NULL", "data": "'{}'"}
         assignments = ", ".join(f"{field} = {allowed[field]}" for field in fields)
@@ -435,7 +435,7 @@ class StateStore:
         yield self._execute(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
 
     @inlineCallbacks
-    def load_services(self):  # type: ignore[no-untyped-def]
+    def load_services(self) -> Generator[Deferred[Any], Any, Any]:
         """Every stored service, as C{{name: {state, url, task_id, ...}}}."""
         yield self.open()
         rows = yield self._query(
@@ -457,7 +457,7 @@ class StateStore:
     # -- events -----------------------------------------------------------------
 
     @inlineCallbacks
-    def record_event(  # type: ignore[no-untyped-def]
+    def record_event(
         self,
         service: str,
         kind: str,
@@ -468,7 +468,7 @@ class StateStore:
         reason: str | None = None,
         duration: float | None = None,
         error: str | None = None,
-    ):
+    ) -> Generator[Deferred[Any], Any, Any]:
         yield self.open()
 
         def insert(transaction: Any) -> None:
@@ -496,7 +496,7 @@ class StateStore:
         yield self._run(insert)
 
     @inlineCallbacks
-    def events(self, service: str, limit: int = 50):  # type: ignore[no-untyped-def]
+    def events(self, service: str, limit: int = 50) -> Generator[Deferred[Any], Any, Any]:
         """The newest C{limit} events of C{service}, newest first."""
         yield self.open()
         rows = yield self._query(

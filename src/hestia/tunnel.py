@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import h11
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -260,8 +260,8 @@ class Tunnel:
         """Register each transport as the other's producer: backpressure both ways."""
         client, backend = self.client.transport, self.backend.transport
         assert client is not None and backend is not None
-        client.registerProducer(backend, True)  # type: ignore[attr-defined]
-        backend.registerProducer(client, True)  # type: ignore[attr-defined]
+        IConsumer(client).registerProducer(IPushProducer(backend), True)
+        IConsumer(backend).registerProducer(IPushProducer(client), True)
 
 
 def take_over_client(request: Request, protocol: Protocol) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,7 +122,7 @@ class _Protocol(ProcessProtocol):
 
     def connectionMade(self) -> None:
         # A command that reads stdin (a prompt) gets end-of-file, not a hang.
-        self.transport.closeStdin()  # type: ignore[union-attr]
+        IProcessTransport(self.transport).closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data

@@ -17,7 +17,7 @@ L{hestia.backends.machine}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +100,7 @@ class ExecBackend(MachineBackend):
         return running.addCallback(remember)
 
     @inlineCallbacks
-    def _wake(self):  # type: ignore[no-untyped-def]
+    def _wake(self) -> Generator[Deferred[Any], Any, Any]:
         try:
             result = yield self._run(self.settings.start, "start command")
         except OSError as error:
@@ -113,7 +113,7 @@ class ExecBackend(MachineBackend):
         return self._run(self.settings.stop, "stop command")
 
     @inlineCallbacks
-    def _check_running(self):  # type: ignore[no-untyped-def]
+    def _check_running(self) -> Generator[Deferred[Any], Any, Any]:
         if self.settings.status is None:
             return False
         try:

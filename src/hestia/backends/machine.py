@@ -18,7 +18,7 @@ to sleep when idle like one Hestia woke.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -124,7 +124,7 @@ class MachineBackend:
         self._woken()
 
     @inlineCallbacks
-    def recorded_up(self):  # type: ignore[no-untyped-def]
+    def recorded_up(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         if self.phase is None:
             return False
@@ -139,7 +139,7 @@ class MachineBackend:
     # -- IAdoptableBackend ---------------------------------------------------------------
 
     @inlineCallbacks
-    def running_already(self):  # type: ignore[no-untyped-def]
+    def running_already(self) -> Generator[Deferred[Any], Any, Any]:
         if not self._adopt:
             return False
         stops = self._stops_begun
@@ -162,7 +162,7 @@ class MachineBackend:
         return started
 
     @inlineCallbacks
-    def _start(self):  # type: ignore[no-untyped-def]
+    def _start(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         adopting, self._adopting = self._adopting, False
         self.phase = AWAKE
@@ -189,7 +189,7 @@ class MachineBackend:
         return stopped
 
     @inlineCallbacks
-    def _stop(self):  # type: ignore[no-untyped-def]
+    def _stop(self) -> Generator[Deferred[Any], Any, Any]:
         self._stops_begun += 1
         self._adopting = False
         yield self._recalled()
@@ -208,7 +208,7 @@ class MachineBackend:
         yield self._forget()
 
     @inlineCallbacks
-    def _sleep_failed(self, reason: str):  # type: ignore[no-untyped-def]
+    def _sleep_failed(self, reason: str) -> Generator[Deferred[Any], Any, Any]:
         self.phase = SLEEP_FAILED
         self.last_stop_error = f"{reason} (the machine may still be awake)"
         self._log.error("{service}: {error}", service=self.service.name, error=self.last_stop_error)
@@ -267,10 +267,10 @@ class MachineBackend:
         now = self._reactor.seconds()
         data = {"phase": self.phase, "adopted": self.adopted, "last_stop_error": self.last_stop_error}
         written: Deferred[Any] = self._store.save_service(self.service.name, state, now, data=data, now=now)
-        return self._store.track(written)  # type: ignore[no-any-return]
+        return self._store.track(written)
 
     @inlineCallbacks
-    def _forget(self):  # type: ignore[no-untyped-def]
+    def _forget(self) -> Generator[Deferred[Any], Any, Any]:
         """It is asleep (or not Hestia's any more): nothing to find again."""
         self.phase = None
         self.adopted = False

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
@@ -105,7 +105,7 @@ class SemaphoreBackend:
         self.client.detach()
 
     @inlineCallbacks
-    def recorded_up(self):  # type: ignore[no-untyped-def]
+    def recorded_up(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         if self._recorded_state != "ready" or not self.url:
             return False
@@ -113,7 +113,7 @@ class SemaphoreBackend:
             up = yield health.probe(self._agent, self._reactor, self.url, self.service.health)
             if up:
                 return True
-            yield deferLater(self._reactor, 0.2, lambda: None)  # type: ignore[arg-type]
+            yield deferLater(self._reactor, 0.2, lambda: None)
         return False
 
     # -- IBackend -----------------------------------------------------------------------
@@ -202,10 +202,10 @@ class SemaphoreBackend:
         written: Deferred[Any] = self._store.save_service(
             self.service.name, state, now, url=url, task_id=self._task_id, data=data, now=now
         )
-        return self._store.track(written)  # type: ignore[no-any-return]
+        return self._store.track(written)
 
     @inlineCallbacks
-    def _forget(self):  # type: ignore[no-untyped-def]
+    def _forget(self) -> Generator[Deferred[Any], Any, Any]:
         """The machine is gone: no url, no task, nothing to find again."""
         self._remote_url = None
         self._task_id = None
@@ -231,7 +231,7 @@ class SemaphoreBackend:
     # -- starting ---------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _start(self):  # type: ignore[no-untyped-def]
+    def _start(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         self._recorded_state = None
         if self._phase == "stop" and self._task_id is not None:
@@ -268,7 +268,7 @@ class SemaphoreBackend:
         yield self._follow_start(task_id)
 
     @inlineCallbacks
-    def _launch_start(self):  # type: ignore[no-untyped-def]
+    def _launch_start(self) -> Generator[Deferred[Any], Any, Any]:
         self._nonce = uuid.uuid4().hex
         self._phase = "launching"
         self._output = []
@@ -295,7 +295,7 @@ class SemaphoreBackend:
         return self._task_id
 
     @inlineCallbacks
-    def _find_launched(self):  # type: ignore[no-untyped-def]
+    def _find_launched(self) -> Generator[Deferred[Any], Any, Any]:
         """A launch whose answer never came back: find its task by our launch id."""
         found = None
         for task in reversed((yield self.client.tasks()) or []):
@@ -314,7 +314,7 @@ class SemaphoreBackend:
             yield self._save("starting")
 
     @inlineCallbacks
-    def _follow_start(self, task_id: int):  # type: ignore[no-untyped-def]
+    def _follow_start(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
         server = self.settings.server
         try:
             task = yield self.client.follow(task_id, waiting_timeout=server.queue_timeout, on_update=self._seen)
@@ -355,7 +355,7 @@ class SemaphoreBackend:
     # -- stopping --------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _stop(self):  # type: ignore[no-untyped-def]
+    def _stop(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         self._recorded_state = None
         if self._phase is None and not self._remote_url:
@@ -384,7 +384,7 @@ class SemaphoreBackend:
         yield self._forget()
 
     @inlineCallbacks
-    def _end_start_task(self, task_id: int):  # type: ignore[no-untyped-def]
+    def _end_start_task(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
         """A start task must not go on unobserved: stop it if it has not finished."""
         try:
             task = yield self.client.task(task_id)
@@ -401,7 +401,7 @@ class SemaphoreBackend:
             yield self.client.stop(task_id, force=True)
 
     @inlineCallbacks
-    def _follow_stop(self, task_id: int, adopted: bool = False):  # type: ignore[no-untyped-def]
+    def _follow_stop(self, task_id: int, adopted: bool = False) -> Generator[Deferred[Any], Any, Any]:
         try:
             task = yield self.client.follow(
                 task_id, timeout=self.settings.server.stop_task_timeout, on_update=self._seen
@@ -416,7 +416,7 @@ class SemaphoreBackend:
             raise StopFailed(f"stop task {task_id} ended with status {task.get('status')}: {last}".rstrip(": "))
 
     @inlineCallbacks
-    def _quietly(self, work: Deferred[Any]):  # type: ignore[no-untyped-def]
+    def _quietly(self, work: Deferred[Any]) -> Generator[Deferred[Any], Any, Any]:
         """Best effort: a failure is logged, not raised."""
         try:
             result = yield work
