@@ -102,7 +102,7 @@ class ManagementAPI:
 
     @app.route("/services/<name>/status", methods=["GET"])
     def status(self, request: Request, name: str) -> bytes:
-        return json_body(request, {**self.gateway.lifecycle(name).status(), **self.events_hub.activity(name),
+        return json_body(request, {**self.gateway.route(name).status(), **self.events_hub.activity(name),
                                    **self._cost_fields(name)})
 
     # -- costs (issue 16, hestia.costs) -------------------------------------------
@@ -166,7 +166,7 @@ class ManagementAPI:
     @app.route("/services/<name>/events", methods=["GET"])
     @inlineCallbacks
     def events(self, request: Request, name: str) -> Any:
-        self.gateway.lifecycle(name)
+        self.gateway.route(name)
         try:
             limit = max(1, min(1000, int((request.args.get(b"limit") or [b"50"])[0])))
         except ValueError:
@@ -194,13 +194,13 @@ class ManagementAPI:
         """
         from hestia.logs import OUTPUT_LINES_KEPT, FollowResource, ServiceOutput
 
-        self.gateway.lifecycle(name)
+        self.gateway.route(name)
         raw = (request.args.get(b"tail") or [b"200"])[0]
         try:
             tail = int(raw)
         except ValueError:
             return json_body(request, {"error": "tail must be a whole number", "service": name,
-                                       "state": self.gateway.lifecycle(name).state.value}, 400)
+                                       "state": self.gateway.route(name).state.value}, 400)
         tail = max(0, min(OUTPUT_LINES_KEPT, tail))
         if self.output is None:
             self.output = ServiceOutput(self.gateway)
@@ -211,7 +211,7 @@ class ManagementAPI:
     @app.route("/services/<name>/start", methods=["POST"])
     @inlineCallbacks
     def start(self, request: Request, name: str) -> Any:
-        lifecycle = self.gateway.lifecycle(name)
+        lifecycle = self.gateway.route(name)
         if lifecycle.state is State.READY:
             return json_body(request, lifecycle.status(), 200)
         starting: Deferred[None] = lifecycle.start("api")
@@ -224,7 +224,7 @@ class ManagementAPI:
     @app.route("/services/<name>/stop", methods=["POST"])
     @inlineCallbacks
     def stop(self, request: Request, name: str) -> Any:
-        lifecycle = self.gateway.lifecycle(name)
+        lifecycle = self.gateway.route(name)
         yield lifecycle.stop("api")
         return json_body(request, lifecycle.status(), 200)
 
@@ -236,13 +236,13 @@ class ManagementAPI:
         how a pending C{restart_pending} change is applied.  C{?wait=true} answers
         once it is ready again; otherwise 202 at once.
         """
-        self.gateway.lifecycle(name)
+        self.gateway.route(name)
         restarting: Deferred[None] = self.gateway.restart(name)
         if _flag(request, b"wait"):
             yield restarting
-            return json_body(request, self.gateway.lifecycle(name).status(), 200)
+            return json_body(request, self.gateway.route(name).status(), 200)
         restarting.addErrback(lambda failure: None)  # Seen in status and the log.
-        return json_body(request, self.gateway.lifecycle(name).status(), 202)
+        return json_body(request, self.gateway.route(name).status(), 202)
 
     @app.route("/reload", methods=["POST"])
     def reload(self, request: Request) -> bytes:

@@ -143,7 +143,7 @@ class EventHub:
         @return: a L{Deferred} that never fires by itself: Klein cancels it
             when the connection closes, which unsubscribes the stream.
         """
-        lifecycle = self.gateway.lifecycle(name)  # UnknownService -> 404 first.
+        lifecycle = self.gateway.route(name)  # UnknownService -> 404 first.
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")

@@ -234,12 +234,15 @@ class Gateway:
 
         return backend_endpoint(self.reactor, url)
 
-    def lifecycle(self, name: str) -> Any:
-        """The route of service C{name} (see C{services}); L{UnknownService} if none."""
+    def route(self, name: str) -> Any:
+        """The L{IRoute} of service C{name} (see C{services}); L{UnknownService} if none."""
         try:
             return self.services[name]
         except KeyError:
             raise UnknownService("no such service", service=name) from None
+
+    # The name of route() before routes were more than one service's lifecycle.
+    lifecycle = route
 
     def add_state_observer(self, observer: Observer) -> None:
         """Tell C{observer} of every transition of every service, present and future."""
@@ -513,7 +516,7 @@ class Gateway:
         requests held through the start.  A multi-instance service restarts one
         instance after the other, so that the rest keep serving.
         """
-        route = self.lifecycle(name)
+        route = self.route(name)
         if isinstance(route, GroupMemberRoute):  # a group member's route wraps its lifecycle
             route = route.lifecycle
         if isinstance(route, ServiceLifecycle):

@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from hestia.config import SERVICE_NAME, Reader
 from hestia.errors import GatewayError, StartFailed
-from hestia.interfaces import ILease
+from hestia.interfaces import ILease, IRoute
 from hestia.lifecycle import ServiceLifecycle, State, StateChange
 from hestia.queue import WaitQueue
 
@@ -297,6 +297,7 @@ class ExclusiveGroup:
         }
 
 
+@implementer(IRoute)
 class GroupMemberRoute:
     """
     A group member as the proxy and the API see it: its lifecycle, with

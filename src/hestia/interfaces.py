@@ -157,6 +157,42 @@ class ILease(Interface):
         """End the claim; idempotent, so every exit path may call it."""
 
 
+class IRoute(Interface):
+    """
+    What a service name leads to in the gateway's registry (C{Gateway.services}):
+    one service's L{hestia.lifecycle.ServiceLifecycle}, a multi-instance or a
+    model route (L{hestia.routing}), or a member of an exclusive group
+    (L{hestia.groups}).  The proxy, the API and the observers use only this.
+    """
+
+    name = Attribute("The service's name.")
+    state = Attribute("The route's L{hestia.lifecycle.State} (for a composite: the best of its parts).")
+    in_flight = Attribute("Requests holding a lease now.")
+    state_since = Attribute("When C{state} last changed (reactor seconds).")
+    backend = Attribute("The backend serving it (for a composite: the first part's).")
+
+    def acquire(request: object = None) -> Deferred[Any]:
+        """A L{Deferred} of an L{ILease}: starts the service if needed, holds the request meanwhile."""
+
+    def acquire_passive(request: object = None) -> Deferred[Any] | None:
+        """A monitor's lease when ready, else C{None}: nothing starts (L{hestia.passive})."""
+
+    def start(reason: str = "api") -> Deferred[None]:
+        """Start now (the API's C{POST /start}); fires when ready or failed."""
+
+    def stop(reason: str = "api") -> Deferred[None]:
+        """Stop now, after the requests in flight."""
+
+    def shutdown() -> Deferred[None]:
+        """The gateway is stopping: refuse new work, stop (or detach from a surviving machine)."""
+
+    def status() -> dict[str, Any]:
+        """The JSON status the API and C{hestia status} show."""
+
+    def add_observer(observer: Callable[[Any], None]) -> None:
+        """Tell C{observer} of every transition of this route's lifecycles."""
+
+
 class IServiceObserver(Interface):
     """Something told of every lifecycle transition (logs, metrics, state store)."""
 

@@ -47,7 +47,7 @@ from hestia.errors import (
     StartTimedOut,
     Where,
 )
-from hestia.interfaces import IBackend, ILease, IReconfigurableBackend
+from hestia.interfaces import IBackend, ILease, IReconfigurableBackend, IRoute
 from hestia.queue import WaitQueue
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ class PassiveLease(Lease):
         self._released = True
 
 
+@implementer(IRoute)
 class ServiceLifecycle:
     """
     Drives one backend through its states on behalf of the requests for it.

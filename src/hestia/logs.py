@@ -289,7 +289,7 @@ class ServiceOutput:
         """
         if self.attach(name):
             return self.buffer(name).tail(count, after)
-        lines = self.gateway.lifecycle(name).backend.recent_output()[-count:] if count > 0 else []
+        lines = self.gateway.route(name).backend.recent_output()[-count:] if count > 0 else []
         return [{"seq": None, "time": None, "stream": "output", "line": line} for line in lines]
 
 

@@ -731,7 +731,7 @@ class ServiceProxyResource(ReverseProxyResource):
         @param host_routed: the request's C{Host} is one of the service's
             C{hosts:} (issue 7): the whole path goes to the service, unprefixed.
         """
-        lifecycle = gateway.lifecycle(name)
+        lifecycle = gateway.route(name)
         target = urlsplit(lifecycle.backend.url)
         super().__init__(
             target.hostname or "localhost",
@@ -781,7 +781,7 @@ class ServiceProxyResource(ReverseProxyResource):
         if not authorize_service(request, self.name):  # Before anything can start (hestia.auth).
             return NOT_DONE_YET
         try:
-            lifecycle = self.gateway.lifecycle(self.name)
+            lifecycle = self.gateway.route(self.name)
         except UnknownService as unknown:
             write_error(request, unknown, request_id)
             return NOT_DONE_YET
@@ -822,7 +822,7 @@ class ServiceResources:
 
     def get(self, name: str, host_routed: bool = False) -> ServiceProxyResource:
         """The resource of service C{name}; L{UnknownService} if there is none."""
-        route = self.gateway.lifecycle(name)
+        route = self.gateway.route(name)
         built = self._built.get((name, host_routed))
         if built is None or built[0] is not route:
             built = self._built[(name, host_routed)] = (route, ServiceProxyResource(self.gateway, name, host_routed))

@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from hestia.config import (
     BACKEND_SECTIONS,
@@ -45,7 +46,7 @@ from hestia.config import (
     parse_service,
 )
 from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut
-from hestia.interfaces import IPersistentBackend
+from hestia.interfaces import IPersistentBackend, IRoute
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
 from hestia.strategies import InstanceView, StrategyError, load_strategy
 
@@ -426,6 +427,7 @@ def aggregate_state(states: Sequence[State]) -> State:
 _RETRYABLE = (StartFailed, StartTimedOut, ServiceUnavailable)
 
 
+@implementer(IRoute)
 class MultiInstanceRoute:
     """
     A service with several instances, each its own L{ServiceLifecycle}.
@@ -585,6 +587,7 @@ class MultiInstanceRoute:
         }
 
 
+@implementer(IRoute)
 class ModelRoute:
     """
     C{route_by: model}: one endpoint in front of the services that serve each model.
