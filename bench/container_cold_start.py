@@ -39,7 +39,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hestia.docker_engine import DockerEngine, NoSuchContainer
+from hestia.backends.docker.engine import DockerEngine, NoSuchContainer
 
 IMAGE = "localhost/hestia-busybox:latest"
 TWISTD = str(Path(sys.executable).parent / "twistd")

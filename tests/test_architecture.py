@@ -146,18 +146,19 @@ def test_configuration_is_a_leaf() -> None:
 # draws the same table.
 LAYERS: list[set[str]] = [
     # 0 foundation: records, interfaces, and tools that know nothing of Hestia.
-    FOUNDATION | {"hestia.strategies", "hestia.tls", "hestia.watch", "hestia.demo", "hestia.docker_engine",
+    FOUNDATION | {"hestia.strategies", "hestia.tls", "hestia.watch", "hestia.demo",
                   "hestia.backends.deferreds", "hestia.backends.environment"},
     # 1 the configuration's model and reader.
     {"hestia.config", "hestia.config.model", "hestia.config.reader", "hestia.config.document",
      "hestia.config.parse"},
     # 2 mechanisms, each with its own settings: probes, headers, queues, request hygiene, auth.
     {"hestia.health", "hestia.headers", "hestia.queue", "hestia.reload", "hestia.passive", "hestia.gpu",
-     "hestia.semaphore", "hestia.guard", "hestia.auth", "hestia.tunnel", "hestia.admission"},
+     "hestia.guard", "hestia.auth", "hestia.tunnel", "hestia.admission"},
     # 3 backends: how a service is started and stopped.
     {"hestia.backends", "hestia.backends.commands", "hestia.backends.process", "hestia.backends.static",
-     "hestia.backends.docker", "hestia.backends.semaphore", "hestia.backends.machine", "hestia.backends.wol",
-     "hestia.backends.exec"},
+     "hestia.backends.docker", "hestia.backends.docker.engine", "hestia.backends.docker.backend",
+     "hestia.backends.semaphore", "hestia.backends.semaphore.client", "hestia.backends.semaphore.backend",
+     "hestia.backends.machine", "hestia.backends.wol", "hestia.backends.exec"},
     # 4 routes: one service's lifecycle, groups, multi-instance and model routes; their records.
     {"hestia.lifecycle", "hestia.groups", "hestia.routing", "hestia.schedule", "hestia.state",
      "hestia.costs_config"},

@@ -4,7 +4,7 @@ The C{docker} backend and label discovery, through a real Hestia, on a REAL engi
 Hestia runs as a real C{twistd -n hestia} (L{hestiaproc.HestiaProcess}); the
 containers are busybox httpd on the Podman engine that
 C{scripts/podman-engine.sh start} runs, created here through
-L{hestia.docker_engine.DockerEngine} and removed at the end of each test
+L{hestia.backends.docker.engine.DockerEngine} and removed at the end of each test
 (every name starts with C{hestia-test-}).  Under C{CI=true} a missing engine
 fails these tests instead of skipping them.
 
@@ -33,9 +33,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from hestia.backends.docker import DockerSettings, parse_docker_section
+from hestia.backends.docker.engine import DockerEngine, NoSuchContainer
 from hestia.config import ConfigError, Reader, Tunables
 from hestia.discovery import DiscoverySettings, service_from_labels
-from hestia.docker_engine import DockerEngine, NoSuchContainer
 from hestia.gateway import Gateway
 from hestia.interfaces import IAdoptableBackend
 from hestia.loader import parse_config

@@ -1,5 +1,5 @@
 """
-Tests of L{hestia.docker_engine} against a REAL Podman engine.
+Tests of L{hestia.backends.docker.engine} against a REAL Podman engine.
 
 The engine is the one C{scripts/podman-engine.sh start} runs; its socket is
 C{$HESTIA_PODMAN_SOCK} (default C{/run/hestia-podman/podman.sock}) and the
@@ -37,7 +37,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hestia.docker_engine import (
+from hestia.backends.docker.engine import (
     DockerEngine,
     EngineAddress,
     EngineError,

@@ -26,10 +26,10 @@ from support.hestiaproc import HestiaProcess, free_port, wait_for
 from support.semaphore_double import DoubleProcess
 from twisted.internet.task import Clock
 
+from hestia.backends.semaphore.client import Secret, SemaphoreService, clean_lines, find_hestia_url
 from hestia.config import ConfigError
 from hestia.lifecycle import ServiceLifecycle, State
 from hestia.loader import parse_config
-from hestia.semaphore import Secret, SemaphoreService, clean_lines, find_hestia_url
 from hestia.testing import FakeBackend
 
 TOKEN = "s3cr3t-semaphore-token-4f9c1d"

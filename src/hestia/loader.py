@@ -18,6 +18,7 @@ from typing import Any
 
 from hestia.backends.docker import parse_docker_section
 from hestia.backends.exec import parse_exec_section
+from hestia.backends.semaphore.client import resolve_semaphore
 from hestia.backends.wol import parse_wol_section
 from hestia.config import (
     DEFAULT_CONFIG_FILE,
@@ -37,7 +38,6 @@ from hestia.gpu import resolve_gpus
 from hestia.passive import resolve_passive
 from hestia.reload import parse_reload_section
 from hestia.routing import parse_routing
-from hestia.semaphore import resolve_semaphore
 
 # A service's backend sections that their backend's module validates, called as
 # parse(reader, raw, key, service_name).  (semaphore: resolve_semaphore, below,

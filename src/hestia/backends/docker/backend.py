@@ -47,8 +47,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
 
 from hestia import health
-from hestia.config import ConfigError, ServiceConfig
-from hestia.docker_engine import (
+from hestia.backends.docker.engine import (
     ContainerEngineError,
     DockerEngine,
     EngineError,
@@ -56,6 +55,7 @@ from hestia.docker_engine import (
     NoSuchContainer,
     parse_engine_host,
 )
+from hestia.config import ConfigError, ServiceConfig
 from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IBackendFactory, IReconfigurableBackend
 

@@ -34,10 +34,7 @@ from zope.interface import implementer, provider
 
 from hestia import health
 from hestia.backends.deferreds import detached
-from hestia.config import ServiceConfig
-from hestia.errors import GatewayError, StartFailed, StartTimedOut
-from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
-from hestia.semaphore import (
+from hestia.backends.semaphore.client import (
     FINISHED,
     NoSuchTask,
     SemaphoreClient,
@@ -47,6 +44,9 @@ from hestia.semaphore import (
     TaskStuck,
     find_hestia_url,
 )
+from hestia.config import ServiceConfig
+from hestia.errors import GatewayError, StartFailed, StartTimedOut
+from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
 
 OUTPUT_LINES_KEPT = 200
 # After a normal stop of a start task, how long it may take to end.
