@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 from collections import deque
@@ -42,6 +41,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from hestia.config import Config, ConfigError, Reader
+from hestia.errors import write_json
 from hestia.interfaces import IHeadCheck
 from hestia.records import credentials_of
 
@@ -384,18 +384,9 @@ def may_see_output(request: Request) -> bool:
 def write_denied(request: Request, denied: Denied, service: str | None = None) -> None:
     """Answer C{request} with C{denied}: JSON, C{WWW-Authenticate} on 401."""
     body: dict[str, Any] = {"error": denied.reason, "service": service, "state": None}
-    request.setResponseCode(denied.status)
-    if denied.status == 401:
-        request.setHeader(b"www-authenticate", b'Bearer realm="hestia"')
     if denied.retry_after is not None:
-        seconds = max(1, round(denied.retry_after))
-        request.setHeader(b"retry-after", str(seconds).encode())
-        body["retry_after"] = seconds
-    data = json.dumps(body).encode("utf-8") + b"\n"
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", str(len(data)).encode())
-    request.write(data)
-    request.finish()
+        body["retry_after"] = max(1, round(denied.retry_after))
+    write_json(request, denied.status, body, retry_after=denied.retry_after)
 
 
 def authorize_service(request: Request, service: str) -> bool:

@@ -9,7 +9,10 @@ failed or the backend is unreachable, 503 the queue is full, 504 a timeout.
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypedDict
+
+from twisted.web.server import Request
 
 
 class Where(TypedDict):
@@ -99,3 +102,40 @@ class ResponseTimedOut(GatewayError):
     """The backend took the request but sent no response head within C{response_timeout}."""
 
     status = 504
+
+
+def write_json(
+    request: Request,
+    status: int,
+    document: object,
+    *,
+    retry_after: float | None = None,
+    request_id: bytes | None = None,
+    hide_server: bool = False,
+) -> None:
+    """
+    The one writer of Hestia's own JSON answers (errors and refusals alike):
+    the proxy, authentication, request hygiene and model routing all answer
+    through it, so every one has the same headers.
+
+    @param retry_after: seconds, sent as C{Retry-After} (at least 1); a 401
+        also gets C{WWW-Authenticate: Bearer}.
+    @param hide_server: leave out Twisted's C{Server} header (an answer in a
+        backend's place should not name the gateway's software).
+    """
+    body = json.dumps(document).encode("utf-8") + b"\n"
+    headers = request.responseHeaders
+    request.setResponseCode(status)
+    if status == 401:
+        headers.setRawHeaders(b"www-authenticate", [b'Bearer realm="hestia"'])
+    if retry_after is not None:
+        headers.setRawHeaders(b"retry-after", [str(max(1, round(retry_after))).encode()])
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    if hide_server:
+        headers.removeHeader(b"server")
+    if request_id is not None:
+        headers.setRawHeaders(b"x-request-id", [request_id])
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

@@ -64,6 +64,7 @@ from twisted.web.http import (
 from twisted.web.server import Request, Site
 
 from hestia.config import ServerConfig
+from hestia.errors import write_json
 from hestia.interfaces import IHeadCheck
 
 log = Logger(namespace="hestia.guard")
@@ -423,17 +424,9 @@ class GuardedRequest(Request):
             super().process()
             return
         document: dict[str, Any] = {"error": refused.reason, "service": refused.service, "state": None}
-        self.setResponseCode(refused.status)
-        if refused.status == 401:
-            self.setHeader(b"www-authenticate", b'Bearer realm="hestia"')
         if refused.retry_after is not None:
             document["retry_after"] = max(1, round(refused.retry_after))
-            self.setHeader(b"retry-after", str(document["retry_after"]).encode())
-        body = json.dumps(document).encode("utf-8") + b"\n"
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"content-length", str(len(body)).encode())
-        self.write(body)
-        self.finish()
+        write_json(self, refused.status, document, retry_after=refused.retry_after)
 
 
 def _limits(request: Request) -> Limits:

@@ -40,7 +40,15 @@ from zope.interface import implementer
 
 from hestia.admission import CONNECT_RETRY, Admission
 from hestia.auth import Denied, authorize_service, may_see_output
-from hestia.errors import BadRequest, GatewayError, QueueFull, ResponseTimedOut, UnknownService, UpstreamUnreachable
+from hestia.errors import (
+    BadRequest,
+    GatewayError,
+    QueueFull,
+    ResponseTimedOut,
+    UnknownService,
+    UpstreamUnreachable,
+    write_json,
+)
 from hestia.headers import (
     HOP_BY_HOP,
     PathEscape,
@@ -77,17 +85,8 @@ def write_error(request: Request, error: GatewayError, request_id: bytes | None 
     document = error.to_json()
     if "detail" in document and not may_see_output(request):
         del document["detail"]  # The service's output: admin tokens only, as on the logs route.
-    body = json.dumps(document).encode("utf-8") + b"\n"
-    request.setResponseCode(error.status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    request.responseHeaders.removeHeader(b"server")
-    if error.retry_after is not None:
-        request.responseHeaders.setRawHeaders(b"retry-after", [str(max(1, round(error.retry_after))).encode()])
-    if request_id is not None:
-        request.responseHeaders.setRawHeaders(b"x-request-id", [request_id])
-    request.write(body)
-    request.finish()
+    write_json(request, error.status, document, retry_after=error.retry_after, request_id=request_id,
+               hide_server=True)
 
 
 class RequestBody(FileBodyProducer):

@@ -45,7 +45,7 @@ from hestia.config import (
     ServiceParser,
     parse_service,
 )
-from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut
+from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut, write_json
 from hestia.interfaces import IPersistentBackend, IRoute
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
 from hestia.strategies import InstanceView, StrategyError, load_strategy
@@ -796,14 +796,7 @@ def _rewrite_model(request: Request, model: str) -> None:
 
 
 def _write_json(request: Request, status: int, document: Any) -> None:
-    body = json.dumps(document).encode("utf-8") + b"\n"
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    request.responseHeaders.removeHeader(b"server")
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
+    write_json(request, status, document, hide_server=True)
 
 
 def build_route(
