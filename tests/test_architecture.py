@@ -146,7 +146,7 @@ def test_configuration_is_a_leaf() -> None:
 # draws the same table.
 LAYERS: list[set[str]] = [
     # 0 foundation: records, interfaces, and tools that know nothing of Hestia.
-    FOUNDATION | {"hestia.strategies", "hestia.tls", "hestia.watch", "hestia.demo",
+    FOUNDATION | {"hestia.plugins", "hestia.strategies", "hestia.tls", "hestia.watch", "hestia.demo",
                   "hestia.backends.deferreds", "hestia.backends.environment"},
     # 1 the configuration's model and reader.
     {"hestia.config", "hestia.config.model", "hestia.config.reader", "hestia.config.document",

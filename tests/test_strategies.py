@@ -18,7 +18,7 @@ from test_proxy import Harness
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from hestia import strategies
+from hestia import plugins
 from hestia.config import ConfigError
 from hestia.gateway import Gateway
 from hestia.lifecycle import State
@@ -111,7 +111,7 @@ def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                 return instances[self.pick]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    real = strategies.entry_points
+    real = plugins.entry_points
 
     def fake_entry_points(group: str, name: str | None = None) -> list[EntryPoint]:
         extra = [
@@ -123,7 +123,7 @@ def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         found = [entry for entry in extra if name in (None, entry.name)]
         return found + list(real(group=group, **({"name": name} if name else {})))
 
-    monkeypatch.setattr(strategies, "entry_points", fake_entry_points)
+    monkeypatch.setattr(plugins, "entry_points", fake_entry_points)
     return "some_plugins"
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
 from zope.interface import Attribute, Interface, implementer
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
+
+from hestia.plugins import PluginBroken, PluginNotFound, find_plugin
 
 ENTRY_POINT_GROUP = "hestia.strategies"
 
@@ -176,31 +177,24 @@ def load_strategy(name: str, options: Mapping[str, Any] | None = None) -> Any:
     """
     Build the strategy registered as C{name}, with C{options} as keyword arguments.
 
-    Entry points come first, so that the built-ins (registered there too) and
-    third-party plugins are found the same way; the built-in table is a
-    fallback for a source tree that was never installed.
+    A built-in name is the built-in; any other is an entry point
+    (L{hestia.plugins}, the rule backends follow too).
 
     @raise StrategyError: no such plugin, it does not import, its factory
         refuses the options, or what it builds lacks part of L{IRoutingStrategy}.
     """
     options = dict(options or {})
-    found = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
-    if found:
-        entry = found[0]
-        where = f"strategy plugin {name!r} ({entry.value})"
-        try:
-            factory = entry.load()
-        except Exception as error:  # any import-time failure of foreign code
-            raise StrategyError(f"{where} cannot be loaded: {type(error).__name__}: {error}") from None
-    elif name in BUILT_IN:
-        where = f"strategy {name!r}"
-        factory = BUILT_IN[name]
-    else:
-        known = sorted({entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)} | set(BUILT_IN))
+    try:
+        plugin = find_plugin(ENTRY_POINT_GROUP, name, BUILT_IN)
+    except PluginNotFound as missing:
         raise StrategyError(
             f"no strategy plugin named {name!r} in entry-point group {ENTRY_POINT_GROUP} "
-            f"(known: {', '.join(known)})"
-        )
+            f"(known: {', '.join(missing.known)})"
+        ) from None
+    except PluginBroken as broken:
+        raise StrategyError(f"strategy {broken.where} {broken.error}") from None
+    where = f"strategy {name!r}" if plugin.built_in else f"strategy {plugin.where}"
+    factory: Any = plugin.factory
     if not callable(factory):
         raise StrategyError(f"{where} is not a class or factory: it lacks __call__")
     try:

@@ -9,7 +9,6 @@ rather than an C{AttributeError} on the first request.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any
 
 from zope.interface.exceptions import Invalid
@@ -22,6 +21,7 @@ from hestia.backends.semaphore import SemaphoreBackendFactory
 from hestia.backends.static import StaticBackendFactory
 from hestia.backends.wol import WakeOnLanBackendFactory
 from hestia.interfaces import IBackendFactory
+from hestia.plugins import PluginBroken, PluginNotFound, find_plugin
 
 ENTRY_POINT_GROUP = "hestia.backends"
 
@@ -41,14 +41,15 @@ class BackendNotFound(LookupError):
 
 
 def find_backend(name: str) -> Any:
-    """The factory registered as C{name}: built in, or from an entry point."""
-    if name in BUILT_IN:
-        return BUILT_IN[name]
-    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        try:
-            factory = entry.load()
-            verifyObject(IBackendFactory, factory)
-        except (ImportError, AttributeError, Invalid) as error:
-            raise BackendNotFound(f"backend plugin {name!r} ({entry.value}) is broken: {error}") from None
-        return factory
-    raise BackendNotFound(f"no backend plugin named {name!r} (entry-point group {ENTRY_POINT_GROUP})")
+    """The factory registered as C{name}: built in, or from an entry point (L{hestia.plugins})."""
+    try:
+        plugin = find_plugin(ENTRY_POINT_GROUP, name, BUILT_IN)
+    except PluginNotFound:
+        raise BackendNotFound(f"no backend plugin named {name!r} (entry-point group {ENTRY_POINT_GROUP})") from None
+    except PluginBroken as broken:
+        raise BackendNotFound(f"backend {broken.where} is broken: {broken.error}") from None
+    try:
+        verifyObject(IBackendFactory, plugin.factory)
+    except (AttributeError, Invalid) as error:
+        raise BackendNotFound(f"backend {plugin.where} is broken: {error}") from None
+    return plugin.factory
