@@ -65,8 +65,11 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.guard.x_raise_open_file_limit": [
         ("soft <= hard", "with soft == hard, setting (hard, hard) changes nothing")],
     "hestia.guard.xǁGuardedChannelǁallHeadersReceived": [
-        ("isinstance(site, GuardedSite)) or True", "only GuardedSite.protocol makes GuardedChannels: the site is one")],
-    "hestia.guard.xǁGuardedRequestǁparseCookies": [('b"HOST"', CASE)],
+        ("isinstance(site, GuardedSite)) or True", "only GuardedSite.protocol makes GuardedChannels: the site is one"),
+        ('b"CONTENT-LENGTH"', CASE), ('b"EXPECT"', CASE)],
+    "hestia.guard.xǁGuardedChannelǁ__init__": [
+        ("self._rejected = None", "the flag is only tested for truth: None and False are both false")],
+    "hestia.guard.xǁGuardedRequestǁparseCookies": [('b"HOST"', CASE), ('b"EXPECT"', CASE)],
     "hestia.lifecycle.xǁServiceLifecycleǁ_start_abandoned": [
         ("failure: log.failure(\"stopping {service}\", service=",
          "stop()'s Deferred never fails (a failed stop is the FAILED state), so this errback never runs")],

@@ -486,3 +486,58 @@ def test_an_http2_body_has_its_deadline_pushed_back_by_what_arrives() -> None:
     assert aborted == [True]
     assert ("reset an HTTP/2 stream whose body was not received in time (body_timeout 10s)"
             in [formatEvent(event) for event in captured])
+
+
+# -- third round (issue 21, seed 11): the HTTP/1.1 head's checks, HTTP/2 head checks --------------
+
+
+def test_the_body_deadline_settings_come_from_the_server_section_too() -> None:
+    server = parse_config({"server": {"body_timeout": 4, "body_min_rate": 7}}, "t.yml", {}).server
+    limits = Limits.from_server(server)
+    assert limits.body_timeout == 4.0 and limits.body_min_rate == 7
+
+
+def test_a_chunk_size_line_in_pieces_is_counted_once() -> None:
+    connection = Connection()
+    connection.send(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+    connection.send(b"3c\r\n" + b"a" * 60 + b"\r\n")
+    connection.send(b"2")  # the next size line, not yet complete
+    connection.send(b"8\r\n" + b"b" * 40 + b"\r\n0\r\n\r\n")
+    assert connection.status() == 200 and connection.resource.bodies == [b"a" * 60 + b"b" * 40]
+
+
+def test_a_head_check_sees_the_path_up_to_the_first_question_mark_and_the_version() -> None:
+    connection = Connection()
+    root, limited = head_checked_tree(401, None)
+    seen: list[bytes] = []
+    check = type(limited).check_head
+    type(limited).check_head = lambda self, request: (seen.append(request.clientproto), check(self, request))[1]
+    connection.site.resource = root
+    connection.send(b"POST /limited?x=1?y=2 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello")
+    assert connection.status() == 401 and limited.bodies == []
+    assert seen == [b"HTTP/1.1"]
+
+
+def test_an_http2_get_with_a_body_is_checked_from_its_head_and_one_without_is_not() -> None:
+    root, limited = head_checked_tree(401, None)
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5"}, method=b"GET")
+    request.handleContentChunk(b"hello")
+    answered(request, channel)
+    assert request.code == 401 and limited.bodies == []
+    root, limited = head_checked_tree(401, None)
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw"}, method=b"GET")
+    assert request._refused is None  # the resource decides when it renders, as for HTTP/1.1
+
+
+def test_an_http2_head_without_a_request_line_or_a_guarded_site_is_left_alone() -> None:
+    root, _ = head_checked_tree(401, None)
+    request, _, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5"}, uri=None)  # type: ignore[arg-type]
+    assert request._refused is None
+    channel = DummyChannel()
+    channel.site = Site(root)
+    channel.command, channel.path = b"POST", b"/limited"
+    plain = GuardedRequest(channel)
+    plain.requestHeaders.setRawHeaders(b"host", [b"gw"])
+    plain.requestHeaders.setRawHeaders(b"content-length", [b"5"])
+    plain.parseCookies()
+    assert plain._refused is None

@@ -555,3 +555,80 @@ def test_a_connect_failure_wrapped_in_response_never_received_is_retried_then_50
     assert response.code == 502
     assert harness.json(response)["error"] == "backend unreachable: connection refused"
     assert agent.calls > 1  # the request never reached the backend: trying again is safe
+
+
+# -- loading events (an early-opened stream) ------------------------------------------------
+
+
+def loading_harness() -> Harness:
+    return Harness({
+        "ai": {"route_by": "model", "loading_events": True},
+        "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
+    })
+
+
+STREAM = b'{"model": "qwen2.5:7b", "stream": true}'
+
+
+def test_a_held_stream_gets_its_headers_and_keep_alives_then_the_backends_body() -> None:
+    harness = loading_harness()
+    response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    assert response.headers.getRawHeaders("cache-control") == ["no-cache"]
+    assert response.headers.getRawHeaders("x-hestia-state") == ["starting"]
+    assert not response.headers.hasHeader("server")
+    chunks: list[bytes] = []
+    done = response.collect(chunks.append)
+    harness.settle()
+    assert b"".join(chunks) == b": hestia: the model is loading\n\n"
+    harness.reactor.advance(1.9)
+    harness.settle()
+    assert b"".join(chunks) == b": hestia: the model is loading\n\n"
+    harness.reactor.advance(0.1)
+    harness.settle()
+    assert b"".join(chunks).endswith(b": hestia: still loading\n\n")
+    fake = harness.fakes["qwen"]
+    fake.finish_start()
+    harness.reactor.advance(0.01)
+    harness.settle()
+    fake.answer_probe(True)
+    harness.settle()
+    harness.result(done)
+    body = b"".join(chunks)
+    assert body.count(b"still loading") == 1
+    echoed = json.loads(body.split(b"\n\n")[-1])
+    assert echoed["uri"] == "/v1/chat/completions" and json.loads(echoed["body"])["stream"] is True
+    harness.reactor.advance(10)
+    harness.settle()
+    assert body == b"".join(chunks)  # no keep-alive after the stream ended
+
+
+def test_a_failed_start_ends_a_held_stream_with_an_openai_error_event() -> None:
+    harness = loading_harness()
+    response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
+    chunks: list[bytes] = []
+    done = response.collect(chunks.append)
+    harness.fakes["qwen"].starts[-1].errback(RuntimeError("no GPU"))
+    harness.settle()
+    harness.result(done)
+    last = b"".join(chunks).split(b"\n\n")[-2]
+    assert last.startswith(b"data: ")
+    error = json.loads(last[len(b"data: "):])["error"]
+    assert error["type"] == "server_error" and error["param"] is None and error["code"] == "StartFailed"
+    assert error["message"].startswith("qwen: ")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/chat/completions", b'{"model": "qwen2.5:7b"}'),   # not streaming
+    ("POST", "/v1/embeddings", STREAM),                             # not a completion
+    ("PUT", "/v1/chat/completions", STREAM),                        # not a POST
+])
+def test_only_a_streaming_completion_post_gets_an_early_stream(method: str, path: str, body: bytes) -> None:
+    harness = loading_harness()
+    pending = harness.request(method, "/services/ai" + path, data=body)
+    harness.settle()
+    box: list[Any] = []
+    pending.addBoth(box.append)
+    assert box == []  # no headers before the model is up
+    assert len(harness.fakes["qwen"].starts) == 1

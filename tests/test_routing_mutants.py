@@ -356,3 +356,38 @@ def test_the_anthropic_model_list_has_anthropics_shape() -> None:
 def test_a_multi_instance_route_status_is_named() -> None:
     gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
     assert gw.gateway.lifecycle("web").status()["name"] == "web"
+
+
+def alias_harness() -> Harness:
+    return Harness({
+        "ai": {"route_by": "model", "aliases": {"gpt-4o-mini": "qwen2.5:7b"}},
+        "llama": {"url": "http://llama:1", "models": ["llama3:8b"]},
+        "qwen": {"url": "http://qwen:1", "models": ["qwen2.5:7b"]},
+    })
+
+
+def test_an_alias_is_listed_after_the_models_and_owned_by_its_models_target() -> None:
+    harness = alias_harness()
+    models = harness.json(harness.result(harness.request("GET", "/services/ai/v1/models")))
+    assert [(m["id"], m["owned_by"]) for m in models["data"]] == [
+        ("llama3:8b", "llama"), ("qwen2.5:7b", "qwen"), ("gpt-4o-mini", "qwen")]
+    tags = harness.json(harness.result(harness.request("GET", "/services/ai/api/tags")))
+    assert [m["name"] for m in tags["models"]] == ["llama3:8b", "qwen2.5:7b", "gpt-4o-mini"]
+
+
+def test_a_request_naming_an_alias_reaches_the_real_model_with_the_real_name() -> None:
+    harness = alias_harness()
+    response = harness.result(harness.request(
+        "POST", "/services/ai/v1/chat/completions", data=b'{"model": "gpt-4o-mini", "stream": false}'))
+    assert response.code == 200
+    echoed = harness.json(response)
+    assert json.loads(echoed["body"]) == {"model": "qwen2.5:7b", "stream": False}
+    headers = {name.lower(): values for name, values in echoed["headers"]}
+    assert headers["content-length"] == [str(len(echoed["body"]))]
+
+
+def test_a_request_naming_the_real_model_is_forwarded_unchanged() -> None:
+    harness = alias_harness()
+    body = b'{"model":"qwen2.5:7b"}'
+    echoed = harness.json(harness.result(harness.request("POST", "/services/ai/api/generate", data=body)))
+    assert echoed["body"] == body.decode()
