@@ -345,3 +345,35 @@ def test_a_file_that_is_not_utf8_names_the_line_and_the_byte(tmp_path: Path) -> 
         load_config(str(file), environ={})
     assert str(caught.value) == f"{file}: not UTF-8 text: line 2 has the byte 0xe9"
     assert caught.value.key == ""
+
+
+# -- the public Reader (hestia.config.reader), after the package split ----------------------------
+
+def test_describe_shows_a_value_whole_up_to_40_characters_then_cuts_it_with_an_ellipsis() -> None:
+    from hestia.config import describe
+
+    exact = "x" * 38  # repr adds the quotes: 40 characters
+    assert describe(exact) == f"str '{'x' * 38}'"
+    longer = "y" * 39  # 41 characters of repr
+    assert describe(longer) == "str " + repr(longer)[:37] + "..."
+    assert describe(None) == "nothing"
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_allowed_keys() -> None:
+    from hestia.config import ConfigError, Reader
+
+    with pytest.raises(ConfigError) as caught:
+        Reader("f.yml").check_keys({"zzzz": 1}, {"alpha", "beta"}, "server")
+    assert str(caught.value) == "f.yml: server.zzzz: unknown key (expected one of: alpha, beta)"
+
+
+def test_duration_errors_say_what_was_given() -> None:
+    from hestia.config import ConfigError, Reader
+
+    reader = Reader("f.yml")
+    for value, message in ((True, "expected a number of seconds, got bool True"),
+                           (float("nan"), "expected a number of seconds, got NaN"),
+                           (90000, "must be at most 24h, got int 90000")):
+        with pytest.raises(ConfigError) as caught:
+            reader.duration(value, "k", maximum=86400)
+        assert caught.value.message == message
