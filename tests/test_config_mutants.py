@@ -377,3 +377,27 @@ def test_duration_errors_say_what_was_given() -> None:
         with pytest.raises(ConfigError) as caught:
             reader.duration(value, "k", maximum=86400)
         assert caught.value.message == message
+
+
+def test_core_key_errors_name_the_key_and_say_why() -> None:
+    from hestia.config import ConfigError
+    from hestia.loader import parse_config
+
+    cases = [
+        ({"services": {"web": {"url": "http://w:1", "health": {"path": "/", "interval": "soon"}}}},
+         "services.web.health.interval", "expected a number of seconds (or '30s', '5m', '1h'), got str 'soon'"),
+        ({"server": {"header_timeout": 0}, "services": {}}, "server.header_timeout", "must be more than 0"),
+        ({"services": {123: {"url": "http://w:1"}}}, "services.123",
+         "service names must be strings, got int 123 (quote it, and names must match [a-z0-9][a-z0-9_-]*)"),
+    ]
+    for raw, key, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(raw, "f.yml", {})
+        assert (caught.value.key, caught.value.message) == (key, message)
+
+
+def test_feature_sections_hold_only_feature_sections() -> None:
+    from hestia.loader import parse_config
+
+    config = parse_config({"server": {"listen": "tcp:9"}, "defaults": {}, "services": {}}, "f.yml", {})
+    assert "server" not in config.sections and "defaults" not in config.sections
