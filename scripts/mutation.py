@@ -82,7 +82,11 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE),
         ("deliverBody(None)", "unreachable: a gone client's backend request is cancelled first, and a cancelled "
                               "Deferred drops the response that comes later")],
-    "hestia.proxy.xǁExchangeǁ__init__": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.proxy.xǁExchangeǁ__init__": [
+        ('"ASCII"', "codec names are case-insensitive"),
+        ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false")],
+    "hestia.proxy.xǁExchangeǁ_open_early": [
+        ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first")],
     "hestia.proxy.xǁExchangeǁ_send": [
         ('self._pending = ""', "reassigned below before anything reads it, or the client is gone and nothing will")],
     "hestia.proxy.xǁServiceProxyResourceǁ__init__": [

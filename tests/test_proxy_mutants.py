@@ -175,6 +175,8 @@ class FailingAgent:
         (TimeoutError(), "backend unreachable: connect timed out"),
         (ResponseFailed([Failure(ConnectionRefusedError())]), "backend unreachable: connection refused"),
         (ValueError("weird"), "backend unreachable: weird"),
+        (ResponseFailed([Failure(ValueError("first")), Failure(ValueError("then"))]),
+         "backend unreachable: first; then"),
     ],
 )
 def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reason: str) -> None:
@@ -632,3 +634,34 @@ def test_only_a_streaming_completion_post_gets_an_early_stream(method: str, path
     pending.addBoth(box.append)
     assert box == []  # no headers before the model is up
     assert len(harness.fakes["qwen"].starts) == 1
+
+
+def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duration() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness.reactor.advance(500)
+    records: list[Any] = []
+    original = harness.gateway.request_ended
+
+    def ended(exchange: Any) -> None:
+        records.append(exchange.record)
+        original(exchange)
+
+    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    response = harness.result(harness.request("GET", "/services/web/p"))
+    echoed = harness.json(response)
+    headers = {name.lower(): values for name, values in echoed["headers"]}
+    assert headers["x-forwarded-proto"] == ["http"]
+    harness.settle()
+    [record] = records
+    assert record.duration == 0.0
+
+
+def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
+    resource = harness.gateway.proxy_resource("web")
+    request = dummy()
+    request.uri, request.method = b"/services/api/x", b"POST"
+    denied = resource.check_head(request)
+    assert (denied.status, denied.reason, denied.service) == (404, "no such service", "web")
+    resource.render(request)
+    assert json.loads(b"".join(request.written))["error"] == "no such service"
