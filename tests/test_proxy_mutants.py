@@ -658,7 +658,7 @@ def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duratio
 
 def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
-    resource = harness.gateway.proxy_resource("web")
+    resource = ServiceProxyResource(harness.gateway, "web")
     request = dummy()
     request.uri, request.method = b"/services/api/x", b"POST"
     denied = resource.check_head(request)
