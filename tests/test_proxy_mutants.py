@@ -218,13 +218,7 @@ def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> 
 def test_the_access_record_of_an_exchange() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     records: list[Any] = []
-    original = harness.gateway.request_ended
-
-    def ended(exchange: Any) -> None:
-        records.append(exchange.record)
-        original(exchange)
-
-    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
     response = harness.result(harness.request("POST", "/services/web/p?q=1", data=b"12345",
                                               headers={"X-Request-ID": "rec-1"}))
     harness.result(response.content())
@@ -361,13 +355,7 @@ class HeldAgent:
 
 def recording(harness: Harness) -> list[Any]:
     records: list[Any] = []
-    original = harness.gateway.request_ended
-
-    def ended(exchange: Any) -> None:
-        records.append(exchange.record)
-        original(exchange)
-
-    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
     return records
 
 
@@ -640,13 +628,7 @@ def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duratio
     harness = Harness({"web": {"url": "http://backend:8000"}})
     harness.reactor.advance(500)
     records: list[Any] = []
-    original = harness.gateway.request_ended
-
-    def ended(exchange: Any) -> None:
-        records.append(exchange.record)
-        original(exchange)
-
-    harness.gateway.request_ended = ended  # type: ignore[method-assign]
+    harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
     response = harness.result(harness.request("GET", "/services/web/p"))
     echoed = harness.json(response)
     headers = {name.lower(): values for name, values in echoed["headers"]}

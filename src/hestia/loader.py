@@ -83,7 +83,7 @@ def parse_document(core: CoreDocument, environ: Mapping[str, str]) -> Config:
     sections["gpus"], services = resolve_gpus(reader.source, document.get("gpus"), core.services_raw, services)
     if "reload" in sections:
         sections["reload"] = parse_reload_section(reader, sections["reload"])
-    routing = parse_routing(reader.source, services, sections.get("groups"), environ, _parse_whole_service)
+    routing = parse_routing(reader.source, services, sections.get("groups"), _parse_whole_service)
     config = replace(config, services=services, sections=sections, routing=routing, costs=costs)
     return resolve_semaphore(config, environ)
 

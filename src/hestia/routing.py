@@ -193,8 +193,7 @@ def _aliases(reader: Reader, raw: Any, owner: Mapping[str, str], key: str) -> di
 
 
 def parse_routing(
-    source: str, services: Mapping[str, ServiceConfig], groups_raw: Any, environ: Mapping[str, str],
-    parse: ServiceParser = parse_service,
+    source: str, services: Mapping[str, ServiceConfig], groups_raw: Any, parse: ServiceParser = parse_service,
 ) -> RoutingPlan:
     """
     Validate the routing keys of every service and the top-level C{groups:}.
