@@ -514,3 +514,46 @@ def test_task_launched_just_before_a_crash_is_found(
     assert second.status(name)["details"]["task_id"] == created.json()["id"]
     assert len(tasks_of(double, name, START)) == 1
     assert len(alive_vms(double, name)) == 1
+
+
+@pytest.mark.semaphore
+@pytest.mark.parametrize("reached_semaphore", [True, False], ids=["launched", "never-launched"])
+def test_stop_task_launched_just_before_a_crash_is_found(
+    reached_semaphore: bool, gateways: list[HestiaProcess], tmp_path: Path, double: DoubleProcess
+) -> None:
+    """
+    The gateway died after sending a stop launch but before recording the task id (the
+    window a SIGKILL can hit): the next gateway follows that stop task by its
+    hestia_launch_id instead of launching a second one; if the launch never reached
+    Semaphore, it launches the one stop that is needed.  No VM is left running either way.
+    """
+    name = f"stop-crash-{reached_semaphore}".lower()
+    cfg = config(double, tmp_path, name, idle_timeout=600)
+    first = run(gateways, tmp_path, cfg)
+    assert first.http.get(f"/services/{name}/health", timeout=30).status_code == 200
+    assert len(alive_vms(double, name)) == 1
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+    nonce = f"{name}-launch-before-crash"
+    if reached_semaphore:
+        created = httpx.post(
+            f"{double.api}/project/1/tasks", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
+            json={"template_id": STOP, "environment": json.dumps(
+                {"hestia_service": name, "machine_id": f"m-{name}", "hestia_action": "stop",
+                 "hestia_launch_id": nonce})},
+        )
+        assert created.status_code == 201
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        updated = db.execute(
+            "UPDATE services SET state = 'stopping', data = ? WHERE name = ?",
+            (json.dumps({"phase": "stop-launching", "nonce": nonce, "machine_id": f"m-{name}"}), name),
+        ).rowcount
+    assert updated == 1
+    second = run(gateways, tmp_path, cfg)
+    second.wait_state(name, "stopped", timeout=15)
+    assert wait_for(lambda: alive_vms(double, name) == [], 5)
+    stops = tasks_of(double, name, STOP)
+    assert len(stops) == 1, stops
+    # The double reports the VM gone a moment before the task's final status.
+    assert wait_for(lambda: [t["status"] for t in tasks_of(double, name, STOP)] == ["success"], 5)
+    assert len(tasks_of(double, name, START)) == 1

@@ -81,7 +81,7 @@ class SemaphoreBackend:
         self._recorded_state: str | None = None
         self._remote_url: str | None = None
         self._task_id: int | None = None
-        self._phase: str | None = None  # None (nothing provisioned), launching, start, stop
+        self._phase: str | None = None  # None (nothing provisioned), launching, start, stop-launching, stop
         self._nonce: str | None = None
         self._task_status: str | None = None
         self._output: list[str] = []
@@ -234,6 +234,10 @@ class SemaphoreBackend:
     def _start(self) -> Generator[Deferred[Any], Any, Any]:
         yield self._recalled()
         self._recorded_state = None
+        if self._phase == "stop-launching":
+            yield self._find_launched_stop()
+            if self._phase == "stop-unlaunched":
+                self._phase = None  # That stop never reached Semaphore: start anew (idempotent).
         if self._phase == "stop" and self._task_id is not None:
             # A previous gateway died while stopping: let that stop end first.
             self._log.info("waiting for stop task {task} before starting", task=self._task_id)
@@ -296,22 +300,46 @@ class SemaphoreBackend:
 
     @inlineCallbacks
     def _find_launched(self) -> Generator[Deferred[Any], Any, Any]:
-        """A launch whose answer never came back: find its task by our launch id."""
-        found = None
-        for task in reversed((yield self.client.tasks()) or []):
-            try:
-                environment = json.loads(task.get("environment") or "{}")
-            except ValueError:
-                continue
-            if isinstance(environment, dict) and environment.get("hestia_launch_id") == self._nonce:
-                found = int(task["id"])
-                break
+        """A start launch whose answer never came back: find its task by our launch id."""
+        found = yield self._find_task(self.settings.start_template_id)
         if found is None:
             self._phase = None
         else:
             self._task_id = found
             self._phase = "start"
             yield self._save("starting")
+
+    @inlineCallbacks
+    def _find_task(self, template_id: int) -> Generator[Deferred[Any], Any, Any]:
+        """The id of the newest task of C{template_id} carrying our launch id, or None."""
+        for task in reversed((yield self.client.tasks()) or []):
+            if task.get("template_id") not in (None, template_id):
+                continue
+            try:
+                environment = json.loads(task.get("environment") or "{}")
+            except ValueError:
+                continue
+            if (
+                isinstance(environment, dict)
+                and environment.get("hestia_launch_id") == self._nonce
+                and environment.get("machine_id", self.settings.machine_id) == self.settings.machine_id
+            ):
+                return int(task["id"])
+        return None
+
+    @inlineCallbacks
+    def _find_launched_stop(self) -> Generator[Deferred[Any], Any, Any]:
+        """
+        A stop launch whose answer never came back (the gateway died between sending it and
+        recording its id): follow that task if Semaphore has it, or launch the stop again.
+        """
+        found = yield self._find_task(self.settings.stop_template_id)
+        if found is None:
+            self._phase = "stop-unlaunched"
+        else:
+            self._task_id = found
+            self._phase = "stop"
+            yield self._save("stopping")
 
     @inlineCallbacks
     def _follow_start(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
@@ -367,9 +395,16 @@ class SemaphoreBackend:
                 return
         if self._phase == "start" and self._task_id is not None:
             yield self._end_start_task(self._task_id)
+        if self._phase == "stop-launching":
+            yield self._find_launched_stop()
         if self._phase == "stop" and self._task_id is not None:
             stop_id = self._task_id
         else:
+            # On disk before the task can exist, as for a start: a crash between the launch
+            # and recording its id must not make the next gateway launch a second stop.
+            self._nonce = uuid.uuid4().hex
+            self._phase = "stop-launching"
+            yield self._save("stopping")
             task = yield self.client.launch(
                 self.settings.stop_template_id,
                 self._environment("stop"),
