@@ -31,7 +31,7 @@ from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend, I
 from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
 from hestia.records import RequestRecord
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
-from hestia.routing import ModelRoute, MultiInstanceRoute, persistent_lifecycles
+from hestia.routing import ModelRoute, MultiInstanceRoute, Route, persistent_lifecycles
 
 log = Logger(namespace="hestia.gateway")
 
@@ -136,7 +136,7 @@ class Gateway:
         # name -> route (hestia.routing.Route): for a plain service its
         # ServiceLifecycle; for instances:/route_by: services a composite route;
         # for an exclusive group's member a GroupMemberRoute around its lifecycle.
-        self.services: dict[str, Any] = {}
+        self.services: dict[str, Route] = {}
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
         self._in_flight_requests = 0
@@ -234,7 +234,7 @@ class Gateway:
 
         return backend_endpoint(self.reactor, url)
 
-    def route(self, name: str) -> Any:
+    def route(self, name: str) -> Route:
         """The L{IRoute} of service C{name} (see C{services}); L{UnknownService} if none."""
         try:
             return self.services[name]
@@ -337,7 +337,7 @@ class Gateway:
             if lifecycle.state is not State.STOPPED:
                 continue
 
-            def adopt(running: bool, lifecycle: ServiceLifecycle = lifecycle) -> None:
+            def adopt(running: bool, lifecycle: Route = lifecycle) -> None:
                 if running and lifecycle.state is State.STOPPED and self.services.get(lifecycle.name) is lifecycle:
                     log.info("{service} is already running: adopting it", service=lifecycle.name)
                     lifecycle.start("adopted").addErrback(lambda failure: None)

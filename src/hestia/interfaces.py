@@ -163,6 +163,7 @@ class IRoute(Interface):
     one service's L{hestia.lifecycle.ServiceLifecycle}, a multi-instance or a
     model route (L{hestia.routing}), or a member of an exclusive group
     (L{hestia.groups}).  The proxy, the API and the observers use only this.
+    L{hestia.routing.Route} is its static type (a C{Protocol} mypy checks).
     """
 
     name = Attribute("The service's name.")
@@ -170,6 +171,9 @@ class IRoute(Interface):
     in_flight = Attribute("Requests holding a lease now.")
     state_since = Attribute("When C{state} last changed (reactor seconds).")
     backend = Attribute("The backend serving it (for a composite: the first part's).")
+    config = Attribute("Its L{hestia.config.ServiceConfig}.")
+    queue = Attribute("The requests held for it (a C{Sized}; for a composite: all its parts').")
+    last_request_at = Attribute("When its last request ended (reactor seconds), or C{None}.")
 
     def acquire(request: object = None) -> Deferred[Any]:
         """A L{Deferred} of an L{ILease}: starts the service if needed, holds the request meanwhile."""

@@ -61,13 +61,12 @@ from hestia.headers import (
 from hestia.interfaces import IHeadCheck, ILease, IRequestExchange
 from hestia.passive import write_passive_answer
 from hestia.records import RequestRecord, credentials_of
-from hestia.routing import RouteRequest
+from hestia.routing import Route, RouteRequest
 from hestia.tunnel import Tunnel, is_upgrade, open_tunnel
 from hestia.ui import serve_waiting_page, wants_waiting_page
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.lifecycle import ServiceLifecycle
 
 log = Logger(namespace="hestia.proxy")
 
@@ -135,7 +134,7 @@ class Exchange:
     def __init__(
         self,
         gateway: Gateway,
-        lifecycle: ServiceLifecycle,
+        lifecycle: Route,
         request: Request,
         rest: bytes,
         request_id: bytes,

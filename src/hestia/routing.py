@@ -300,6 +300,9 @@ def parse_routing(
 class Route(Protocol):
     """
     What the proxy and the API use of a service: a L{ServiceLifecycle} has it all.
+
+    The static type of L{hestia.interfaces.IRoute}: every route class declares
+    that interface (tests/test_routes.py verifies them) and has this shape (mypy).
     """
 
     @property
@@ -322,6 +325,9 @@ class Route(Protocol):
 
     @property
     def queue(self) -> Sized: ...
+
+    @property
+    def last_request_at(self) -> float | None: ...
 
     def acquire(self, request: object = None) -> Deferred[Lease]: ...
 
@@ -610,6 +616,10 @@ class ModelRoute:
 
     def targets(self) -> list[Route]:
         return [self._lookup(target) for target in self.plan.targets]
+
+    @property
+    def last_request_at(self) -> float | None:
+        return max((t.last_request_at for t in self.targets() if t.last_request_at is not None), default=None)
 
     @property
     def state(self) -> State:

@@ -20,7 +20,7 @@ from hestia.lifecycle import State
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
-    from hestia.lifecycle import ServiceLifecycle
+    from hestia.routing import Route
 
 # The files /v1/ui/<name> may serve, and their content types.  An allow-list:
 # nothing else in the package directory is reachable.
@@ -76,7 +76,7 @@ def is_browser_navigation(request: Request) -> bool:
     return b"text/html" in accept
 
 
-def wants_waiting_page(lifecycle: ServiceLifecycle, request: Request) -> bool:
+def wants_waiting_page(lifecycle: Route, request: Request) -> bool:
     """The waiting page goes to browser navigations to a service not ready, with C{on_cold: page}."""
     return (
         lifecycle.state is not State.READY
@@ -90,7 +90,7 @@ def _script_json(data: Any) -> str:
     return json.dumps(data).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def waiting_page(lifecycle: ServiceLifecycle, now: float, show_output: bool = True) -> bytes:
+def waiting_page(lifecycle: Route, now: float, show_output: bool = True) -> bytes:
     """
     The waiting page for C{lifecycle}, with its status embedded.
 
@@ -111,7 +111,7 @@ def waiting_page(lifecycle: ServiceLifecycle, now: float, show_output: bool = Tr
     return template.replace("__HESTIA_DATA__", _script_json(data)).encode("utf-8")
 
 
-def serve_waiting_page(gateway: Gateway, lifecycle: ServiceLifecycle, request: Request) -> None:
+def serve_waiting_page(gateway: Gateway, lifecycle: Route, request: Request) -> None:
     """
     Start C{lifecycle}'s service and answer the navigation with the waiting page.
 
