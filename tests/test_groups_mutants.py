@@ -68,7 +68,7 @@ def test_the_group_status_names_the_holder_and_who_waits() -> None:
     gw.clock.advance(99)
     assert a.state is State.READY
     gw.clock.advance(1.1)
-    assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
     assert b.status()["group"]["yielding"] is True
     gw.fakes["a"].finish_stop()
     gw.clock.advance(0)
@@ -103,7 +103,7 @@ def test_a_member_already_running_at_reload_keeps_the_group() -> None:
     b = gw.gateway.lifecycle("b")
     outcome(b.acquire(None))
     assert gw.fakes["b"].starts == []  # b waits for a, which yields at once (min_residency 0)
-    assert b.state is State.STARTING and a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert b.state is State.STARTING and a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
 
 
 def test_a_failed_dependency_fails_the_dependent_naming_it() -> None:
@@ -143,7 +143,7 @@ def test_a_holder_that_becomes_ready_while_another_waits_yields_then() -> None:
     assert a.state is State.STARTING and b.state is State.STARTING
     gw.up("a")
     gw.clock.advance(0)
-    assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
     gw.fakes["a"].finish_stop()
     gw.clock.advance(0)
     gw.up("b")

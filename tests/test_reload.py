@@ -505,7 +505,7 @@ def test_a_group_member_restarts_through_its_group() -> None:
     restarted = outcome(fleet.gateway.restart("a"))
     fleet.built["a"][0].finish_stop()
     assert a.state is State.STARTING and a.backend is fleet.built["a"][1]
-    assert a.built_from.command == ("serve", "new")
+    assert a.lifecycle.built_from.command == ("serve", "new")
     fleet.built["a"][1].finish_start()
     fleet.clock.advance(0)
     fleet.built["a"][1].answer_probe(True)

@@ -344,7 +344,7 @@ def test_exclusive_group_swaps_only_after_in_flight_requests_finish() -> None:
     held_a = results(a.acquire(None))  # a new request for the yielding a is held, not served
     assert held_a == [] and a.status()["queued"] == 1
     lease_a[0].release()
-    assert a.state is State.STOPPING and a.state_reason == "exclusive"
+    assert a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
     gw.down("a")
     gw.clock.advance(0)
     gw.up("b")

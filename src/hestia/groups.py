@@ -55,7 +55,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hestia.config import SERVICE_NAME, Reader
+from hestia.config import SERVICE_NAME, Reader, ServiceConfig
 from hestia.errors import GatewayError, StartFailed
 from hestia.interfaces import ILease, IRoute
 from hestia.lifecycle import ServiceLifecycle, State, StateChange
@@ -308,11 +308,65 @@ class GroupMemberRoute:
         self.lifecycle = lifecycle
         self.group = group
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.lifecycle, name)
+    # The route surface (hestia.routing.Route), spelled out rather than forwarded with
+    # __getattr__: what a member route offers is what the interface says, nothing more.
+
+    @property
+    def name(self) -> str:
+        return self.lifecycle.name
+
+    @property
+    def config(self) -> ServiceConfig:
+        return self.lifecycle.config
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def backend(self) -> Any:
+        return self.lifecycle.backend
+
+    @property
+    def in_flight(self) -> int:
+        return self.lifecycle.in_flight
+
+    @property
+    def state_since(self) -> float:
+        return self.lifecycle.state_since
+
+    @property
+    def queue(self) -> WaitQueue:
+        return self.lifecycle.queue
+
+    @property
+    def last_request_at(self) -> float | None:
+        return self.lifecycle.last_request_at
 
     def acquire(self, request: object = None) -> Deferred[Any]:
         return self.group.acquire(self.lifecycle, request)
+
+    def acquire_passive(self, request: object = None) -> Deferred[Any] | None:
+        return self.lifecycle.acquire_passive(request)
+
+    def start(self, reason: str = "api") -> Deferred[None]:
+        return self.lifecycle.start(reason)
+
+    def stop(self, reason: str = "api") -> Deferred[None]:
+        return self.lifecycle.stop(reason)
+
+    def shutdown(self) -> Deferred[None]:
+        return self.lifecycle.shutdown()
+
+    def add_observer(self, observer: Callable[[Any], None]) -> None:
+        self.lifecycle.add_observer(observer)
+
+    # A schedule or a pre-warm keeps a member running (hestia.schedule.Holdable).
+    def hold(self, reason: str) -> None:
+        self.lifecycle.hold(reason)
+
+    def release_hold(self, reason: str) -> None:
+        self.lifecycle.release_hold(reason)
 
     def status(self) -> dict[str, Any]:
         status = self.lifecycle.status()
