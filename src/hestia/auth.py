@@ -43,7 +43,7 @@ from zope.interface import implementer
 from hestia.config import Config, ConfigError, Reader
 from hestia.errors import write_json
 from hestia.interfaces import IHeadCheck
-from hestia.records import credentials_of
+from hestia.records import Denied, credentials_of
 
 log = Logger(namespace="hestia.auth")
 
@@ -223,16 +223,6 @@ def credential_headers(auth_enabled: bool, pass_authorization: bool) -> frozense
     return frozenset({TOKEN_HEADER})
 
 
-@dataclass(frozen=True)
-class Denied:
-    """Why a request is refused, as the client will be told."""
-
-    status: int
-    reason: str
-    retry_after: float | None = None
-    service: str | None = None
-
-
 class Authenticator:
     """
     Decides whether a request may reach a service or C{/v1}.
@@ -281,8 +271,7 @@ class Authenticator:
         # must count once against the client.
         credentials = credentials_of(request)
         if credentials.decision is not None and credentials.decision[0] == scope:
-            decided = credentials.decision[1]
-            return decided if isinstance(decided, Denied) else None
+            return credentials.decision[1]
         denied = self._decide(request, allowed, allow_bearer=allow_bearer, scope=scope)
         credentials.decision = (scope, denied)
         return denied

@@ -39,6 +39,16 @@ class RequestRecord:
     token_name: str | None = None
 
 
+@dataclass(frozen=True)
+class Denied:
+    """Why a request is refused, as the client will be told (L{hestia.auth} decides it)."""
+
+    status: int
+    reason: str
+    retry_after: float | None = None
+    service: str | None = None
+
+
 @dataclass
 class Credentials:
     """
@@ -56,7 +66,7 @@ class Credentials:
     consumed: frozenset[bytes] = frozenset()
     token_name: str | None = None
     admin: bool = False
-    decision: tuple[str, object] | None = None
+    decision: tuple[str, Denied | None] | None = None
 
 
 # Keyed by the request object and forgotten with it: no attribute is added to Twisted's Request.
