@@ -240,6 +240,11 @@ class Authenticator:
 
     def update(self, config: AuthConfig) -> None:
         self.config = config
+        # Each history is bounded by max_failures: re-bound them, or a reload that raises
+        # the limit leaves known guessers with histories too short ever to reach it.
+        self._failures = {
+            client: deque(history, maxlen=config.max_failures) for client, history in self._failures.items()
+        }
 
     @property
     def enabled(self) -> bool:
