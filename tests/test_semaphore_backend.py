@@ -543,6 +543,15 @@ def test_stop_task_launched_just_before_a_crash_is_found(
                  "hestia_launch_id": nonce})},
         )
         assert created.status_code == 201
+    else:
+        # Another machine's task with the same launch id (a shared project): not ours to follow.
+        foreign = httpx.post(
+            f"{double.api}/project/1/tasks", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
+            json={"template_id": STOP, "environment": json.dumps(
+                {"hestia_service": "someone-else", "machine_id": "m-someone-else", "hestia_action": "stop",
+                 "hestia_launch_id": nonce})},
+        )
+        assert foreign.status_code == 201
     with sqlite3.connect(tmp_path / "state.db") as db:
         updated = db.execute(
             "UPDATE services SET state = 'stopping', data = ? WHERE name = ?",
