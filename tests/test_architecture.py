@@ -170,7 +170,7 @@ LAYERS: list[set[str]] = [
     # 7 the web layer: proxy, pages, the management API.
     {"hestia.ui", "hestia.proxy", "hestia.api", "hestia.planning", "hestia.preflight", "hestia.simulation"},
     # 8 entry points and the test doubles.
-    {"hestia.server_tap", "hestia.cli", "hestia.testing"},
+    {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.site"},
 ]
 
 

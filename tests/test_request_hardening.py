@@ -4,7 +4,7 @@ Issue 12, the request path: raw bytes through the daemon's own site, in memory.
 Each test is one hole found by attacking a running Hestia (tunnels without a
 101, h2c, bodies read before authorisation, bytes the target may not hold,
 types Hestia made up, Host, traversal spellings, header counts, chunk sizes,
-slow bodies, tokens, process output).  See tests/support/inmemory.py for the harness.
+slow bodies, tokens, process output).  See hestia.testing.site for the harness.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from support.inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
 from twisted.logger import globalLogPublisher
 
 from hestia.errors import StartFailed
 from hestia.headers import PathEscape, split_service_path
+from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ C{tests/support/backend.py} whose C{--request-log} shows what got through.  Thos
 are marked C{integration}.
 
 Issue 12 adds a Hypothesis property (marked C{unit}) that drives raw request
-bytes through the daemon's own site in memory (tests/support/inmemory.py): whatever the
+bytes through the daemon's own site in memory (hestia.testing.site): whatever the
 bytes, Hestia never answers 5xx of its own nor logs a traceback, never opens a
 tunnel without a backend C{101}, and a request reaches a backend only if it is
 well-formed, inside one service's prefix and authorised.
@@ -30,10 +30,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from support.hestiaproc import GRACEFUL, BackendSpec, HestiaProcess, RawResponse, raw_request, reap_leftovers, wait_for
-from support.inmemory import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia
 from twisted.logger import globalLogPublisher
 
 from hestia.config import SERVICE_NAME
+from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia
 
 
 class Gateway:

@@ -128,7 +128,7 @@ def build_site(
     """
     The site Hestia serves: the proxy and the guarded API behind guarded channels.
 
-    One function for the daemon and the in-memory tests (tests/support/inmemory.py),
+    One function for the daemon and the in-memory tests (hestia.testing.site),
     so that what the tests drive is what runs.
     """
     kwargs = {} if reactor is None else {"reactor": reactor}

@@ -1,6 +1,9 @@
 """
 A whole Hestia request path in memory: raw client bytes in, raw bytes out.
 
+For tests of Hestia and of what plugs into it (a routing strategy, a backend
+plugin): the same site C{twistd hestia} serves, with no socket and no clock.
+
 L{MemoryHestia} builds the site as C{twistd hestia} does (L{hestia.server_tap.build_site}:
 guarded channel, authentication, proxy and API), over a L{MemoryReactorClock}.
 Clients are L{StringTransport}s fed bytes by the test; the backend is a
@@ -33,13 +36,15 @@ from hestia.api import ManagementAPI
 from hestia.auth import Authenticator, digest, parse_auth
 from hestia.config import ServiceConfig
 from hestia.gateway import Gateway
+from hestia.interfaces import IRequestExchange
 from hestia.loader import parse_config
 from hestia.proxy import Exchange
 from hestia.server_tap import build_site
-from hestia.testing import FakeBackend
+from hestia.testing.backends import FakeBackend
 
-ADMIN_TOKEN = "admin-token-0123456789"
-ECHO_TOKEN = "echo-token-0123456789"
+# The tokens MemoryHestia(auth=True) configures: one for /v1, one for the echo service only.
+ADMIN_TOKEN = "admin-token-0123456789"  # noqa: S105 (a test double's known token)
+ECHO_TOKEN = "echo-token-0123456789"  # noqa: S105
 
 
 class RecordingBackend(Resource):
@@ -59,7 +64,7 @@ class RecordingBackend(Resource):
 
     def render(self, request: Request) -> bytes:
         self.seen.append(request)
-        self.bodies.append(request.content.read())
+        self.bodies.append(request.content.read() if request.content is not None else b"")
         wanted = (request.args.get(b"status") or [b"200"])[0]
         status = int(wanted) if wanted.isdigit() and 200 <= int(wanted) <= 599 else 200
         request.setResponseCode(status)
@@ -110,15 +115,34 @@ class MemoryUpgradeBackend:
 
 
 class RecordingGateway(Gateway):
-    """A gateway that keeps every proxied request's L{Exchange}, by the request id it forwards."""
+    """
+    A gateway that keeps every proxied request's L{Exchange}, by the request id it
+    forwards, and opens upgrade connections to a L{MemoryUpgradeBackend}.
+    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, upgrades: MemoryUpgradeBackend, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.exchanges: dict[bytes, Exchange] = {}
+        self.upgrades = upgrades
 
-    def request_began(self, exchange: Exchange) -> None:
-        self.exchanges[exchange.request_id] = exchange
+    def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
+        return self.upgrades.endpoint(url)
+
+    def request_began(self, exchange: IRequestExchange) -> None:
+        if isinstance(exchange, Exchange):  # the proxy's own, which is what the tests look into
+            self.exchanges[exchange.request_id] = exchange
         super().request_began(exchange)
+
+
+class NegotiatedTransport(StringTransport):
+    """
+    A client transport that reports an ALPN result, as a TLS transport does:
+    for C{b"h2"} Twisted's channel speaks HTTP/2.
+    """
+
+    def __init__(self, negotiated: bytes | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.negotiatedProtocol = negotiated
 
 
 class MemoryClient:
@@ -126,10 +150,7 @@ class MemoryClient:
 
     def __init__(self, hestia: MemoryHestia, negotiated: bytes | None = None) -> None:
         self.hestia = hestia
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
-        if negotiated is not None:
-            # What a TLS transport reports after ALPN: Twisted's channel then speaks HTTP/2.
-            self.transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
+        self.transport = NegotiatedTransport(negotiated, peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
         self.protocol: Protocol = hestia.site.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
         self.lost = False
@@ -195,8 +216,8 @@ class MemoryHestia:
             return fake
 
         self.agent = RequestTraversalAgent(self.backend)
-        self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build)
-        self.gateway.upgrade_endpoint = self.upgrades.endpoint  # type: ignore[method-assign]
+        self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build,
+                                        upgrades=self.upgrades)
         self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
         # A reload applies the same configuration again, as SIGHUP with an unchanged file does.
         api = ManagementAPI(self.gateway, reload=lambda: self.gateway.apply(config))

@@ -1,5 +1,5 @@
 """
-Test doubles for Hestia's interfaces, in the spirit of L{treq.testing}.
+A backend the test drives (re-exported by L{hestia.testing}).
 
 L{FakeBackend} is an L{IBackend} whose every step the test controls: each
 C{start()}, C{probe()} and C{stop()} returns a L{Deferred} the test fires, so
