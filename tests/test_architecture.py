@@ -156,7 +156,8 @@ LAYERS: list[set[str]] = [
      "hestia.guard", "hestia.auth", "hestia.tunnel", "hestia.admission"},
     # 3 backends: how a service is started and stopped.
     {"hestia.backends", "hestia.backends.commands", "hestia.backends.process", "hestia.backends.static",
-     "hestia.backends.docker", "hestia.backends.docker.engine", "hestia.backends.docker.backend",
+     "hestia.backends.docker", "hestia.backends.docker.engine", "hestia.backends.docker.settings",
+     "hestia.backends.docker.backend",
      "hestia.backends.semaphore", "hestia.backends.semaphore.client", "hestia.backends.semaphore.backend",
      "hestia.backends.machine", "hestia.backends.wol", "hestia.backends.exec"},
     # 4 routes: one service's lifecycle, groups, multi-instance and model routes; their records.

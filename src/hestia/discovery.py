@@ -34,8 +34,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from hestia.backends.docker.backend import DockerSettings, parse_host, parse_stop_mode, shared_engine
+from hestia.backends.docker.backend import shared_engine
 from hestia.backends.docker.engine import ContainerEngineError, DockerEngine, EventStream
+from hestia.backends.docker.settings import DockerSettings, parse_host, parse_stop_mode
 from hestia.config import SERVICE_NAME, Config, ConfigError, HealthCheck, Reader, ServiceConfig, Tunables
 from hestia.passive import default_passive_rule
 
