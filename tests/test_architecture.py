@@ -158,7 +158,7 @@ LAYERS: list[set[str]] = [
     {"hestia.backends", "hestia.backends.commands", "hestia.backends.process", "hestia.backends.static",
      "hestia.backends.docker", "hestia.backends.docker.engine", "hestia.backends.docker.settings",
      "hestia.backends.docker.backend",
-     "hestia.backends.semaphore", "hestia.backends.semaphore.client", "hestia.backends.semaphore.backend",
+     "hestia.backends.semaphore", "hestia.backends.semaphore.settings", "hestia.backends.semaphore.client", "hestia.backends.semaphore.backend",
      "hestia.backends.machine", "hestia.backends.wol", "hestia.backends.exec"},
     # 4 routes: one service's lifecycle, groups, multi-instance and model routes; their records.
     {"hestia.lifecycle", "hestia.groups", "hestia.routing", "hestia.schedule", "hestia.state",

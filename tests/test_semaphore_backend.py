@@ -26,7 +26,8 @@ from support.hestiaproc import HestiaProcess, free_port, wait_for
 from support.semaphore_double import DoubleProcess
 from twisted.internet.task import Clock
 
-from hestia.backends.semaphore.client import Secret, SemaphoreService, clean_lines, find_hestia_url
+from hestia.backends.semaphore.client import clean_lines, find_hestia_url
+from hestia.backends.semaphore.settings import Secret, SemaphoreService
 from hestia.config import ConfigError
 from hestia.lifecycle import ServiceLifecycle, State
 from hestia.loader import parse_config

@@ -18,7 +18,7 @@ from typing import Any
 
 from hestia.backends.docker import parse_docker_section
 from hestia.backends.exec import parse_exec_section
-from hestia.backends.semaphore.client import resolve_semaphore
+from hestia.backends.semaphore.settings import resolve_semaphore
 from hestia.backends.wol import parse_wol_section
 from hestia.config import (
     DEFAULT_CONFIG_FILE,

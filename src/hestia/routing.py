@@ -155,7 +155,7 @@ def _instances(
         reader.check_keys(section, INSTANCE_KEYS, where)
         if "semaphore" in section:
             # The Semaphore backend records its machine under the service's
-            # name and is resolved per service (hestia.backends.semaphore.client); an instance
+            # name and is resolved per service (hestia.backends.semaphore.settings); an instance
             # has neither, so it would crash at start: refuse it here.
             raise reader.fail(f"{where}.semaphore", "instances cannot use the semaphore backend: "
                               "make the machine a service of its own")

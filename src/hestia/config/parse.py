@@ -190,7 +190,7 @@ def _semaphore_environment(
     reader: Reader, name: str, section: dict[str, Any], environ: Mapping[str, str], key: str
 ) -> None:
     """
-    Merge C{<NAME>_SEMAPHORE_*} into C{section["semaphore"]} (hestia.backends.semaphore.client
+    Merge C{<NAME>_SEMAPHORE_*} into C{section["semaphore"]} (hestia.backends.semaphore.settings
     validates it); C{<NAME>_SEMAPHORE_ENABLED=false} removes the section.
     """
     prefix = env_prefix(name) + "_SEMAPHORE_"

@@ -39,11 +39,11 @@ from hestia.backends.semaphore.client import (
     NoSuchTask,
     SemaphoreClient,
     SemaphoreError,
-    SemaphoreService,
     SemaphoreUnreachable,
     TaskStuck,
     find_hestia_url,
 )
+from hestia.backends.semaphore.settings import SemaphoreService
 from hestia.config import ServiceConfig
 from hestia.errors import GatewayError, StartFailed, StartTimedOut
 from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
