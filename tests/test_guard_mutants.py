@@ -525,19 +525,39 @@ def test_an_http2_get_with_a_body_is_checked_from_its_head_and_one_without_is_no
     answered(request, channel)
     assert request.code == 401 and limited.bodies == []
     root, limited = head_checked_tree(401, None)
-    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw"}, method=b"GET")
-    assert request._refused is None  # the resource decides when it renders, as for HTTP/1.1
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw", b"expect": b"100-continue"}, method=b"GET")
+    # Not judged from the head: the resource decides when it renders, as for HTTP/1.1.
+    assert rendered_unrefused(request, channel, limited, b"") == [b""]
+
+
+def rendered_unrefused(request: GuardedRequest, channel: Any, resource: Recorder, data: bytes,
+                       uri: bytes = b"/limited") -> list[bytes]:
+    """Feed the body and process: what the resource received, after checking nothing was refused."""
+    assert request.requestHeaders.getRawHeaders(b"expect", [b"100-continue"]) == [b"100-continue"]
+    request.gotLength(len(data))
+    if data:
+        request.handleContentChunk(data)
+    request.content.seek(0)
+    request.method, request.uri, request.clientproto = channel.command or b"POST", uri, b"HTTP/2"
+    request.path = uri
+    request.process()
+    written = channel.transport.written.getvalue()
+    assert request.code == 200 and written.endswith(b"served"), written
+    return resource.bodies
 
 
 def test_an_http2_head_without_a_request_line_or_a_guarded_site_is_left_alone() -> None:
-    root, _ = head_checked_tree(401, None)
-    request, _, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5"}, uri=None)  # type: ignore[arg-type]
-    assert request._refused is None
+    root, limited = head_checked_tree(401, None)
+    request, channel, _ = h2_stream(root, Limits(), {b"host": b"gw", b"content-length": b"5",
+                                                     b"expect": b"100-continue"}, uri=None)  # type: ignore[arg-type]
+    assert rendered_unrefused(request, channel, limited, b"hello") == [b"hello"]
+    root, limited = head_checked_tree(401, None)
     channel = DummyChannel()
     channel.site = Site(root)
     channel.command, channel.path = b"POST", b"/limited"
     plain = GuardedRequest(channel)
     plain.requestHeaders.setRawHeaders(b"host", [b"gw"])
     plain.requestHeaders.setRawHeaders(b"content-length", [b"5"])
+    plain.requestHeaders.setRawHeaders(b"expect", [b"100-continue"])
     plain.parseCookies()
-    assert plain._refused is None
+    assert rendered_unrefused(plain, channel, limited, b"hello") == [b"hello"]

@@ -647,3 +647,205 @@ def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> 
     assert (denied.status, denied.reason, denied.service) == (404, "no such service", "web")
     resource.render(request)
     assert json.loads(b"".join(request.written))["error"] == "no such service"
+
+
+# -- issue 21, seed 11 survivors: connect failures wrapped, logs, the phrase, a client gone mid-body ----
+
+
+@pytest.mark.parametrize("wrapper", [ResponseNeverReceived, ResponseFailed])
+def test_a_connect_failure_wrapped_either_way_is_retried_and_recorded_as_a_connect_failure(wrapper: Any) -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
+    agent = FailingAgent(wrapper([Failure(TimeoutError())]))
+    harness.gateway.agent = agent
+    records = recording(harness)
+    response = after_retries(harness, harness.request("GET", "/services/web/x"))
+    assert response.code == 502
+    assert harness.json(response)["error"] == "backend unreachable: connect timed out"
+    assert agent.calls > 1
+    harness.settle()
+    [record] = records
+    assert record.error_kind == "connect" and record.connect_retries == agent.calls - 1
+
+
+def test_a_reply_that_broke_off_is_not_retried_and_is_recorded_as_upstream() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
+    agent = FailingAgent(ResponseFailed([Failure(ConnectionLost("reset"))]))
+    harness.gateway.agent = agent
+    records = recording(harness)
+    response = after_retries(harness, harness.request("POST", "/services/web/x", data=b"once"))
+    assert response.code == 502 and agent.calls == 1
+    harness.settle()
+    assert [record.error_kind for record in records] == ["upstream"]
+
+
+def test_failing_over_is_logged_with_the_service_and_the_refusing_url() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    harness, _ = failover_harness({b"http://first:1"})
+    with capturedLogs() as captured:
+        response = harness.result(harness.request("GET", "/services/pool/x"))
+    assert response.code == 200
+    assert "pool: http://first:1 refused the connection, trying the next instance" in [
+        formatEvent(event) for event in captured]
+
+
+def test_a_cut_silent_body_is_logged_with_the_method_and_path() -> None:
+    from test_admission import Harness as AdmissionHarness
+    from twisted.logger import capturedLogs, formatEvent
+
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 4})
+    answer = harness.get("/stream")
+    harness.settle()
+    [held] = harness.backend.held
+    held.write(b"first")
+    response = harness.result(answer)
+    response.content().addErrback(lambda _: None)
+    harness.settle()
+    with capturedLogs() as captured:
+        harness.reactor.advance(4)
+        harness.settle()
+    lines = [formatEvent(event) for event in captured]
+    assert "svc: response body to GET /services/svc/stream silent for 4.0s: cut" in lines
+
+
+def test_a_zero_response_idle_timeout_never_cuts_a_slow_body() -> None:
+    from test_admission import Harness as AdmissionHarness
+
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 0})
+    answer = harness.get("/stream")
+    harness.settle()
+    [held] = harness.backend.held
+    held.write(b"first")
+    response = harness.result(answer)
+    body: list[Any] = []
+    response.content().addBoth(body.append)
+    harness.settle()
+    harness.reactor.advance(3600)
+    harness.settle()
+    assert body == []
+    held.write(b" then")
+    held.finish()
+    harness.settle()
+    assert body == [b"first then"]
+
+
+def test_the_backends_reason_phrase_reaches_the_client() -> None:
+    class Phrased(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            request.setResponseCode(299, b"Quite Fine")
+            return b"ok"
+
+    harness = harness_with(Phrased())
+    response = harness.result(harness.request("GET", "/services/web/x"))
+    assert response.code == 299 and response.phrase == b"Quite Fine"
+
+
+def test_the_root_and_unknown_paths_say_exactly_what_is_served() -> None:
+    from hestia.proxy import GatewayRoot
+
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    response = harness.result(harness.request("GET", "/elsewhere"))
+    assert harness.json(response) == {"error": "not found: Hestia serves /services/<name>/ and /v1/"}
+    root = GatewayRoot(harness.gateway, Resource())
+    request = dummy()
+    request.requestHeaders.setRawHeaders(b"x-request-id", [b"root-1"])
+    assert root.render(request) is NOT_DONE_YET
+    assert request.responseCode == 404
+    assert json.loads(b"".join(request.written))["error"] == "not found: Hestia serves /services/<name>/ and /v1/"
+    assert request.responseHeaders.getRawHeaders(b"x-request-id") == [b"root-1"]
+
+
+def test_a_method_that_is_not_ascii_is_recorded_readably() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    agent = HeldAgent()
+    harness.gateway.agent = agent
+    records = recording(harness)
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"G\xffT"
+    request.isSecure = lambda: False  # type: ignore[method-assign]
+    ServiceProxyResource(harness.gateway, "web").render(request)
+    harness.settle()
+    request.processingFailed(Failure(ConnectionLost()))
+    harness.settle()
+    [record] = records
+    assert record.method == "G\ufffdT"
+
+
+class HeldResponse:
+    """An IResponse whose body protocol the test drives by hand."""
+
+    code, phrase, length = 200, b"OK", UNKNOWN_LENGTH
+
+    def __init__(self) -> None:
+        self.headers = Headers({b"content-type": [b"text/plain"]})
+        self.protocol: Any = None
+        self.transport = StringTransport()
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 -- Twisted's name
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> None:
+    harness = Harness({"web": {"url": "http://backend:8000"}})
+    agent = HeldAgent()
+    harness.gateway.agent = agent
+    records = recording(harness)
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"GET"
+    request.isSecure = lambda: False  # type: ignore[method-assign]
+    producers: list[Any] = []
+    request.registerProducer = lambda producer, streaming: producers.append(producer)  # type: ignore[method-assign]
+    request.unregisterProducer = lambda: producers.clear()  # type: ignore[method-assign]
+    ServiceProxyResource(harness.gateway, "web").render(request)
+    harness.settle()
+    backend = HeldResponse()
+    agent.pending[0].callback(backend)
+    backend.protocol.dataReceived(b"part")
+    assert request.written == [b"part"]
+    request.processingFailed(Failure(ConnectionLost()))
+    assert backend.transport.producerState == "stopped"  # the backend connection is dropped
+    backend.protocol.dataReceived(b"late")  # what was in flight still arrives
+    backend.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    harness.settle()
+    assert request.written == [b"part"]
+    [record] = records
+    assert record.bytes == 4
+    assert (record.error, record.error_kind) == ("client went away", "client_gone")
+
+
+def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_event() -> None:
+    harness = loading_harness()
+    harness.gateway.agent = RequestTraversalAgent(Scripted([(b"content-type", [b"text/plain"])], code=500))
+    response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
+    chunks: list[bytes] = []
+    done = response.collect(chunks.append)
+    fake = harness.fakes["qwen"]
+    fake.finish_start()
+    harness.reactor.advance(0.01)
+    harness.settle()
+    fake.answer_probe(True)
+    harness.settle()
+    harness.gateway.agent.flush()
+    harness.settle()
+    harness.result(done)
+    last = b"".join(chunks).split(b"\n\n")[-2]
+    error = json.loads(last[len(b"data: "):])["error"]
+    assert error == {"message": "backend answered 500: body", "type": "server_error", "param": None, "code": None}
+
+
+def test_an_upgrade_the_backend_never_answers_is_a_504_at_response_timeout() -> None:
+    from support.inmemory import MemoryHestia, statuses
+    from test_request_hardening import UPGRADE
+
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "response_timeout": 5}})
+    client = hestia.request(UPGRADE)
+    [upgrade] = hestia.upgrades.connections
+    hestia.advance(4)
+    assert statuses(client.received()) == [] and not upgrade.transport.disconnecting
+    hestia.advance(1)
+    assert statuses(client.received()) == [504]
+    assert upgrade.transport.disconnecting
+    assert hestia.gateway.lifecycle("echo").in_flight == 0
