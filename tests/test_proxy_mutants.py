@@ -837,8 +837,9 @@ def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_ev
 
 
 def test_an_upgrade_the_backend_never_answers_is_a_504_at_response_timeout() -> None:
-    from support.inmemory import MemoryHestia, statuses
     from test_request_hardening import UPGRADE
+
+    from hestia.testing import MemoryHestia, statuses
 
     hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "response_timeout": 5}})
     client = hestia.request(UPGRADE)

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -681,20 +681,21 @@ _TWISTED_DEFAULTS = frozenset({b"server", b"date"})
 
 def _connect_failure(failure: Failure) -> bool:
     """Whether the backend could not be reached at all (as opposed to failing a reply)."""
-    if failure.check(ResponseNeverReceived, ResponseFailed):
+    # ResponseNeverReceived is a ResponseFailed: one check covers both.
+    if failure.check(ResponseFailed):
         return any(_connect_failure(reason) for reason in getattr(failure.value, "reasons", []))
     return failure.check(ConnectError, TimeoutError) is not None
 
 
 def _refused(failure: Failure) -> bool:
     """Whether a connect failure was a refusal (nothing listens), not a timeout."""
-    if failure.check(ResponseNeverReceived, ResponseFailed):
+    if failure.check(ResponseFailed):
         return any(_refused(reason) for reason in getattr(failure.value, "reasons", []))
     return failure.check(ConnectionRefusedError) is not None
 
 
 def _describe_upstream_failure(failure: Failure) -> str:
-    if failure.check(ResponseNeverReceived, ResponseFailed):
+    if failure.check(ResponseFailed):
         reasons = getattr(failure.value, "reasons", [])
         if reasons:
             return "; ".join(_describe_upstream_failure(reason) for reason in reasons)
