@@ -450,10 +450,11 @@ def test_a_response_timeout_504_carries_the_clients_request_id() -> None:
     assert response.code == 504 and response.headers.getRawHeaders("x-request-id") == ["req-504"]
 
 
-def test_a_silent_response_body_is_cut_exactly_at_response_idle_timeout() -> None:
+def _streaming_body(response_idle_timeout: float) -> tuple[Any, Any, list[Any]]:
+    """A GET whose backend sent b"first" and then holds the body open; the body's outcome is collected."""
     from test_admission import Harness as AdmissionHarness
 
-    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 4})
+    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": response_idle_timeout})
     answer = harness.get("/stream")
     harness.settle()
     [held] = harness.backend.held
@@ -462,6 +463,11 @@ def test_a_silent_response_body_is_cut_exactly_at_response_idle_timeout() -> Non
     body: list[Any] = []
     response.content().addBoth(body.append)
     harness.settle()
+    return harness, held, body
+
+
+def test_a_silent_response_body_is_cut_exactly_at_response_idle_timeout() -> None:
+    harness, held, body = _streaming_body(response_idle_timeout=4)
     harness.reactor.advance(4)  # exactly the timeout since the last byte (whole seconds: no rounding)
     harness.settle()
     assert len(body) == 1 and isinstance(body[0], Failure)
@@ -709,17 +715,7 @@ def test_a_cut_silent_body_is_logged_with_the_method_and_path() -> None:
 
 
 def test_a_zero_response_idle_timeout_never_cuts_a_slow_body() -> None:
-    from test_admission import Harness as AdmissionHarness
-
-    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 0})
-    answer = harness.get("/stream")
-    harness.settle()
-    [held] = harness.backend.held
-    held.write(b"first")
-    response = harness.result(answer)
-    body: list[Any] = []
-    response.content().addBoth(body.append)
-    harness.settle()
+    harness, held, body = _streaming_body(response_idle_timeout=0)
     harness.reactor.advance(3600)
     harness.settle()
     assert body == []
