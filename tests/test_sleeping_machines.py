@@ -186,6 +186,9 @@ def test_gateway_sigkilled_while_a_woken_machine_is_up_still_puts_it_to_sleep(he
         received = [MAGIC]
         assert wait_for(lambda: received.extend(datagrams_now(sock)) or
                         first.status("box")["details"]["packets_sent"] == len(received), 5)
+        # "ready" reaches the API before the disk: killed in between, the record says
+        # "starting" and the start resumes (the case the next test allows). Here it must be on disk.
+        assert wait_for(lambda: recorded_state(tmp_path / "state.db", "box") == "ready", 5)
         first.signal(signal.SIGKILL)
         first.wait_exit()
         assert machine.proc is not None and machine.proc.poll() is None  # still awake
@@ -200,6 +203,13 @@ def test_gateway_sigkilled_while_a_woken_machine_is_up_still_puts_it_to_sleep(he
         assert [e["kind"] for e in resumed] == ["ready"], events(second, "box")
         assert second.status("box")["details"]["packets_sent"] == 0
         assert datagrams_now(sock) == []
+
+
+def recorded_state(path: Path, service: str) -> str | None:
+    """The state the gateway has committed for C{service} (what a SIGKILL leaves)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT state FROM services WHERE name = ?", (service,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def test_a_woken_instance_is_found_again_after_a_sigkill(hestia: Any, tmp_path: Path) -> None:

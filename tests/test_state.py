@@ -87,6 +87,26 @@ class StateStoreTests(TestCase):
         self.assertEqual(services["web"]["state"], "stopping")
 
 
+    @inlineCallbacks
+    def test_a_transition_is_recorded_whole_or_not_at_all(self):  # type: ignore[no-untyped-def]
+        """
+        The event and the service's state are one write. Before, they were two, and a gateway
+        SIGKILLed between them left the history saying "ready" over a record saying "starting":
+        the next gateway started again what was up (the flaky CI run of stop 25).
+        Here the second half fails (a trigger refuses it), and the first half must not stay.
+        """
+        yield self.store.open()
+        connection = sqlite3.connect(self.path)
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON services BEGIN SELECT RAISE(ABORT, 'full'); END")
+        connection.commit()
+        connection.close()
+        record = state_recorder(self.store, lambda: 100.0)
+        record(StateChange("web", State.STOPPED, State.STARTING, "request", 1.0))
+        yield self.store.flush()
+        self.assertEqual((yield self.store.events("web")), [])
+        self.assertEqual((yield self.store.load_services()), {})
+        self.flushLoggedErrors()
+
 class LockedStateTests(TestCase):
     """
     Issue 12, hole 7: a lock held by another process is waited for a bounded

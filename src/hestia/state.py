@@ -126,6 +126,45 @@ def event_kind(change: StateChange) -> str:
     return "fail"
 
 
+_UPSERT_SERVICE = """
+    INSERT INTO services (name, state, state_since, url, task_id, last_request_at, data, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT(name) DO UPDATE SET
+        state = excluded.state,
+        state_since = excluded.state_since,
+        url = COALESCE(excluded.url, services.url),
+        task_id = COALESCE(excluded.task_id, services.task_id),
+        last_request_at = COALESCE(excluded.last_request_at, services.last_request_at),
+        data = CASE WHEN excluded.data = '{}' THEN services.data ELSE excluded.data END,
+        updated_at = excluded.updated_at
+"""
+
+
+def _in_transaction(connection: Any, work: Callable[[], None]) -> None:
+    """C{work()} inside C{BEGIN IMMEDIATE}, committed whole or rolled back whole."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _insert_event(connection: Any, event: tuple[Any, ...]) -> None:
+    connection.execute(
+        "INSERT INTO events (service, at, kind, old_state, new_state, reason, duration, error)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        event,
+    )
+    # Bounded history: the newest EVENTS_KEPT_PER_SERVICE per service.
+    connection.execute(
+        "DELETE FROM events WHERE service = ? AND id <= ("
+        " SELECT id FROM events WHERE service = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (event[0], event[0], EVENTS_KEPT_PER_SERVICE),
+    )
+
+
 class StateStoreError(Exception):
     """
     The state file cannot be used; C{str()} is one line naming the file.
@@ -410,21 +449,8 @@ class StateStore:
         L{clear_service_fields}.
         """
         yield self.open()
-        yield self._execute(
-            """
-            INSERT INTO services (name, state, state_since, url, task_id, last_request_at, data, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT(name) DO UPDATE SET
-                state = excluded.state,
-                state_since = excluded.state_since,
-                url = COALESCE(excluded.url, services.url),
-                task_id = COALESCE(excluded.task_id, services.task_id),
-                last_request_at = COALESCE(excluded.last_request_at, services.last_request_at),
-                data = CASE WHEN excluded.data = '{}' THEN services.data ELSE excluded.data END,
-                updated_at = excluded.updated_at
-            """,
-            (name, state, state_since, url, task_id, last_request_at, json.dumps(data or {}), now),
-        )
+        parameters = (name, state, state_since, url, task_id, last_request_at, json.dumps(data or {}), now)
+        yield self._execute(_UPSERT_SERVICE, parameters)
 
     @inlineCallbacks
     def clear_service_fields(self, name: str, *fields: str) -> Generator[Deferred[Any], Any, Any]:
@@ -470,30 +496,27 @@ class StateStore:
         error: str | None = None,
     ) -> Generator[Deferred[Any], Any, Any]:
         yield self.open()
+        event = (service, at, kind, old_state, new_state, reason, duration, error)
+        yield self._run(lambda transaction: _in_transaction(transaction, lambda: _insert_event(transaction, event)))
 
-        def insert(transaction: Any) -> None:
-            transaction.execute("BEGIN IMMEDIATE")
-            try:
-                _insert(transaction)
-                transaction.execute("COMMIT")
-            except BaseException:
-                transaction.execute("ROLLBACK")
-                raise
+    @inlineCallbacks
+    def record_transition(self, change: StateChange, now: float) -> Generator[Deferred[Any], Any, Any]:
+        """
+        Record C{change} as an event and as the service's state, in one
+        transaction: a gateway killed between the two writes would otherwise
+        leave a history saying "ready" over a record saying "starting", and
+        the next gateway would start again what was already up.
+        """
+        yield self.open()
+        event = (change.service, change.at, event_kind(change), change.old.value, change.new.value,
+                 change.reason, change.duration, change.error)
+        facts = (change.service, change.new.value, change.at, None, None, None, "{}", now)
 
-        def _insert(transaction: Any) -> None:
-            transaction.execute(
-                "INSERT INTO events (service, at, kind, old_state, new_state, reason, duration, error)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (service, at, kind, old_state, new_state, reason, duration, error),
-            )
-            # Bounded history: the newest EVENTS_KEPT_PER_SERVICE per service.
-            transaction.execute(
-                "DELETE FROM events WHERE service = ? AND id <= ("
-                " SELECT id FROM events WHERE service = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (service, service, EVENTS_KEPT_PER_SERVICE),
-            )
+        def write(transaction: Any) -> None:
+            _insert_event(transaction, event)
+            transaction.execute(_UPSERT_SERVICE, facts)
 
-        yield self._run(insert)
+        yield self._run(lambda transaction: _in_transaction(transaction, lambda: write(transaction)))
 
     @inlineCallbacks
     def events(self, service: str, limit: int = 50) -> Generator[Deferred[Any], Any, Any]:
@@ -528,19 +551,7 @@ def state_recorder(store: StateStore, now: Callable[[], float]) -> Callable[[Sta
     """
 
     def record(change: StateChange) -> None:
-        wrote = store.record_event(
-            change.service,
-            event_kind(change),
-            change.at,
-            old_state=change.old.value,
-            new_state=change.new.value,
-            reason=change.reason,
-            duration=change.duration,
-            error=change.error,
-        )
-        wrote.addCallback(
-            lambda _: store.save_service(change.service, change.new.value, change.at, now=now())
-        )
+        wrote = store.record_transition(change, now())
         wrote.addErrback(_log_write_failure, change.service)
         store.track(wrote)
 
