@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry, ConnectTimes
+from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry
 from hestia.api import ManagementAPI
 from hestia.config import ConfigError, ServiceConfig
 from hestia.errors import QueueFull, QueueTimedOut
@@ -34,6 +34,7 @@ from hestia.loader import parse_config
 from hestia.metrics import HestiaMetrics
 from hestia.proxy import GatewayRoot
 from hestia.testing import FakeBackend
+from hestia.upstream import ConnectTimes
 
 pytestmark = pytest.mark.unit
 
@@ -412,7 +413,7 @@ def test_a_dropped_syn_is_retried_with_a_short_timeout_for_any_method() -> None:
     h.backend.finish(1)
     assert h.result(answer).code == 200
     assert h.metric("hestia_connect_retries_total") == 3
-    assert h.gateway.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).window == 2  # 4 halved to 1, then one answer
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).window == 2  # 4 halved to 1, then one answer
 
 
 def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
@@ -432,7 +433,7 @@ def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
     # Retried for a while (a backend re-binding its socket), then told at once.
     assert 0.3 < answered_at <= CONNECT_RETRY.refused_for
     assert h.metric("hestia_connect_retries_total") >= 5
-    assert h.gateway.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
 
 
 def test_no_response_within_response_timeout_is_504_and_frees_the_slot() -> None:
@@ -488,7 +489,7 @@ def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_s
     h.settle()
     assert len(body) == 1 and isinstance(body[0], Failure)  # truncated, not taken for a whole body
     body[0].trap(Exception)
-    assert h.gateway.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
 
 
 def test_a_reload_in_place_applies_the_new_max_concurrency() -> None:

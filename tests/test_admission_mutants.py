@@ -17,8 +17,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.client import URI
 
-from hestia.admission import Admission, AttemptEndpointFactory, ConnectRetry, ConnectTimes
+from hestia.admission import Admission, ConnectRetry
 from hestia.errors import QueueTimedOut
+from hestia.upstream import AttemptEndpointFactory, ConnectTimes
 
 pytestmark = pytest.mark.unit
 

@@ -162,7 +162,9 @@ LAYERS: list[set[str]] = [
      "hestia.backends.machine", "hestia.backends.wol", "hestia.backends.exec"},
     # 4 routes: one service's lifecycle, groups, multi-instance and model routes; their records.
     {"hestia.lifecycle", "hestia.groups", "hestia.routing", "hestia.schedule", "hestia.state",
-     "hestia.costs_config"},
+     "hestia.costs_config",
+     # how backends are reached: the client, its pool, the per-backend admission windows.
+     "hestia.upstream"},
     # 5 the registry of routes.
     {"hestia.gateway"},
     # 6 what observes or feeds the gateway, and the loader (which needs discovery's section).

@@ -120,7 +120,7 @@ class Scripted(Resource):
 def harness_with(backend: Resource) -> Harness:
     harness = Harness({"web": {"url": "http://backend:8000/base"}})
     harness.backend_agent = RequestTraversalAgent(backend)
-    harness.gateway.agent = harness.backend_agent
+    harness.gateway.upstream.agent = harness.backend_agent
     return harness
 
 
@@ -181,7 +181,7 @@ class FailingAgent:
 )
 def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reason: str) -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
-    harness.gateway.agent = FailingAgent(error)
+    harness.gateway.upstream.agent = FailingAgent(error)
     response = after_retries(harness, harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-2"}))
     assert response.code == 502
     body = harness.json(response)
@@ -251,7 +251,7 @@ def failover_harness(refuse: set[bytes]) -> tuple[Harness, PerHostAgent]:
     harness = Harness({"pool": {"strategy": "failover",
                                 "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}})
     agent = PerHostAgent(harness.backend_agent, refuse)
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     return harness, agent
 
 
@@ -274,7 +274,7 @@ def test_when_every_instance_refuses_the_client_gets_a_502() -> None:
 def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     harness.fakes["web"].output = [f"line {number}" for number in range(25)]
-    harness.gateway.agent = FailingAgent(ConnectionRefusedError())
+    harness.gateway.upstream.agent = FailingAgent(ConnectionRefusedError())
     body = harness.json(after_retries(harness, harness.request("GET", "/services/web/x")))
     assert body["detail"] == [f"line {number}" for number in range(5, 25)]
 
@@ -312,7 +312,7 @@ def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
 def test_when_the_fallback_instance_fails_to_start_the_client_gets_its_error() -> None:
     harness = Harness({"pool": {"strategy": "failover", "instances": [
         {"url": "http://first:1", "command": "a"}, {"url": "http://second:2", "command": "b"}]}})
-    harness.gateway.agent = PerHostAgent(harness.backend_agent, {b"http://first:1"})
+    harness.gateway.upstream.agent = PerHostAgent(harness.backend_agent, {b"http://first:1"})
     answer = harness.request("GET", "/services/pool/x")
     harness.settle()
     first = harness.fakes["pool.0"]
@@ -362,7 +362,7 @@ def recording(harness: Harness) -> list[Any]:
 def test_a_backend_breaking_off_mid_body_cuts_the_client_and_is_recorded() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     agent = HeldAgent()
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     answer = harness.request("GET", "/services/web/x")
     harness.settle()
@@ -380,7 +380,7 @@ def test_a_backend_breaking_off_mid_body_cuts_the_client_and_is_recorded() -> No
 def test_a_client_leaving_during_the_backend_request_cancels_it() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     agent = HeldAgent()
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     answer = harness.request("GET", "/services/web/x")
     harness.settle()
@@ -402,7 +402,7 @@ def outcome_of(harness: Harness, deferred: Deferred[Any]) -> Any:
 def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     agent = HeldAgent()
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     sent: list[Any] = []
     agent.request = lambda method, url, headers, body: sent.append(headers) or Deferred()  # type: ignore[method-assign]
     request = dummy()
@@ -516,7 +516,7 @@ def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_
 
 def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
-    harness.gateway.agent = FailingAgent(ResponseFailed([Failure(ConnectionRefusedError())]))
+    harness.gateway.upstream.agent = FailingAgent(ResponseFailed([Failure(ConnectionRefusedError())]))
     answer: list[Any] = []
     harness.request("GET", "/services/web/x").addBoth(answer.append)
     began = harness.reactor.seconds()
@@ -546,7 +546,7 @@ def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() ->
 def test_a_connect_failure_wrapped_in_response_never_received_is_retried_then_502() -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
     agent = FailingAgent(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     response = after_retries(harness, harness.request("GET", "/services/web/x"))
     assert response.code == 502
     assert harness.json(response)["error"] == "backend unreachable: connection refused"
@@ -662,7 +662,7 @@ def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> 
 def test_a_connect_failure_wrapped_either_way_is_retried_and_recorded_as_a_connect_failure(wrapper: Any) -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
     agent = FailingAgent(wrapper([Failure(TimeoutError())]))
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     response = after_retries(harness, harness.request("GET", "/services/web/x"))
     assert response.code == 502
@@ -676,7 +676,7 @@ def test_a_connect_failure_wrapped_either_way_is_retried_and_recorded_as_a_conne
 def test_a_reply_that_broke_off_is_not_retried_and_is_recorded_as_upstream() -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
     agent = FailingAgent(ResponseFailed([Failure(ConnectionLost("reset"))]))
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     response = after_retries(harness, harness.request("POST", "/services/web/x", data=b"once"))
     assert response.code == 502 and agent.calls == 1
@@ -756,7 +756,7 @@ def test_the_root_and_unknown_paths_say_exactly_what_is_served() -> None:
 def test_a_method_that_is_not_ascii_is_recorded_readably() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     agent = HeldAgent()
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     request = dummy()
     request.uri, request.method = b"/services/web/x", b"G\xffT"
@@ -787,7 +787,7 @@ class HeldResponse:
 def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}})
     agent = HeldAgent()
-    harness.gateway.agent = agent
+    harness.gateway.upstream.agent = agent
     records = recording(harness)
     request = dummy()
     request.uri, request.method = b"/services/web/x", b"GET"
@@ -814,7 +814,7 @@ def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> N
 
 def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_event() -> None:
     harness = loading_harness()
-    harness.gateway.agent = RequestTraversalAgent(Scripted([(b"content-type", [b"text/plain"])], code=500))
+    harness.gateway.upstream.agent = RequestTraversalAgent(Scripted([(b"content-type", [b"text/plain"])], code=500))
     response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
@@ -824,7 +824,7 @@ def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_ev
     harness.settle()
     fake.answer_probe(True)
     harness.settle()
-    harness.gateway.agent.flush()
+    harness.gateway.upstream.agent.flush()
     harness.settle()
     harness.result(done)
     last = b"".join(chunks).split(b"\n\n")[-2]

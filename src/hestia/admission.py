@@ -34,20 +34,14 @@ L{twisted.internet.task.Clock}.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
-from zope.interface import implementer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from hestia.errors import QueueFull, QueueTimedOut, Where
-from hestia.health import endpoint_for
 
 
 class _Turn:
@@ -282,71 +276,3 @@ class ConnectRetry:
 
 # The rule the proxy follows (a module constant so that tests can read it).
 CONNECT_RETRY = ConnectRetry()
-
-
-class ConnectTimes:
-    """The most recent connect durations per backend address (host, port)."""
-
-    SAMPLES = 32
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, int], deque[float]] = {}
-
-    def record(self, address: tuple[str, int], seconds: float) -> None:
-        seen = self._seen.get(address)
-        if seen is None:
-            seen = self._seen[address] = deque(maxlen=self.SAMPLES)
-        seen.append(seconds)
-
-    def slowest(self, address: tuple[str, int]) -> float | None:
-        seen = self._seen.get(address)
-        return max(seen) if seen else None
-
-
-@implementer(IStreamClientEndpoint)
-class _TimedEndpoint:
-    """An endpoint that records how long its successful connects took."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, reactor: IReactorTime, times: ConnectTimes,
-                 address: tuple[str, int]) -> None:
-        self._endpoint = endpoint
-        self._reactor = reactor
-        self._times = times
-        self._address = address
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        began = self._reactor.seconds()
-
-        def connected(protocol: IProtocol) -> IProtocol:
-            self._times.record(self._address, self._reactor.seconds() - began)
-            return protocol
-
-        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
-        return connecting.addCallback(connected)
-
-
-@implementer(IAgentEndpointFactory)
-class AttemptEndpointFactory:
-    """
-    The endpoints of connect attempt C{attempt}: their timeout follows
-    L{ConnectRetry.timeout} and the backend's recent connect times.
-    """
-
-    def __init__(self, reactor: Any, attempt: int, times: ConnectTimes, rule: ConnectRetry | None = None,
-                 tls: IPolicyForHTTPS | None = None) -> None:
-        self._reactor = reactor
-        self._attempt = attempt
-        self._times = times
-        self._rule = rule or CONNECT_RETRY
-        self._tls = tls or BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        address = (host, uri.port)
-        timeout = self._rule.timeout(self._attempt, self._times.slowest(address))
-        endpoint: IStreamClientEndpoint = _TimedEndpoint(
-            endpoint_for(self._reactor, host, uri.port, timeout), self._reactor, self._times, address
-        )
-        if uri.scheme == b"https":
-            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return endpoint

@@ -1,10 +1,11 @@
 """
-The gateway: every service's lifecycle, the shared HTTP client, reloads.
+The gateway: the registry of every service's route, reloads, drain and shutdown.
 
-One L{Gateway} per running Hestia.  It owns the connection pool the proxy and
-the health probes share, builds a lifecycle (with its backend plugin) for each
-configured service, and swaps configurations on reload without dropping the
-services that did not change.
+One L{Gateway} per running Hestia.  It builds a lifecycle (with its backend
+plugin) for each configured service, wraps it in the route its kind needs, and
+swaps configurations on reload without dropping the services that did not
+change.  How backends are reached (the client, its pool, the per-backend
+admission windows) is its L{Upstream} (L{hestia.upstream}).
 """
 
 from __future__ import annotations
@@ -14,85 +15,24 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
-from hestia.admission import Admission, AttemptEndpointFactory, ConnectTimes
 from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
 from hestia.groups import Coordinator, GroupMemberRoute
-from hestia.guard import set_no_delay
-from hestia.health import BackendEndpointFactory
 from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend, IRequestExchange
-from hestia.lifecycle import Observer, ServiceLifecycle, State, StateChange
+from hestia.lifecycle import Observer, ServiceLifecycle, State
 from hestia.records import RequestRecord
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
 from hestia.routing import ModelRoute, MultiInstanceRoute, Route, persistent_lifecycles
+from hestia.upstream import Upstream
 
 log = Logger(namespace="hestia.gateway")
 
 RequestObserver = Callable[[RequestRecord], None]
-
-
-class _ClientProtocol(HTTP11ClientProtocol):
-    """
-    Keeps a response's connection headers, which Twisted's parser sets apart.
-
-    The proxy must drop the headers a backend's C{Connection} names, but
-    C{response.headers} never shows C{Connection}: it is set on the response as
-    C{connection_headers} (a L{Headers}) instead.
-    """
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        # A request's head and its body may go out in separate writes: with
-        # Nagle's algorithm the second would wait for the first's ACK.
-        set_no_delay(self.transport)
-
-    def request(self, request: Any) -> Deferred[Any]:
-        finished: Deferred[Any] = super().request(request)
-        parser = self._parser
-        if parser is not None:
-
-            def remember(response: Any) -> Any:
-                response.connection_headers = parser.connHeaders
-                return response
-
-            finished.addCallback(remember)
-        return finished
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # One "Starting factory" line per backend connection would drown the log.
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
-
-
-class QuietConnectionPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
-
-
-def make_agent(
-    reactor: Any, max_connections: int, connect_timeout: float = 5.0
-) -> tuple[IAgent, HTTPConnectionPool]:
-    """
-    An HTTP/1.1 client with keep-alive to the backends.
-
-    The pool's default of two idle connections per backend would make every
-    burst above two open fresh connections: it keeps as many as may be in use
-    at once (C{server.max_backend_connections}), so none is thrown away.
-    """
-    pool = QuietConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_connections
-    pool.cachedConnectionTimeout = 120
-    pool.retryAutomatically = True
-    return Agent.usingEndpointFactory(reactor, BackendEndpointFactory(reactor, connect_timeout), pool=pool), pool
 
 
 def _runs_itself(lifecycle: ServiceLifecycle, service: ServiceConfig) -> bool:
@@ -102,7 +42,7 @@ def _runs_itself(lifecycle: ServiceLifecycle, service: ServiceConfig) -> bool:
 
 class Gateway:
     """
-    The services Hestia manages and the client it reaches them with.
+    The services Hestia manages, by name, and what a reload does to them.
 
     @ivar request_observers: called with each finished L{Exchange} (access
         log, metrics).
@@ -116,22 +56,21 @@ class Gateway:
         pool: HTTPConnectionPool | None = None,
         cooperator: Any = None,
         build_backend: Callable[[ServiceConfig], IBackend] | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         """
         @param build_backend: makes each service's backend; by default the
             backend plugin named by the service's configuration.  Tests pass
             one that returns L{hestia.testing.FakeBackend}s.
+        @param upstream: how backends are reached; by default an L{Upstream}
+            over C{agent} and C{pool} (its own client if C{agent} is C{None}).
         """
         self.config = config
         self.reactor = reactor
-        self._own_agent = agent is None
-        if agent is None:
-            agent, pool = make_agent(reactor, config.server.max_backend_connections)
-        self.agent = agent
-        self.pool = pool
+        self.upstream = upstream or Upstream(reactor, config.server, agent, pool)
         self.cooperator = cooperator or task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self._build_backend = build_backend or (
-            lambda service: find_backend(service.backend).build(service, reactor, self.agent)
+            lambda service: find_backend(service.backend).build(service, reactor, self.upstream.agent)
         )
         # name -> route (hestia.routing.Route): for a plain service its
         # ServiceLifecycle; for instances:/route_by: services a composite route;
@@ -140,10 +79,6 @@ class Gateway:
         self.state_observers: list[Observer] = []
         self.request_observers: list[RequestObserver] = []
         self._in_flight_requests = 0
-        # Backend URL -> its admission window (hestia.admission).
-        self._admissions: dict[str, Admission] = {}
-        self._connect_agents: dict[int, IAgent] = {}
-        self._connect_times = ConnectTimes()
         self._drained: list[Deferred[None]] = []
         # Lifecycles removed by a reload that have not stopped yet, by name (issue 19).
         self._retiring: dict[str, Deferred[Any]] = {}
@@ -157,82 +92,6 @@ class Gateway:
         self._gpus = self._attach_gpus()
 
     # -- services ----------------------------------------------------------------
-
-    # -- admission to the backends (issue 13, hestia.admission) ------------------
-
-    def admission(self, url: str, route: Any) -> Admission:
-        """
-        The admission window to the backend at C{url}.
-
-        At most C{max_concurrency} (and C{server.max_backend_connections})
-        requests are in progress with one backend at a time; the rest wait in
-        order inside L{Admission} (they already hold their lease, so the
-        service stays up for them).
-
-        @param route: whose settings a window made here takes (the lifecycle
-            that owns C{url} registers its own first, see L{_watch_admission}).
-        """
-        admission = self._admissions.get(url)
-        if admission is None:
-            admission = self._admissions[url] = self._new_admission(route)
-        return admission
-
-    def _new_admission(self, route: Any) -> Admission:
-        config = route.config
-        admission = Admission(
-            self.reactor,
-            config.max_concurrency,
-            config.queue_limit,
-            lambda: {"service": route.name, "state": route.state.value},
-            cap=self.config.server.max_backend_connections,
-        )
-        return admission
-
-    def _watch_admission(self, lifecycle: ServiceLifecycle) -> None:
-        """Slow start again each time C{lifecycle} becomes ready."""
-        url = lifecycle.backend.url
-        admission = self._admissions.get(url)
-        if admission is None:
-            admission = self._admissions[url] = self._new_admission(lifecycle)
-        else:  # a rebuilt service (reload): its new limits
-            admission.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
-        lifecycle.admission = admission
-
-        def restarted(change: StateChange) -> None:
-            if change.new is State.READY:
-                # The URL of a backend may be known only once it runs.
-                current = self.admission(lifecycle.backend.url, lifecycle)
-                current.configure(lifecycle.config.max_concurrency, lifecycle.config.queue_limit)
-                lifecycle.admission = current
-                current.restart()
-
-        lifecycle.add_observer(restarted)
-
-    def agent_for_attempt(self, attempt: int) -> IAgent:
-        """
-        The client for connect attempt C{attempt} of one request.
-
-        The gateway's own client comes in several connect timeouts over one
-        connection pool (L{ConnectRetry.timeout}, from the backend's recent
-        connect times): a first connect gives up on a dropped SYN after a few
-        round trips rather than waiting out the kernel's 1 s retransmission.
-        An injected client (tests) is used as is.
-        """
-        if not self._own_agent:
-            return self.agent
-        attempt = min(attempt, 12)  # the timeout stops growing well before
-        agent = self._connect_agents.get(attempt)
-        if agent is None:
-            agent = self._connect_agents[attempt] = Agent.usingEndpointFactory(
-                self.reactor, AttemptEndpointFactory(self.reactor, attempt, self._connect_times), pool=self.pool
-            )
-        return agent
-
-    def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
-        """Where an upgrade request (a WebSocket) to the backend at C{url} gets its own connection."""
-        from hestia.tunnel import backend_endpoint
-
-        return backend_endpoint(self.reactor, url)
 
     def route(self, name: str) -> Route:
         """The L{IRoute} of service C{name} (see C{services}); L{UnknownService} if none."""
@@ -256,7 +115,7 @@ class Gateway:
         previous = self._retiring.get(service.name)
         if previous is not None:
             lifecycle.start_after(previous)  # its predecessor of the same name still drains
-        self._watch_admission(lifecycle)
+        self.upstream.watch(lifecycle)
         return lifecycle
 
     def _backend_for(self, service: ServiceConfig) -> IBackend:
@@ -371,6 +230,7 @@ class Gateway:
         self._coordinator.detach()
         Coordinator.unwrap(self.services)
         self.config = config  # composite routes are built from the new routing plan
+        self.upstream.configure(config.server)
         for name in list(self.services):
             if name not in config.services and name not in self.discovered:
                 self._retire(self.services.pop(name))
@@ -595,7 +455,5 @@ class Gateway:
         self._shutting_down = True
         # Dependents first, then what they depend on (hestia.groups).
         done = self._coordinator.shutdown(self.services)
-        if self.pool is not None:
-            pool = self.pool
-            done.addBoth(lambda result: pool.closeCachedConnections())
+        done.addBoth(lambda result: self.upstream.close())
         return done

@@ -15,13 +15,12 @@ from urllib.parse import urlsplit
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, readBody
+from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
-from zope.interface import implementer
+from twisted.web.iweb import IAgent
 
 from hestia.config import HealthCheck
 
@@ -38,22 +37,6 @@ def endpoint_for(reactor: Any, host: str, port: int, timeout: float) -> IStreamC
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout, attemptDelay=ATTEMPT_DELAY)
-
-
-@implementer(IAgentEndpointFactory)
-class BackendEndpointFactory:
-    """The endpoints the gateway's L{Agent} connects to backends with (see L{endpoint_for})."""
-
-    def __init__(self, reactor: Any, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls = tls or BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        endpoint = endpoint_for(self._reactor, uri.host.decode("ascii"), uri.port, self._timeout)
-        if uri.scheme == b"https":
-            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return endpoint
 
 
 def health_url(base_url: str, check: HealthCheck) -> str:

@@ -283,7 +283,7 @@ class Exchange:
             self._open_tunnel(lease, headers)
             return
         self._backend_headers = headers
-        self._take_turn(self.gateway.admission(lease.url, self.lifecycle))
+        self._take_turn(self.gateway.upstream.admission(lease.url, self.lifecycle))
 
     # -- turns with the backend (issue 13: hestia.admission) -------------------------
 
@@ -332,7 +332,7 @@ class Exchange:
         self._forwarded_at = reactor.seconds()
         if self.record.slot_wait is None:
             self.record.slot_wait = self._forwarded_at - self.record.began - self.record.queued
-        sending = self.gateway.agent_for_attempt(self._attempt).request(
+        sending = self.gateway.upstream.agent_for_attempt(self._attempt).request(
             request.method, join_url(lease.url, self.rest), Headers(dict(self._backend_headers)), body
         )
         timeout = self.lifecycle.config.response_timeout
@@ -397,7 +397,7 @@ class Exchange:
             return False
         self._attempt += 1
         self.record.connect_retries += 1
-        admission = self.gateway.admission(self._lease.url, self.lifecycle)
+        admission = self.gateway.upstream.admission(self._lease.url, self.lifecycle)
         waiting = deferLater(self.gateway.reactor, pause, lambda: None)
         self._pending = waiting
         waiting.addCallbacks(lambda _: self._take_turn(admission, first=True), self._failed)
@@ -456,7 +456,8 @@ class Exchange:
 
         self._tunnelled = True
         self._forwarded_at = self.gateway.reactor.seconds()
-        self._tunnel = open_tunnel(self.gateway.upgrade_endpoint(lease.url), lease.url, self.request, self.rest,
+        endpoint = self.gateway.upstream.upgrade_endpoint(lease.url)
+        self._tunnel = open_tunnel(endpoint, lease.url, self.request, self.rest,
                                    headers, closed, unreachable, refused, self._note_body)
         timeout = self.lifecycle.config.response_timeout
         if timeout > 0 and self._tunnel is not None and self._tunnelled:

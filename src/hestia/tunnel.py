@@ -33,10 +33,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import h11
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -288,17 +286,6 @@ def take_over_client(request: Request, protocol: Protocol) -> Any:
         transport.protocol = protocol
     protocol.makeConnection(transport)
     return buffered
-
-
-def backend_endpoint(reactor: Any, base_url: str) -> IStreamClientEndpoint:
-    """The endpoint of a dedicated connection to the backend at C{base_url} (TLS for https)."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or "localhost"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
-    if parts.scheme == "https":
-        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-    return endpoint
 
 
 def open_tunnel(

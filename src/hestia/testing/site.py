@@ -28,19 +28,21 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from hestia.api import ManagementAPI
 from hestia.auth import Authenticator, digest, parse_auth
-from hestia.config import ServiceConfig
+from hestia.config import ServerConfig, ServiceConfig
 from hestia.gateway import Gateway
 from hestia.interfaces import IRequestExchange
 from hestia.loader import parse_config
 from hestia.proxy import Exchange
 from hestia.server_tap import build_site
 from hestia.testing.backends import FakeBackend
+from hestia.upstream import Upstream
 
 # The tokens MemoryHestia(auth=True) configures: one for /v1, one for the echo service only.
 ADMIN_TOKEN = "admin-token-0123456789"  # noqa: S105 (a test double's known token)
@@ -114,19 +116,23 @@ class MemoryUpgradeBackend:
         return succeed(protocol)
 
 
-class RecordingGateway(Gateway):
-    """
-    A gateway that keeps every proxied request's L{Exchange}, by the request id it
-    forwards, and opens upgrade connections to a L{MemoryUpgradeBackend}.
-    """
+class MemoryUpstream(Upstream):
+    """An upstream over an in-memory agent whose upgrade connections go to a L{MemoryUpgradeBackend}."""
 
-    def __init__(self, *args: Any, upgrades: MemoryUpgradeBackend, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.exchanges: dict[bytes, Exchange] = {}
+    def __init__(self, reactor: Any, server: ServerConfig, agent: IAgent, upgrades: MemoryUpgradeBackend) -> None:
+        super().__init__(reactor, server, agent)
         self.upgrades = upgrades
 
     def upgrade_endpoint(self, url: str) -> IStreamClientEndpoint:
         return self.upgrades.endpoint(url)
+
+
+class RecordingGateway(Gateway):
+    """A gateway that keeps every proxied request's L{Exchange}, by the request id it forwards."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges: dict[bytes, Exchange] = {}
 
     def request_began(self, exchange: IRequestExchange) -> None:
         if isinstance(exchange, Exchange):  # the proxy's own, which is what the tests look into
@@ -216,8 +222,8 @@ class MemoryHestia:
             return fake
 
         self.agent = RequestTraversalAgent(self.backend)
-        self.gateway = RecordingGateway(config, self.reactor, agent=self.agent, build_backend=build,
-                                        upgrades=self.upgrades)
+        upstream = MemoryUpstream(self.reactor, config.server, self.agent, self.upgrades)
+        self.gateway = RecordingGateway(config, self.reactor, build_backend=build, upstream=upstream)
         self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
         # A reload applies the same configuration again, as SIGHUP with an unchanged file does.
         api = ManagementAPI(self.gateway, reload=lambda: self.gateway.apply(config))
