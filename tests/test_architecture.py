@@ -24,7 +24,7 @@ PACKAGE = SRC / "hestia"
 
 # The lowest layer: records and interfaces every other module may use, importing
 # no other Hestia module but each other.
-FOUNDATION = {"hestia.errors", "hestia.interfaces", "hestia.records"}
+FOUNDATION = {"hestia.errors", "hestia.interfaces", "hestia.records", "hestia.coroutines"}
 
 
 def _modules() -> dict[str, Path]:
@@ -252,3 +252,11 @@ def test_the_architecture_document_names_every_module() -> None:
     unnamed = sorted(module for module in MODULES if module != "hestia" and f"`{module}`" not in architecture
                      and f"`{module.removeprefix('hestia.')}`" not in architecture)
     assert unnamed == []
+
+
+def test_one_async_style() -> None:
+    """async def (returned as a Deferred by hestia.coroutines.as_deferred), never inlineCallbacks."""
+    found = [f"{path.relative_to(ROOT)}:{number}"
+             for path in PACKAGE.rglob("*.py")
+             for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == "@inlineCallbacks"]
+    assert found == []

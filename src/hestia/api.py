@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from hestia import __version__
+from hestia.coroutines import as_deferred
 from hestia.errors import BadRequest, GatewayError, ServiceUnavailable, UnknownService
 from hestia.lifecycle import State
 from hestia.state import StateStoreError, StoreClosed
@@ -111,8 +112,8 @@ class ManagementAPI:
         return self.costs.status_fields(name) if self.costs is not None else {}
 
     @app.route("/costs", methods=["GET"])
-    @inlineCallbacks
-    def costs_report(self, request: Request) -> Any:
+    @as_deferred
+    async def costs_report(self, request: Request) -> Any:
         from hestia.costs import PERIODS
 
         period = (request.args.get(b"period") or [b"all"])[0].decode("ascii", "replace")
@@ -120,15 +121,15 @@ class ManagementAPI:
             raise BadRequest(f"period must be one of {', '.join(PERIODS)}")
         if self.costs is None:
             raise UnknownService("costs are not enabled")
-        report = yield self.costs.report(period)
+        report = await self.costs.report(period)
         return json_body(request, report)
 
     @app.route("/costs/timeline", methods=["GET"])
-    @inlineCallbacks
-    def costs_timeline(self, request: Request) -> Any:
+    @as_deferred
+    async def costs_timeline(self, request: Request) -> Any:
         if self.costs is None:
             raise UnknownService("costs are not enabled")
-        timeline = yield self.costs.timeline(7.0)
+        timeline = await self.costs.timeline(7.0)
         return json_body(request, timeline)
 
     @app.route("/services/<name>/events/stream", methods=["GET"])
@@ -164,15 +165,15 @@ class ManagementAPI:
         return openapi_document()
 
     @app.route("/services/<name>/events", methods=["GET"])
-    @inlineCallbacks
-    def events(self, request: Request, name: str) -> Any:
+    @as_deferred
+    async def events(self, request: Request, name: str) -> Any:
         self.gateway.route(name)
         try:
             limit = max(1, min(1000, int((request.args.get(b"limit") or [b"50"])[0])))
         except ValueError:
             limit = 50
         try:
-            history = [] if self.store is None else (yield self.store.events(name, limit))
+            history = [] if self.store is None else (await self.store.events(name, limit))
         except (StateStoreError, StoreClosed) as error:
             # Locked by another process for longer than the store waits, or shutting down.
             raise ServiceUnavailable(f"the state database cannot be read now: {error}", service=name,
@@ -209,28 +210,28 @@ class ManagementAPI:
         return json_body(request, {"name": name, "lines": self.output.tail(name, tail)})
 
     @app.route("/services/<name>/start", methods=["POST"])
-    @inlineCallbacks
-    def start(self, request: Request, name: str) -> Any:
+    @as_deferred
+    async def start(self, request: Request, name: str) -> Any:
         lifecycle = self.gateway.route(name)
         if lifecycle.state is State.READY:
             return json_body(request, lifecycle.status(), 200)
         starting: Deferred[None] = lifecycle.start("api")
         if _flag(request, b"wait"):
-            yield starting
+            await starting
             return json_body(request, lifecycle.status(), 200)
         starting.addErrback(lambda failure: None)  # Seen in status and the log.
         return json_body(request, lifecycle.status(), 202)
 
     @app.route("/services/<name>/stop", methods=["POST"])
-    @inlineCallbacks
-    def stop(self, request: Request, name: str) -> Any:
+    @as_deferred
+    async def stop(self, request: Request, name: str) -> Any:
         lifecycle = self.gateway.route(name)
-        yield lifecycle.stop("api")
+        await lifecycle.stop("api")
         return json_body(request, lifecycle.status(), 200)
 
     @app.route("/services/<name>/restart", methods=["POST"])
-    @inlineCallbacks
-    def restart(self, request: Request, name: str) -> Any:
+    @as_deferred
+    async def restart(self, request: Request, name: str) -> Any:
         """
         Drain, stop and start again with the configuration as it is now (issue 19):
         how a pending C{restart_pending} change is applied.  C{?wait=true} answers
@@ -239,7 +240,7 @@ class ManagementAPI:
         self.gateway.route(name)
         restarting: Deferred[None] = self.gateway.restart(name)
         if _flag(request, b"wait"):
-            yield restarting
+            await restarting
             return json_body(request, self.gateway.route(name).status(), 200)
         restarting.addErrback(lambda failure: None)  # Seen in status and the log.
         return json_body(request, self.gateway.route(name).status(), 202)

@@ -46,16 +46,17 @@ Cycles are a configuration error.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Generator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from hestia.config import SERVICE_NAME, Reader, ServiceConfig
+from hestia.coroutines import as_deferred
 from hestia.errors import GatewayError, StartFailed
 from hestia.interfaces import ILease, IRoute
 from hestia.lifecycle import ServiceLifecycle, State, StateChange
@@ -448,8 +449,8 @@ class Coordinator:
             ready.addCallback(lambda _: group.enter(lifecycle))
         return ready
 
-    @inlineCallbacks
-    def _dependencies(self, lifecycle: ServiceLifecycle) -> Generator[Deferred[Any], Any, None]:
+    @as_deferred
+    async def _dependencies(self, lifecycle: ServiceLifecycle) -> None:
         needed = self.plan.depends_on.get(self._owner(lifecycle), ()) if self.plan else ()
         leases = self._dependency_leases.setdefault(id(lifecycle), [])
         for dependency in needed:
@@ -457,7 +458,7 @@ class Coordinator:
             if route is None:
                 continue
             try:
-                lease = yield route.acquire(None)
+                lease = await route.acquire(None)
             except CancelledError:
                 raise
             except GatewayError as error:

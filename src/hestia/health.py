@@ -9,12 +9,11 @@ service will never come up.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -23,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from hestia.config import HealthCheck
+from hestia.coroutines import as_deferred
 
 # HostnameEndpoint notices that every address refused only at its next attempt
 # tick (attemptDelay, 0.3 s by default), so each probe of a service that is not
@@ -43,33 +43,35 @@ def health_url(base_url: str, check: HealthCheck) -> str:
     return base_url.rstrip("/") + (check.path or "/")
 
 
-@inlineCallbacks
-def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float) -> Generator[Deferred[Any], Any, Any]:
+@as_deferred
+async def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: float) -> bool:
     """C{True} when a GET of C{url} answers 2xx within C{timeout} seconds."""
     request = agent.request(b"GET", url.encode("ascii"), Headers({b"user-agent": [b"hestia-health"]}))
     request.addTimeout(timeout, reactor)
     try:
-        response = yield request
+        response = await request
         # Read (and discard) the body so the pooled connection can be reused.
         body = readBody(response)
         body.addTimeout(timeout, reactor)
-        yield body
+        await body
     except Exception:
         return False
     return 200 <= response.code < 300
 
 
-@inlineCallbacks
-def probe_tcp(reactor: IReactorTime, url: str, timeout: float) -> Generator[Deferred[Any], Any, Any]:
+@as_deferred
+async def probe_tcp(reactor: IReactorTime, url: str, timeout: float) -> bool:
     """C{True} when something accepts a TCP connection at C{url}'s host and port."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     endpoint = endpoint_for(reactor, parts.hostname or "localhost", port, timeout)
     try:
-        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+        # Factory.forProtocol(Protocol) builds plain Protocols.
+        protocol = cast(Protocol, await endpoint.connect(Factory.forProtocol(Protocol)))
     except Exception:
         return False
-    protocol.transport.loseConnection()
+    if protocol.transport is not None:
+        protocol.transport.loseConnection()
     return True
 
 

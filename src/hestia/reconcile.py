@@ -26,12 +26,12 @@ wait for the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
+from hestia.coroutines import as_deferred
 from hestia.interfaces import IPersistentBackend
 from hestia.lifecycle import ServiceLifecycle, State
 from hestia.records import RequestRecord
@@ -46,14 +46,14 @@ log = Logger(namespace="hestia.reconcile")
 REQUEST_TIME_EVERY = 2.0
 
 
-@inlineCallbacks
-def reconcile(gateway: Gateway, store: StateStore) -> Generator[Deferred[Any], Any, Any]:
+@as_deferred
+async def reconcile(gateway: Gateway, store: StateStore) -> Any:
     """
     Resume every persistent service from its recorded state.
 
     @return: a Deferred firing with C{{name: what was done}}.
     """
-    records = yield store.load_services()
+    records = await store.load_services()
     done: dict[str, str] = {}
     for lifecycle in persistent_lifecycles(gateway.services):
         name = lifecycle.name
@@ -61,7 +61,7 @@ def reconcile(gateway: Gateway, store: StateStore) -> Generator[Deferred[Any], A
         if record is None:
             continue
         try:
-            outcome = yield _reconcile_one(lifecycle, record)
+            outcome = await _reconcile_one(lifecycle, record)
         except Exception:
             log.failure("cannot reconcile {service}", service=name)
             outcome = "error"
@@ -71,14 +71,14 @@ def reconcile(gateway: Gateway, store: StateStore) -> Generator[Deferred[Any], A
     return done
 
 
-@inlineCallbacks
-def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]) -> Generator[Deferred[Any], Any, Any]:
+@as_deferred
+async def _reconcile_one(lifecycle: ServiceLifecycle, record: dict[str, Any]) -> Any:
     state = record.get("state")
     leftover = bool(record.get("url") or record.get("task_id") or (record.get("data") or {}).get("phase"))
     if lifecycle.state is not State.STOPPED:
         return "already taken up by a request"
     if state == State.READY.value:
-        up = yield IPersistentBackend(lifecycle.backend).recorded_up()
+        up = await IPersistentBackend(lifecycle.backend).recorded_up()
         if lifecycle.state is not State.STOPPED:
             return "already taken up by a request"
         if up:

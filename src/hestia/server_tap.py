@@ -13,13 +13,11 @@ import errno
 import inspect
 import signal
 import sys
-from collections.abc import Generator
 from typing import Any, NoReturn
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -29,6 +27,7 @@ from hestia.api import ManagementAPI
 from hestia.auth import AdminGuard, Authenticator, parse_auth, secret_variables
 from hestia.backends.environment import hidden_variables, hide_from_children
 from hestia.config import Config, ConfigError, ServerConfig
+from hestia.coroutines import as_deferred
 from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
@@ -287,31 +286,31 @@ class HestiaService(MultiService):
         except ConfigError as error:
             log.error("reload failed, keeping the running configuration: {error}", error=str(error))
 
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def stopService(self) -> Any:
         if self.watcher is not None:  # No reload half-way through a shutdown.
             self.watcher.stopService()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
         # Stop accepting first, so that draining can end.
-        yield self.port_service.stopService()
+        await self.port_service.stopService()
         self.planning.stop()
         timeout = self.config.server.shutdown_timeout
         if self.gateway.in_flight_requests:
             log.info("waiting up to {timeout}s for {count} requests", timeout=timeout,
                      count=self.gateway.in_flight_requests)
         began = self.reactor.seconds()
-        yield self.gateway.drain(timeout)
-        yield self.gateway.shutdown()
+        await self.gateway.drain(timeout)
+        await self.gateway.shutdown()
         # Whatever SQLite does (a lock held by another process), the state
         # writes get what is left of shutdown_timeout, at least a second.
         left = max(1.0, began + timeout - self.reactor.seconds())
-        yield self.store.flush(left, self.reactor)
+        await self.store.flush(left, self.reactor)
         if self.store.pending:
             log.error("shutting down with {count} state writes unfinished ({path})",
                       count=self.store.pending, path=self.store.path)
         self.store.close()
-        yield super().stopService()
+        await super().stopService()
 
 
 def _refuse(line: str) -> NoReturn:

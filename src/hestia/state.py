@@ -17,16 +17,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hestia.coroutines import as_deferred
 from hestia.lifecycle import State, StateChange
 
 log = Logger(namespace="hestia.state")
@@ -382,8 +383,8 @@ class StateStore:
         write.addBoth(passed)
         return ended
 
-    @inlineCallbacks
-    def interact(self, work: Callable[..., Any], *args: Any) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def interact(self, work: Callable[..., Any], *args: Any) -> Any:
         """
         Run C{work(cursor, *args)} in one transaction on the database thread (hestia.costs).
 
@@ -392,7 +393,7 @@ class StateStore:
         a try that meets the lock is rolled back before the next, so a
         transaction of several statements is written once.
         """
-        yield self.open()
+        await self.open()
 
         def transaction(connection: Any) -> Any:
             cursor = connection.cursor()
@@ -404,7 +405,7 @@ class StateStore:
             finally:
                 cursor.close()
 
-        result = yield self._run(transaction)  # runWithConnection commits it.
+        result = await self._run(transaction)  # runWithConnection commits it.
         return result
 
     def close(self) -> None:
@@ -428,8 +429,8 @@ class StateStore:
 
     # -- services -------------------------------------------------------------
 
-    @inlineCallbacks
-    def save_service(
+    @as_deferred
+    async def save_service(
         self,
         name: str,
         state: str,
@@ -440,7 +441,7 @@ class StateStore:
         last_request_at: float | None = None,
         data: dict[str, Any] | None = None,
         now: float,
-    ) -> Generator[Deferred[Any], Any, Any]:
+    ) -> Any:
         """
         Record a service's current facts; fires once they are on disk.
 
@@ -448,23 +449,23 @@ class StateStore:
         C{task_id}, which a caller clears by passing C{clear=...} through
         L{clear_service_fields}.
         """
-        yield self.open()
+        await self.open()
         parameters = (name, state, state_since, url, task_id, last_request_at, json.dumps(data or {}), now)
-        yield self._execute(_UPSERT_SERVICE, parameters)
+        await self._execute(_UPSERT_SERVICE, parameters)
 
-    @inlineCallbacks
-    def clear_service_fields(self, name: str, *fields: str) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def clear_service_fields(self, name: str, *fields: str) -> Any:
         """Forget C{url}, C{task_id} or C{data} (a stopped VM has neither)."""
         allowed = {"url": "NULL", "task_id": "NULL", "data": "'{}'"}
         assignments = ", ".join(f"{field} = {allowed[field]}" for field in fields)
-        yield self.open()
-        yield self._execute(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
+        await self.open()
+        await self._execute(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
 
-    @inlineCallbacks
-    def load_services(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def load_services(self) -> Any:
         """Every stored service, as C{{name: {state, url, task_id, ...}}}."""
-        yield self.open()
-        rows = yield self._query(
+        await self.open()
+        rows = await self._query(
             "SELECT name, state, state_since, url, task_id, last_request_at, data, updated_at FROM services"
         )
         return {
@@ -482,8 +483,8 @@ class StateStore:
 
     # -- events -----------------------------------------------------------------
 
-    @inlineCallbacks
-    def record_event(
+    @as_deferred
+    async def record_event(
         self,
         service: str,
         kind: str,
@@ -494,20 +495,20 @@ class StateStore:
         reason: str | None = None,
         duration: float | None = None,
         error: str | None = None,
-    ) -> Generator[Deferred[Any], Any, Any]:
-        yield self.open()
+    ) -> Any:
+        await self.open()
         event = (service, at, kind, old_state, new_state, reason, duration, error)
-        yield self._run(lambda transaction: _in_transaction(transaction, lambda: _insert_event(transaction, event)))
+        await self._run(lambda transaction: _in_transaction(transaction, lambda: _insert_event(transaction, event)))
 
-    @inlineCallbacks
-    def record_transition(self, change: StateChange, now: float) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def record_transition(self, change: StateChange, now: float) -> Any:
         """
         Record C{change} as an event and as the service's state, in one
         transaction: a gateway killed between the two writes would otherwise
         leave a history saying "ready" over a record saying "starting", and
         the next gateway would start again what was already up.
         """
-        yield self.open()
+        await self.open()
         event = (change.service, change.at, event_kind(change), change.old.value, change.new.value,
                  change.reason, change.duration, change.error)
         facts = (change.service, change.new.value, change.at, None, None, None, "{}", now)
@@ -516,13 +517,13 @@ class StateStore:
             _insert_event(transaction, event)
             transaction.execute(_UPSERT_SERVICE, facts)
 
-        yield self._run(lambda transaction: _in_transaction(transaction, lambda: write(transaction)))
+        await self._run(lambda transaction: _in_transaction(transaction, lambda: write(transaction)))
 
-    @inlineCallbacks
-    def events(self, service: str, limit: int = 50) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def events(self, service: str, limit: int = 50) -> Any:
         """The newest C{limit} events of C{service}, newest first."""
-        yield self.open()
-        rows = yield self._query(
+        await self.open()
+        rows = await self._query(
             "SELECT id, at, kind, old_state, new_state, reason, duration, error FROM events"
             " WHERE service = ? ORDER BY id DESC LIMIT ?",
             (service, limit),

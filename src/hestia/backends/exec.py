@@ -17,11 +17,11 @@ L{hestia.backends.machine}.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 from zope.interface import provider
@@ -29,6 +29,7 @@ from zope.interface import provider
 from hestia.backends.commands import CommandResult, parse_command, parse_command_timeout
 from hestia.backends.machine import MachineBackend, start_failed
 from hestia.config import Reader, ServiceConfig, describe_command
+from hestia.coroutines import as_deferred
 from hestia.errors import StartFailed
 from hestia.interfaces import IBackend, IBackendFactory
 
@@ -99,10 +100,10 @@ class ExecBackend(MachineBackend):
 
         return running.addCallback(remember)
 
-    @inlineCallbacks
-    def _wake(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _wake(self) -> Any:
         try:
-            result = yield self._run(self.settings.start, "start command")
+            result = await self._run(self.settings.start, "start command")
         except OSError as error:
             raise StartFailed(f"cannot run the start command {describe_command(self.settings.start)}: {error}") \
                 from None
@@ -112,12 +113,12 @@ class ExecBackend(MachineBackend):
     def _sleep(self) -> Deferred[Any]:
         return self._run(self.settings.stop, "stop command")
 
-    @inlineCallbacks
-    def _check_running(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _check_running(self) -> Any:
         if self.settings.status is None:
             return False
         try:
-            result = yield self._run(self.settings.status, "status command")
+            result = await self._run(self.settings.status, "status command")
         except OSError as error:
             self._log.warn("cannot run the status command: {error}", error=str(error), service=self.service.name)
             return False

@@ -18,10 +18,10 @@ to sleep when idle like one Hestia woke.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +32,7 @@ from hestia import health
 from hestia.backends.commands import CommandResult, CommandRunner
 from hestia.backends.deferreds import detached
 from hestia.config import ServiceConfig
+from hestia.coroutines import as_deferred
 from hestia.errors import StartFailed
 from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend
 
@@ -123,27 +124,27 @@ class MachineBackend:
         self._detached = True
         self._woken()
 
-    @inlineCallbacks
-    def recorded_up(self) -> Generator[Deferred[Any], Any, Any]:
-        yield self._recalled()
+    @as_deferred
+    async def recorded_up(self) -> Any:
+        await self._recalled()
         if self.phase is None:
             return False
         for attempt in range(RECORDED_UP_PROBES):
             if attempt:
-                yield deferLater(self._reactor, 0.2, lambda: None)
-            up = yield health.probe(self._agent, self._reactor, self.url, self.service.health)
+                await deferLater(self._reactor, 0.2, lambda: None)
+            up = await health.probe(self._agent, self._reactor, self.url, self.service.health)
             if up:
                 return True
         return False
 
     # -- IAdoptableBackend ---------------------------------------------------------------
 
-    @inlineCallbacks
-    def running_already(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def running_already(self) -> Any:
         if not self._adopt:
             return False
         stops = self._stops_begun
-        running = bool((yield self._check_running()))
+        running = bool(await self._check_running())
         if running and stops == self._stops_begun:
             # The start that the gateway now asks for takes it as it is.  (Had a
             # stop begun meanwhile, the answer would be stale: the next start wakes it.)
@@ -161,18 +162,18 @@ class MachineBackend:
         started: Deferred[None] = self._start()
         return started
 
-    @inlineCallbacks
-    def _start(self) -> Generator[Deferred[Any], Any, Any]:
-        yield self._recalled()
+    @as_deferred
+    async def _start(self) -> Any:
+        await self._recalled()
         adopting, self._adopting = self._adopting, False
         self.phase = AWAKE
         self.adopted = adopting
         self.last_stop_error = None
-        yield self._save("starting")  # On disk before anything can wake it.
+        await self._save("starting")  # On disk before anything can wake it.
         if adopting:
             self._log.info("{service} is already up: adopting it", service=self.service.name)
             return
-        yield self._wake()
+        await self._wake()
 
     def probe(self) -> Deferred[bool]:
         probing: Deferred[bool] = health.probe(self._agent, self._reactor, self.url, self.service.health)
@@ -188,31 +189,31 @@ class MachineBackend:
         stopped: Deferred[None] = self._stop()
         return stopped
 
-    @inlineCallbacks
-    def _stop(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _stop(self) -> Any:
         self._stops_begun += 1
         self._adopting = False
-        yield self._recalled()
+        await self._recalled()
         self._woken()
         if self.phase is None:
             return  # Hestia did not wake it: not Hestia's to put to sleep.
         try:
-            result = yield self._sleep()
+            result = await self._sleep()
         except OSError as error:
             result = None
-            yield self._sleep_failed(f"cannot run the stop command: {error}")
+            await self._sleep_failed(f"cannot run the stop command: {error}")
         if result is None:
             self._log.info("{service}: no stop command, the machine is left as it is", service=self.service.name)
         elif not result.succeeded:
-            yield self._sleep_failed(result.summary("stop command"))
-        yield self._forget()
+            await self._sleep_failed(result.summary("stop command"))
+        await self._forget()
 
-    @inlineCallbacks
-    def _sleep_failed(self, reason: str) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _sleep_failed(self, reason: str) -> Any:
         self.phase = SLEEP_FAILED
         self.last_stop_error = f"{reason} (the machine may still be awake)"
         self._log.error("{service}: {error}", service=self.service.name, error=self.last_stop_error)
-        yield self._save("failed")  # The next gateway tries again (hestia.reconcile).
+        await self._save("failed")  # The next gateway tries again (hestia.reconcile).
         raise StopFailed(self.last_stop_error)
 
     def reconfigure(self, service: ServiceConfig) -> None:
@@ -269,13 +270,13 @@ class MachineBackend:
         written: Deferred[Any] = self._store.save_service(self.service.name, state, now, data=data, now=now)
         return self._store.track(written)
 
-    @inlineCallbacks
-    def _forget(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _forget(self) -> Any:
         """It is asleep (or not Hestia's any more): nothing to find again."""
         self.phase = None
         self.adopted = False
         if self._store is not None and not self._detached:
-            yield self._store.track(self._store.clear_service_fields(self.service.name, "data"))
+            await self._store.track(self._store.clear_service_fields(self.service.name, "data"))
 
 
 def start_failed(result: CommandResult, what: str) -> StartFailed:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -45,6 +45,7 @@ from hestia.backends.semaphore.client import (
 )
 from hestia.backends.semaphore.settings import SemaphoreService
 from hestia.config import ServiceConfig
+from hestia.coroutines import as_deferred
 from hestia.errors import GatewayError, StartFailed, StartTimedOut
 from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
 
@@ -104,16 +105,16 @@ class SemaphoreBackend:
         self._detached = True
         self.client.detach()
 
-    @inlineCallbacks
-    def recorded_up(self) -> Generator[Deferred[Any], Any, Any]:
-        yield self._recalled()
+    @as_deferred
+    async def recorded_up(self) -> Any:
+        await self._recalled()
         if self._recorded_state != "ready" or not self.url:
             return False
         for _attempt in range(3):
-            up = yield health.probe(self._agent, self._reactor, self.url, self.service.health)
+            up = await health.probe(self._agent, self._reactor, self.url, self.service.health)
             if up:
                 return True
-            yield deferLater(self._reactor, 0.2, lambda: None)
+            await deferLater(self._reactor, 0.2, lambda: None)
         return False
 
     # -- IBackend -----------------------------------------------------------------------
@@ -204,8 +205,8 @@ class SemaphoreBackend:
         )
         return self._store.track(written)
 
-    @inlineCallbacks
-    def _forget(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _forget(self) -> Any:
         """The machine is gone: no url, no task, nothing to find again."""
         self._remote_url = None
         self._task_id = None
@@ -213,7 +214,7 @@ class SemaphoreBackend:
         self._nonce = None
         self._recorded_state = None
         if self._store is not None and not self._detached:
-            yield self._store.track(self._store.clear_service_fields(self.service.name, "url", "task_id", "data"))
+            await self._store.track(self._store.clear_service_fields(self.service.name, "url", "task_id", "data"))
 
     def _environment(self, action: str) -> dict[str, Any]:
         """The extra vars a task receives (see docs/semaphore-integration.md)."""
@@ -230,25 +231,25 @@ class SemaphoreBackend:
 
     # -- starting ---------------------------------------------------------------------------
 
-    @inlineCallbacks
-    def _start(self) -> Generator[Deferred[Any], Any, Any]:
-        yield self._recalled()
+    @as_deferred
+    async def _start(self) -> Any:
+        await self._recalled()
         self._recorded_state = None
         if self._phase == "stop-launching":
-            yield self._find_launched_stop()
+            await self._find_launched_stop()
             if self._phase == "stop-unlaunched":
                 self._phase = None  # That stop never reached Semaphore: start anew (idempotent).
         if self._phase == "stop" and self._task_id is not None:
             # A previous gateway died while stopping: let that stop end first.
             self._log.info("waiting for stop task {task} before starting", task=self._task_id)
-            yield self._follow_stop(self._task_id, adopted=True)
-            yield self._forget()
+            await self._follow_stop(self._task_id, adopted=True)
+            await self._forget()
         if self._phase == "launching":
-            yield self._find_launched()
+            await self._find_launched()
         before = None
         if self._phase == "start" and self._task_id is not None:
             try:
-                before = yield self.client.task(self._task_id)
+                before = await self.client.task(self._task_id)
             except NoSuchTask:
                 # Semaphore forgot it (deleted, or a new database): nothing to follow.
                 self._log.warn("start task {task} is unknown to Semaphore", task=self._task_id)
@@ -257,29 +258,29 @@ class SemaphoreBackend:
             # Never a second start task: follow the one recorded.
             task_id = int(before["id"])
             self._log.info("following start task {task} already launched", task=task_id)
-            task = yield self._follow_start(task_id)
+            task = await self._follow_start(task_id)
             if before.get("status") in FINISHED and task.get("status") == "success":
                 up = False
                 if self.url:
-                    up = yield health.probe(self._agent, self._reactor, self.url, self.service.health)
+                    up = await health.probe(self._agent, self._reactor, self.url, self.service.health)
                 if not up:
                     # That task had finished before and its machine no longer answers:
                     # provisioning is idempotent, so run the start template again.
-                    task_id = yield self._launch_start()
-                    yield self._follow_start(task_id)
+                    task_id = await self._launch_start()
+                    await self._follow_start(task_id)
             return
-        task_id = yield self._launch_start()
-        yield self._follow_start(task_id)
+        task_id = await self._launch_start()
+        await self._follow_start(task_id)
 
-    @inlineCallbacks
-    def _launch_start(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _launch_start(self) -> Any:
         self._nonce = uuid.uuid4().hex
         self._phase = "launching"
         self._output = []
         self._remote_url = None
-        yield self._save("starting")  # On disk before the task can exist.
+        await self._save("starting")  # On disk before the task can exist.
         try:
-            task = yield self.client.launch(
+            task = await self.client.launch(
                 self.settings.start_template_id,
                 self._environment("start"),
                 message=f"hestia: start {self.service.name}",
@@ -288,31 +289,31 @@ class SemaphoreBackend:
             if not isinstance(error, SemaphoreUnreachable):
                 # A definite refusal: no task exists, nothing was provisioned.
                 self._phase = None
-                yield self._save("starting")
+                await self._save("starting")
             raise
         self._task_id = int(task["id"])
         self._phase = "start"
         self._task_status = task.get("status")
-        yield self._save("starting")  # The task id is on disk before we follow it.
+        await self._save("starting")  # The task id is on disk before we follow it.
         self._log.info("launched start task {task} (template {template})", task=self._task_id,
                        template=self.settings.start_template_id)
         return self._task_id
 
-    @inlineCallbacks
-    def _find_launched(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _find_launched(self) -> Any:
         """A start launch whose answer never came back: find its task by our launch id."""
-        found = yield self._find_task(self.settings.start_template_id)
+        found = await self._find_task(self.settings.start_template_id)
         if found is None:
             self._phase = None
         else:
             self._task_id = found
             self._phase = "start"
-            yield self._save("starting")
+            await self._save("starting")
 
-    @inlineCallbacks
-    def _find_task(self, template_id: int) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _find_task(self, template_id: int) -> Any:
         """The id of the newest task of C{template_id} carrying our launch id, or None."""
-        for task in reversed((yield self.client.tasks()) or []):
+        for task in reversed((await self.client.tasks()) or []):
             if task.get("template_id") not in (None, template_id):
                 continue
             try:
@@ -327,33 +328,33 @@ class SemaphoreBackend:
                 return int(task["id"])
         return None
 
-    @inlineCallbacks
-    def _find_launched_stop(self) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _find_launched_stop(self) -> Any:
         """
         A stop launch whose answer never came back (the gateway died between sending it and
         recording its id): follow that task if Semaphore has it, or launch the stop again.
         """
-        found = yield self._find_task(self.settings.stop_template_id)
+        found = await self._find_task(self.settings.stop_template_id)
         if found is None:
             self._phase = "stop-unlaunched"
         else:
             self._task_id = found
             self._phase = "stop"
-            yield self._save("stopping")
+            await self._save("stopping")
 
-    @inlineCallbacks
-    def _follow_start(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _follow_start(self, task_id: int) -> Any:
         server = self.settings.server
         try:
-            task = yield self.client.follow(task_id, waiting_timeout=server.queue_timeout, on_update=self._seen)
+            task = await self.client.follow(task_id, waiting_timeout=server.queue_timeout, on_update=self._seen)
         except TaskStuck as stuck:
-            yield self._quietly(self.client.stop(task_id, force=True))
-            self._output = (yield self._quietly(self.client.output(task_id))) or self._output
+            await self._quietly(self.client.stop(task_id, force=True))
+            self._output = (await self._quietly(self.client.output(task_id))) or self._output
             raise StartTimedOut(f"{stuck}; stopped it with force", detail=self._output[-20:]) from None
         except NoSuchTask:
             self._phase = None
             raise StartFailed(f"Semaphore has no start task {task_id} any more") from None
-        self._output = (yield self.client.output(task_id))[-OUTPUT_LINES_KEPT:]
+        self._output = (await self.client.output(task_id))[-OUTPUT_LINES_KEPT:]
         status = task.get("status")
         if status != "success":
             raise StartFailed(
@@ -363,7 +364,7 @@ class SemaphoreBackend:
         url = find_hestia_url(self._output)
         if url:
             self._remote_url = url
-            yield self._save("starting", url=url)  # The VM's address is on disk before we use it.
+            await self._save("starting", url=url)  # The VM's address is on disk before we use it.
             self._log.info("{service} is at {url}", service=self.service.name, url=url)
         elif not self.service.url:
             raise StartFailed(
@@ -382,21 +383,21 @@ class SemaphoreBackend:
 
     # -- stopping --------------------------------------------------------------------------------
 
-    @inlineCallbacks
-    def _stop(self) -> Generator[Deferred[Any], Any, Any]:
-        yield self._recalled()
+    @as_deferred
+    async def _stop(self) -> Any:
+        await self._recalled()
         self._recorded_state = None
         if self._phase is None and not self._remote_url:
             return  # Nothing was launched since the last stop: nothing to tear down.
         if self._phase == "launching":
-            yield self._find_launched()
+            await self._find_launched()
             if self._phase is None and not self._remote_url:
-                yield self._forget()  # That launch never reached Semaphore.
+                await self._forget()  # That launch never reached Semaphore.
                 return
         if self._phase == "start" and self._task_id is not None:
-            yield self._end_start_task(self._task_id)
+            await self._end_start_task(self._task_id)
         if self._phase == "stop-launching":
-            yield self._find_launched_stop()
+            await self._find_launched_stop()
         if self._phase == "stop" and self._task_id is not None:
             stop_id = self._task_id
         else:
@@ -404,57 +405,57 @@ class SemaphoreBackend:
             # and recording its id must not make the next gateway launch a second stop.
             self._nonce = uuid.uuid4().hex
             self._phase = "stop-launching"
-            yield self._save("stopping")
-            task = yield self.client.launch(
+            await self._save("stopping")
+            task = await self.client.launch(
                 self.settings.stop_template_id,
                 self._environment("stop"),
                 message=f"hestia: stop {self.service.name}",
             )
             self._task_id = stop_id = int(task["id"])
             self._phase = "stop"
-            yield self._save("stopping")
+            await self._save("stopping")
             self._log.info("launched stop task {task} (template {template})", task=stop_id,
                            template=self.settings.stop_template_id)
-        yield self._follow_stop(stop_id)
-        yield self._forget()
+        await self._follow_stop(stop_id)
+        await self._forget()
 
-    @inlineCallbacks
-    def _end_start_task(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _end_start_task(self, task_id: int) -> Any:
         """A start task must not go on unobserved: stop it if it has not finished."""
         try:
-            task = yield self.client.task(task_id)
+            task = await self.client.task(task_id)
         except NoSuchTask:
             return
         if task.get("status") in FINISHED:
             return
         self._log.info("stopping start task {task} ({status})", task=task_id, status=task.get("status"))
         force = task.get("status") == "waiting"
-        yield self.client.stop(task_id, force=force)
+        await self.client.stop(task_id, force=force)
         try:
-            yield self.client.follow(task_id, timeout=STOP_START_TASK_TIMEOUT, on_update=self._seen)
+            await self.client.follow(task_id, timeout=STOP_START_TASK_TIMEOUT, on_update=self._seen)
         except TaskStuck:
-            yield self.client.stop(task_id, force=True)
+            await self.client.stop(task_id, force=True)
 
-    @inlineCallbacks
-    def _follow_stop(self, task_id: int, adopted: bool = False) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _follow_stop(self, task_id: int, adopted: bool = False) -> Any:
         try:
-            task = yield self.client.follow(
+            task = await self.client.follow(
                 task_id, timeout=self.settings.server.stop_task_timeout, on_update=self._seen
             )
         except NoSuchTask:
             if adopted:
                 return
             raise
-        self._output = ((yield self._quietly(self.client.output(task_id))) or [])[-OUTPUT_LINES_KEPT:]
+        self._output = ((await self._quietly(self.client.output(task_id))) or [])[-OUTPUT_LINES_KEPT:]
         if task.get("status") != "success" and not adopted:
             last = next((line for line in reversed(self._output) if line.strip()), "")
             raise StopFailed(f"stop task {task_id} ended with status {task.get('status')}: {last}".rstrip(": "))
 
-    @inlineCallbacks
-    def _quietly(self, work: Deferred[Any]) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def _quietly(self, work: Deferred[Any]) -> Any:
         """Best effort: a failure is logged, not raised."""
         try:
-            result = yield work
+            result = await work
         except CancelledError:
             raise
         except Exception as error:

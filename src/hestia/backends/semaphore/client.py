@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
 from hestia.backends.semaphore.settings import SemaphoreServer
+from hestia.coroutines import as_deferred
 
 log = Logger(namespace="hestia.semaphore")
 
@@ -125,12 +126,12 @@ class SemaphoreClient:
     def _project(self) -> str:
         return f"/project/{self.server.project_id}"
 
-    @inlineCallbacks
-    def _call(
+    @as_deferred
+    async def _call(
         self, method: str, path: str, body: Any = None, expect: tuple[int, ...] = (200,)
-    ) -> Generator[Deferred[Any], Any, Any]:
+    ) -> Any:
         if self._detached:
-            yield Deferred()
+            await Deferred()
         url = f"{self.server.base_url}/api{path}"
         headers: dict[bytes | str, list[bytes | str]] = {
             b"Authorization": [b"Bearer " + self.server.token.reveal().encode("utf-8")],
@@ -144,10 +145,10 @@ class SemaphoreClient:
         try:
             request = self._http.request(method, url, headers=headers, data=data)
             request.addTimeout(self.server.request_timeout, self._reactor)
-            response = yield request
+            response = await request
             reading = treq.content(response)
             reading.addTimeout(self.server.request_timeout, self._reactor)
-            content = yield reading
+            content = await reading
         except CancelledError:
             raise
         except TimeoutError:
@@ -193,11 +194,11 @@ class SemaphoreClient:
             body["message"] = message
         return self._call("POST", f"{self._project}/tasks", body, expect=(201, 200))
 
-    @inlineCallbacks
-    def task(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def task(self, task_id: int) -> Any:
         """The Task; L{NoSuchTask} for an unknown id (400 or 404)."""
         try:
-            task = yield self._call("GET", f"{self._project}/tasks/{int(task_id)}")
+            task = await self._call("GET", f"{self._project}/tasks/{int(task_id)}")
         except SemaphoreNotFound:
             raise NoSuchTask(f"Semaphore has no task {task_id}") from None
         except SemaphoreError as error:
@@ -210,11 +211,11 @@ class SemaphoreClient:
         """Every task of the project (to find one launched just before a crash)."""
         return self._call("GET", f"{self._project}/tasks")
 
-    @inlineCallbacks
-    def output(self, task_id: int) -> Generator[Deferred[Any], Any, Any]:
+    @as_deferred
+    async def output(self, task_id: int) -> Any:
         """The task's whole output so far, as plain lines."""
         try:
-            entries = yield self._call("GET", f"{self._project}/tasks/{int(task_id)}/output")
+            entries = await self._call("GET", f"{self._project}/tasks/{int(task_id)}/output")
         except SemaphoreError as error:
             if isinstance(error, (SemaphoreNotFound, SemaphoreUnauthorized, SemaphoreUnreachable)):
                 raise
@@ -226,14 +227,14 @@ class SemaphoreClient:
         body = {"force": True} if force else {}
         return self._call("POST", f"{self._project}/tasks/{int(task_id)}/stop", body, expect=(204, 200))
 
-    @inlineCallbacks
-    def follow(
+    @as_deferred
+    async def follow(
         self,
         task_id: int,
         waiting_timeout: float | None = None,
         timeout: float | None = None,
         on_update: Callable[[dict[str, Any]], None] | None = None,
-    ) -> Generator[Deferred[Any], Any, Any]:
+    ) -> Any:
         """
         Poll a task until it finishes; fires with the finished Task.
 
@@ -247,7 +248,7 @@ class SemaphoreClient:
         waiting_since: float | None = None
         delay = FIRST_POLL
         while True:
-            task = yield self.task(task_id)
+            task = await self.task(task_id)
             if on_update is not None:
                 on_update(task)
             status = task.get("status")
@@ -267,8 +268,8 @@ class SemaphoreClient:
             if timeout is not None and now - began > timeout:
                 raise TaskStuck(f"task {task_id} did not finish within {timeout:g}s (status {status})", task)
             if self._detached:
-                yield Deferred()
-            yield deferLater(self._reactor, delay, lambda: None)
+                await Deferred()
+            await deferLater(self._reactor, delay, lambda: None)
             delay = min(delay * POLL_GROWTH, self.server.poll_interval)
 
 
