@@ -237,8 +237,6 @@ class SemaphoreBackend:
         self._recorded_state = None
         if self._phase == "stop-launching":
             await self._find_launched_stop()
-            if self._phase == "stop-unlaunched":
-                self._phase = None  # That stop never reached Semaphore: start anew (idempotent).
         if self._phase == "stop" and self._task_id is not None:
             # A previous gateway died while stopping: let that stop end first.
             self._log.info("waiting for stop task {task} before starting", task=self._task_id)
@@ -332,11 +330,13 @@ class SemaphoreBackend:
     async def _find_launched_stop(self) -> Any:
         """
         A stop launch whose answer never came back (the gateway died between sending it and
-        recording its id): follow that task if Semaphore has it, or launch the stop again.
+        recording its id): follow that task if Semaphore has it.  If it has not, that stop
+        never reached Semaphore: no phase is left, and a stop launches it again, a start
+        starts anew (a start is idempotent).
         """
         found = await self._find_task(self.settings.stop_template_id)
         if found is None:
-            self._phase = "stop-unlaunched"
+            self._phase = None
         else:
             self._task_id = found
             self._phase = "stop"
