@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 
 from .common import JSON, now_iso
-from .replies import _NOT_DONE, ApiError, Ctx, Reply
+from .replies import NOT_DONE, ApiError, Ctx, Reply
 from .scenario import TemplateConfig
 from .state import DoubleState
 from .tasks import ACTIVE, FINISHED, TaskRecord
@@ -183,5 +183,5 @@ class SemaphoreEndpoints(DoubleState):
             raise ApiError(501, kind="not_modelled_by_double", detail="websocket needs wsproto") from None
         result = WebSocketResource(WsFactory(self)).render_GET(ctx.request)
         if not isinstance(result, bytes):  # NOT_DONE_YET: the connection is a websocket now
-            return _NOT_DONE
+            return NOT_DONE
         return Reply(ctx.request.code, result.decode("utf-8", "replace"), "text/plain")

@@ -23,12 +23,16 @@ from .admin import AdminEndpoints
 from .api import SemaphoreEndpoints
 from .common import JSON
 from .pool import TaskPool
-from .replies import _NOT_DONE, ApiError, Ctx, Reply
+from .replies import NOT_DONE, ApiError, Ctx, Reply
 from .spec import Operation
 
 
 class SemaphoreDouble(AdminEndpoints, SemaphoreEndpoints, TaskPool):
-    """The double's state machine and HTTP front; one instance per fake Semaphore server."""
+    """The double's state machine and HTTP front; one instance per fake Semaphore server.
+
+    The endpoints (`AdminEndpoints`, `SemaphoreEndpoints`) and the queue (`TaskPool`, over
+    `runner.TaskRunner`) are mixins on one `state.DoubleState`: one object, as before the split.
+    """
 
     def __init__(
         self,
@@ -76,7 +80,7 @@ class SemaphoreDouble(AdminEndpoints, SemaphoreEndpoints, TaskPool):
         except Exception as e:  # noqa: BLE001 - a double crash must be loud, not a hung test
             self.violation("double_internal_error", method, path, 500, repr(e))
             reply_or_marker = Reply(500)
-        if reply_or_marker is _NOT_DONE:
+        if reply_or_marker is NOT_DONE:
             return server.NOT_DONE_YET
         assert isinstance(reply_or_marker, Reply)
         if op is not None:

@@ -37,4 +37,4 @@ class Ctx:
     raw_body: bytes
 
 
-_NOT_DONE = object()
+NOT_DONE = object()  # a handler's answer when it took the request over (the WebSocket)

@@ -31,7 +31,7 @@ GREEN, YELLOW, RED, CYAN, RESET = "\x1b[0;32m", "\x1b[0;33m", "\x1b[0;31m", "\x1
 
 
 class TaskRunner(DoubleState):
-    """Runs one task at a time per call of `_run`; the queue that calls it is `pool.TaskPool`."""
+    """`_run` takes one task through its template's behaviour; the queue (`pool.TaskPool`) decides when."""
 
     async def _sleep(self, t: TaskRecord, seconds: float | None) -> None:
         """Every wait of a runner goes through here, so a stop can interrupt it."""

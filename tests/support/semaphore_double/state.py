@@ -125,7 +125,7 @@ class DoubleState:
             {"next_id": self.next_task_id, "tasks": [t.to_state() for t in self.tasks.values()]},
         )
 
-    # ---- lifecycle
+    # ---- reset
 
     def reset(self) -> None:
         """Back to a fresh double; task ids keep growing so stale ids never come back."""
