@@ -1,6 +1,6 @@
 """
 The C{semaphore} backend, end to end: a real C{twistd hestia} gateway, the
-Semaphore UI double (tests/support/semaphore_double.py) as a subprocess whose start
+Semaphore UI double (tests/support/semaphore_double/) as a subprocess whose start
 template really starts a C{tests/support/backend.py} "VM", and real HTTP through the
 proxy.  Every test ends by checking that the double saw no protocol violation
 and that the API token appeared nowhere: not in the gateway's log, not in

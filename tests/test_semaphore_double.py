@@ -1,4 +1,4 @@
-"""Tests of the Semaphore UI test double (tests/support/semaphore_double.py).
+"""Tests of the Semaphore UI test double (tests/support/semaphore_double/).
 
 The gateway's Semaphore tests are only as good as the double they run against, so
 the NOTES.md rules the double claims to implement are pinned here, over real

@@ -3,7 +3,7 @@
 The part of Semaphore UI's API that Hestia relies on, as a file in this repository.
 
 C{tests/support/semaphore_contract.yml} is a Swagger 2.0 document: the path items Hestia's
-C{semaphore} backend calls and the test double (C{tests/support/semaphore_double.py})
+C{semaphore} backend calls and the test double (C{tests/support/semaphore_double/})
 models, with every parameter and definition they refer to, copied unchanged from
 Semaphore's own C{api-docs.yml}; plus C{x-hestia-notes}, the server behaviour the
 spec does not say (from the C{NOTES.md} beside it), which the double implements.
