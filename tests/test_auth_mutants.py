@@ -22,7 +22,6 @@ from hestia.auth import (
     AuthConfig,
     Authenticator,
     Denied,
-    authorize_service,
     credential_headers,
     is_open_route,
     parse_auth,
@@ -109,37 +108,42 @@ def test_write_denied_403_has_no_challenge() -> None:
     assert body(made)["error"] == "token 'user' does not grant the management API"
 
 
-# -- authorize_service ----------------------------------------------------------------------
+# -- check_service: the decision the proxy acts on -------------------------------------------
 
 
-class Site:
-    def __init__(self, authenticator: Authenticator | None) -> None:
-        self.authenticator = authenticator
-
-
-def test_authorize_service_without_an_authenticator_strips_only_hestias_header() -> None:
+def test_with_authentication_off_every_request_passes_and_only_hestias_header_is_stripped() -> None:
     made = request(X_Hestia_Token="x")
-    assert authorize_service(made, "app") is True
+    assert Authenticator(AuthConfig(), Clock().seconds).check_service(made, "app") is None
     assert credentials_of(made).consumed == frozenset({b"x-hestia-token"})
+    assert credentials_of(made).may_see_output  # nothing to hide when nobody is authenticated
     assert made.written == [] and not made.finished
 
 
-def test_authorize_service_lets_a_good_token_through_and_names_it() -> None:
+def test_a_good_token_passes_is_named_and_both_credential_headers_are_stripped() -> None:
     made = request(Authorization=f"Bearer {USER}")
-    made.site = Site(Authenticator(auth_config(), Clock().seconds))
-    assert authorize_service(made, "app") is True
+    assert Authenticator(auth_config(), Clock().seconds).check_service(made, "app") is None
     assert credentials_of(made).token_name == "user"
     assert credentials_of(made).consumed == frozenset({b"x-hestia-token", b"authorization"})
+    assert not credentials_of(made).may_see_output  # a service's output is for admin tokens only
     assert made.written == []
 
 
-def test_authorize_service_writes_the_refusal() -> None:
+def test_a_request_without_a_token_is_refused_with_how_to_send_one_and_nothing_is_written() -> None:
     made = request()
-    made.site = Site(Authenticator(auth_config(), Clock().seconds))
-    assert authorize_service(made, "app") is False
-    assert made.responseCode == 401
-    refusal = body(made)
-    assert refusal["service"] == "app" and "Authorization: Bearer" in refusal["error"]
+    denied = Authenticator(auth_config(), Clock().seconds).check_service(made, "app")
+    assert denied is not None and denied.status == 401 and "Authorization: Bearer" in denied.reason
+    assert made.written == []  # the proxy writes it (with write_denied), the authenticator decides
+    assert not credentials_of(made).may_see_output
+
+
+def test_an_admin_token_may_see_a_services_output() -> None:
+    made = request(Authorization=f"Bearer {ADMIN}")
+    assert Authenticator(auth_config(), Clock().seconds).check_service(made, "app") is None
+    assert credentials_of(made).may_see_output
+
+
+def test_a_request_the_authenticator_never_saw_may_not_see_output() -> None:
+    assert not credentials_of(request()).may_see_output
 
 
 def test_a_service_receiving_its_clients_authorization_takes_only_the_hestia_header() -> None:

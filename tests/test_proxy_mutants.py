@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
+from hestia.auth import AuthConfig, Authenticator
 from hestia.errors import QueueFull, StartFailed
 from hestia.proxy import ServiceProxyResource, write_error
 
@@ -206,7 +207,7 @@ def test_unknown_paths_are_json_404s_that_name_what_is_served() -> None:
 
 def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
-    resource = ServiceProxyResource(harness.gateway, "web")
+    resource = ServiceProxyResource(harness.gateway, "web", OPEN)
     request = dummy()
     request.uri = b"/services/api/x"
     request.method = b"GET"
@@ -281,7 +282,7 @@ def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
 
 def test_an_absolute_form_target_to_a_host_routed_service_is_400() -> None:
     harness = Harness({"web": {"url": "http://backend:8000", "hosts": ["web.example"]}})
-    resource = ServiceProxyResource(harness.gateway, "web", host_routed=True)
+    resource = ServiceProxyResource(harness.gateway, "web", OPEN, host_routed=True)
     request = dummy()
     request.uri = b"http://evil.example/x"
     request.method = b"GET"
@@ -410,7 +411,7 @@ def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
     request.client = UNIXAddress(b"/run/hestia.sock")
     request.getClientAddress = lambda: request.client  # type: ignore[method-assign]
     request.isSecure = lambda: False  # type: ignore[method-assign]
-    ServiceProxyResource(harness.gateway, "web").render(request)
+    ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
     harness.settle()
     assert sent and sent[0].getRawHeaders(b"x-forwarded-for") == [b"unix"]
 
@@ -475,20 +476,29 @@ def test_a_silent_response_body_is_cut_exactly_at_response_idle_timeout() -> Non
 
 
 def test_a_services_output_in_an_error_is_shown_only_where_auth_allows_it() -> None:
-    from test_auth_mutants import Site, auth_config
+    from test_auth_mutants import ADMIN, auth_config
     from twisted.internet.task import Clock
 
     from hestia.auth import Authenticator
 
     failed = StartFailed("exit status 1", detail=["token=abc"])
-    open_gateway = dummy()
-    write_error(open_gateway, failed)
-    assert json.loads(b"".join(open_gateway.written))["detail"] == ["token=abc"]
-    guarded = dummy()
-    guarded.site = Site(Authenticator(auth_config(), Clock().seconds))  # auth on, no admin token
-    write_error(guarded, failed)
-    document = json.loads(b"".join(guarded.written))
-    assert "detail" not in document and document["error"] == "exit status 1"
+    guarding = Authenticator(auth_config(), Clock().seconds)
+
+    def error_seen_by(authenticator: Authenticator, **headers: str) -> dict[str, Any]:
+        request = dummy()
+        for name, value in headers.items():
+            request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
+        authenticator.check_service(request, "web")
+        write_error(request, failed)
+        return json.loads(b"".join(request.written))  # type: ignore[no-any-return]
+
+    assert error_seen_by(OPEN)["detail"] == ["token=abc"]  # auth off
+    assert error_seen_by(guarding, authorization=f"Bearer {ADMIN}")["detail"] == ["token=abc"]
+    refused = error_seen_by(guarding)  # auth on, no admin token
+    assert "detail" not in refused and refused["error"] == "exit status 1"
+    unchecked = dummy()  # an error written before the authenticator looked shows no output either
+    write_error(unchecked, failed)
+    assert "detail" not in json.loads(b"".join(unchecked.written))
 
 
 def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_continue() -> None:
@@ -501,8 +511,7 @@ def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_
     from hestia.proxy import GatewayRoot
 
     harness = Harness({"app": {"url": "http://backend:8000"}})
-    site = GuardedSite(GatewayRoot(harness.gateway, Resource()), Limits())
-    site.authenticator = Authenticator(auth_config(), Clock().seconds)
+    site = GuardedSite(GatewayRoot(harness.gateway, Resource(), Authenticator(auth_config(), Clock().seconds)), Limits())
     protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5000))
     protocol.makeConnection(transport)
@@ -531,7 +540,7 @@ def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() ->
     from hestia.loader import parse_config
 
     harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
-    resource = ServiceProxyResource(harness.gateway, "web")  # found before the reload removed it
+    resource = ServiceProxyResource(harness.gateway, "web", OPEN)  # found before the reload removed it
     harness.gateway.apply(parse_config({"services": {"other": {"url": "http://backend:8001"}}}, "t.yml", {}))
     harness.settle()
     request = dummy()
@@ -563,6 +572,8 @@ def loading_harness() -> Harness:
     })
 
 
+# Authentication off: every request may reach the service (hestia.auth).
+OPEN = Authenticator(AuthConfig(), lambda: 0.0)
 STREAM = b'{"model": "qwen2.5:7b", "stream": true}'
 
 
@@ -646,7 +657,7 @@ def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duratio
 
 def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> None:
     harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
-    resource = ServiceProxyResource(harness.gateway, "web")
+    resource = ServiceProxyResource(harness.gateway, "web", OPEN)
     request = dummy()
     request.uri, request.method = b"/services/api/x", b"POST"
     denied = resource.check_head(request)
@@ -761,7 +772,7 @@ def test_a_method_that_is_not_ascii_is_recorded_readably() -> None:
     request = dummy()
     request.uri, request.method = b"/services/web/x", b"G\xffT"
     request.isSecure = lambda: False  # type: ignore[method-assign]
-    ServiceProxyResource(harness.gateway, "web").render(request)
+    ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
     harness.settle()
     request.processingFailed(Failure(ConnectionLost()))
     harness.settle()
@@ -795,7 +806,7 @@ def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> N
     producers: list[Any] = []
     request.registerProducer = lambda producer, streaming: producers.append(producer)  # type: ignore[method-assign]
     request.unregisterProducer = lambda: producers.clear()  # type: ignore[method-assign]
-    ServiceProxyResource(harness.gateway, "web").render(request)
+    ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
     harness.settle()
     backend = HeldResponse()
     agent.pending[0].callback(backend)

@@ -257,8 +257,10 @@ class Authenticator:
         May C{request} reach C{service}?  Marks the headers to strip either way.
         """
         passing = service in self.config.pass_authorization
-        credentials_of(request).consumed = credential_headers(self.enabled, passing)
+        credentials = credentials_of(request)
+        credentials.consumed = credential_headers(self.enabled, passing)
         if not self.enabled:
+            credentials.may_see_output = True
             return None
         return self._check(request, lambda token: token.may_reach(service), allow_bearer=not passing,
                            scope=f"service {service}")
@@ -301,6 +303,8 @@ class Authenticator:
             return Denied(403, f"token {token.name!r} does not grant {scope}")
         credentials = credentials_of(request)
         credentials.token_name, credentials.admin = token.name, token.admin
+        # The logs route shows a service's output to admin tokens only; error bodies follow it.
+        credentials.may_see_output = token.admin
         return None
 
     def _match(self, presented: bytes) -> Token | None:
@@ -361,46 +365,12 @@ def _presented(request: Request, allow_bearer: bool) -> bytes | None:
     return None
 
 
-def may_see_output(request: Request) -> bool:
-    """
-    Whether C{request} may be shown a service's own output (an error's C{detail}).
-
-    The output can hold secrets (a notebook's token URL, a key printed at
-    start), and C{/v1/services/<name>/logs} shows it to admin tokens only; an
-    error body follows the same rule.  With auth off everyone may.
-    """
-    authenticator: Authenticator | None = getattr(getattr(request, "site", None), "authenticator", None)
-    if authenticator is None or not authenticator.enabled:
-        return True
-    return credentials_of(request).admin
-
-
 def write_denied(request: Request, denied: Denied, service: str | None = None) -> None:
     """Answer C{request} with C{denied}: JSON, C{WWW-Authenticate} on 401."""
     body: dict[str, Any] = {"error": denied.reason, "service": service, "state": None}
     if denied.retry_after is not None:
         body["retry_after"] = max(1, round(denied.retry_after))
     write_json(request, denied.status, body, retry_after=denied.retry_after)
-
-
-def authorize_service(request: Request, service: str) -> bool:
-    """
-    The proxy's hook: C{True} when C{request} may go on to C{service}.
-
-    The L{Authenticator} is the site's (L{hestia.server_tap.HestiaSite}), so
-    every request any route sends to a service passes here, however it was
-    routed.  A site without one (unit tests) still strips C{X-Hestia-Token}.
-    On C{False} the refusal has been written.
-    """
-    authenticator: Authenticator | None = getattr(getattr(request, "site", None), "authenticator", None)
-    if authenticator is None:
-        credentials_of(request).consumed = credential_headers(False, False)
-        return True
-    denied = authenticator.check_service(request, service)
-    if denied is None:
-        return True
-    write_denied(request, denied, service)
-    return False
 
 
 def is_open_route(method: bytes, segments: list[bytes]) -> bool:

@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from hestia.admission import CONNECT_RETRY, Admission
-from hestia.auth import Denied, authorize_service, may_see_output
+from hestia.auth import AuthConfig, Authenticator, Denied, write_denied
 from hestia.errors import (
     BadRequest,
     GatewayError,
@@ -82,7 +82,7 @@ def write_error(request: Request, error: GatewayError, request_id: bytes | None 
         request.loseConnection()
         return
     document = error.to_json()
-    if "detail" in document and not may_see_output(request):
+    if "detail" in document and not credentials_of(request).may_see_output:
         del document["detail"]  # The service's output: admin tokens only, as on the logs route.
     write_json(request, error.status, document, retry_after=error.retry_after, request_id=request_id,
                hide_server=True)
@@ -726,11 +726,14 @@ class ServiceProxyResource(ReverseProxyResource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, name: str, host_routed: bool = False) -> None:
+    def __init__(self, gateway: Gateway, name: str, authenticator: Authenticator, host_routed: bool = False) -> None:
         """
+        @param authenticator: decides whether a request may reach this service
+            (L{Authenticator.check_service}), before its body is read.
         @param host_routed: the request's C{Host} is one of the service's
             C{hosts:} (issue 7): the whole path goes to the service, unprefixed.
         """
+        self.authenticator = authenticator
         lifecycle = gateway.route(name)
         target = urlsplit(lifecycle.backend.url)
         super().__init__(
@@ -766,10 +769,7 @@ class ServiceProxyResource(ReverseProxyResource):
         routed = self._route(request)
         if isinstance(routed, GatewayError):
             return Denied(routed.status, routed.reason, service=routed.service)
-        authenticator = getattr(getattr(request, "site", None), "authenticator", None)
-        if authenticator is None:
-            return None
-        denied: Denied | None = authenticator.check_service(request, self.name)
+        denied = self.authenticator.check_service(request, self.name)
         return None if denied is None else Denied(denied.status, denied.reason, denied.retry_after, self.name)
 
     def render(self, request: Request) -> int:
@@ -778,7 +778,9 @@ class ServiceProxyResource(ReverseProxyResource):
         if isinstance(routed, GatewayError):
             write_error(request, routed, request_id)
             return NOT_DONE_YET
-        if not authorize_service(request, self.name):  # Before anything can start (hestia.auth).
+        denied = self.authenticator.check_service(request, self.name)  # Before anything can start.
+        if denied is not None:
+            write_denied(request, denied, self.name)
             return NOT_DONE_YET
         try:
             lifecycle = self.gateway.route(self.name)
@@ -816,8 +818,9 @@ class ServiceResources:
     cache is keyed by the route object, so nothing has to be told to forget.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, authenticator: Authenticator) -> None:
         self.gateway = gateway
+        self.authenticator = authenticator
         self._built: dict[tuple[str, bool], tuple[object, ServiceProxyResource]] = {}
 
     def get(self, name: str, host_routed: bool = False) -> ServiceProxyResource:
@@ -825,7 +828,8 @@ class ServiceResources:
         route = self.gateway.route(name)
         built = self._built.get((name, host_routed))
         if built is None or built[0] is not route:
-            built = self._built[(name, host_routed)] = (route, ServiceProxyResource(self.gateway, name, host_routed))
+            resource = ServiceProxyResource(self.gateway, name, self.authenticator, host_routed)
+            built = self._built[(name, host_routed)] = (route, resource)
         return built[1]
 
 
@@ -835,10 +839,10 @@ class ServicesResource(Resource):
 
     _unnamed = UnknownService("no service named in the path: use /services/<name>/")
 
-    def __init__(self, gateway: Gateway, resources: ServiceResources | None = None) -> None:
+    def __init__(self, gateway: Gateway, resources: ServiceResources) -> None:
         super().__init__()
         self.gateway = gateway
-        self.resources = resources or ServiceResources(gateway)
+        self.resources = resources
 
     def check_head(self, request: Request) -> Denied | None:
         """C{/services} itself answers only an error: refused before a body is read."""
@@ -892,10 +896,16 @@ class GatewayRoot(Resource):
     the proxy is a leaf that never hands the rest of the path back to the tree.
     """
 
-    def __init__(self, gateway: Gateway, api: IResource) -> None:
+    def __init__(self, gateway: Gateway, api: IResource, authenticator: Authenticator | None = None) -> None:
+        """
+        @param authenticator: who may reach which service; by default one with
+            no tokens (authentication off: every request passes, and only
+            Hestia's own credential headers are removed).
+        """
         super().__init__()
         self.gateway = gateway
-        self.resources = ServiceResources(gateway)
+        self.authenticator = authenticator or Authenticator(AuthConfig(), gateway.reactor.seconds)
+        self.resources = ServiceResources(gateway, self.authenticator)
         self.putChild(b"services", ServicesResource(gateway, self.resources))
         self.putChild(b"v1", api)
 

@@ -58,6 +58,10 @@ class Credentials:
         the proxy removes them, so a token never reaches a backend.
     @ivar token_name: the token that authorised the request, if one did.
     @ivar admin: that token grants the management API.
+    @ivar may_see_output: the request may be shown a service's own output (an
+        error's C{detail}, the waiting page's log lines), which can hold
+        secrets: with authentication off, or to an admin token.  C{False}
+        until the authenticator has looked.
     @ivar decision: the scope decided last and its refusal (or C{None}),
         decided once per request and scope (the head check and the render
         both ask; a wrong token counts once against the client).
@@ -66,6 +70,7 @@ class Credentials:
     consumed: frozenset[bytes] = frozenset()
     token_name: str | None = None
     admin: bool = False
+    may_see_output: bool = False
     decision: tuple[str, Denied | None] | None = None
 
 

@@ -100,13 +100,12 @@ class HestiaSite(GuardedSite):
     """
     A Site without the stock access log: Hestia writes its own, structured.
 
-    Its connections are guarded (L{hestia.guard}), and it carries the
-    L{Authenticator} that the proxy asks about every request for a service.
+    Its connections are guarded (L{hestia.guard}); the L{Authenticator} is
+    given to the resources that ask it (L{GatewayRoot}, L{AdminGuard}).
     """
 
     displayTracebacks = False
     noisy = False
-    authenticator: Authenticator | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # A proxy forwards bodies, it does not read them: by default Twisted
@@ -131,8 +130,8 @@ def build_site(
     so that what the tests drive is what runs.
     """
     kwargs = {} if reactor is None else {"reactor": reactor}
-    site = HestiaSite(GatewayRoot(gateway, AdminGuard(api, authenticator)), Limits.from_server(server), **kwargs)
-    site.authenticator = authenticator
+    root = GatewayRoot(gateway, AdminGuard(api, authenticator), authenticator)
+    site = HestiaSite(root, Limits.from_server(server), **kwargs)
     return site
 
 

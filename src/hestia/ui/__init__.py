@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from hestia.auth import may_see_output
 from hestia.lifecycle import State
+from hestia.records import credentials_of
 
 if TYPE_CHECKING:
     from hestia.gateway import Gateway
@@ -95,7 +95,7 @@ def waiting_page(lifecycle: Route, now: float, show_output: bool = True) -> byte
     The waiting page for C{lifecycle}, with its status embedded.
 
     @param show_output: whether the last start's output lines may be shown
-        (L{hestia.auth.may_see_output}: they can hold secrets).
+        (L{hestia.records.Credentials.may_see_output}: they can hold secrets).
     """
     status = lifecycle.status()
     if not show_output:
@@ -122,7 +122,7 @@ def serve_waiting_page(gateway: Gateway, lifecycle: Route, request: Request) -> 
         # The page request itself starts the service; its outcome shows on the
         # page (via the event stream), so the Deferred's failure is handled there.
         lifecycle.start("request").addErrback(lambda failure: None)
-    body = waiting_page(lifecycle, gateway.reactor.seconds(), show_output=may_see_output(request))
+    body = waiting_page(lifecycle, gateway.reactor.seconds(), show_output=credentials_of(request).may_see_output)
     request.setResponseCode(503)
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"content-length", str(len(body)).encode())
