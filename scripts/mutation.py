@@ -75,23 +75,23 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
          "stop()'s Deferred never fails (a failed stop is the FAILED state), so this errback never runs")],
     "hestia.guard.xǁGuardedRequestǁprocess": [
         ("APPLICATION/JSON", "media types are case-insensitive (RFC 9110, 8.3.1)")],
-    "hestia.proxy.x__client_headers": [('b"CONNECTION"', CASE)],
-    "hestia.proxy.x_write_error": [('b"RETRY-AFTER"', CASE), ('b"CONTENT-TYPE"', CASE), ('b"CONTENT-LENGTH"', CASE),
-                                   ('b"X-REQUEST-ID"', CASE), ('b"SERVER"', CASE)],
-    "hestia.proxy.xǁExchangeǁ_respond": [
+    "hestia.proxy._exchange.x__client_headers": [('b"CONNECTION"', CASE)],
+    "hestia.proxy._errors.x_write_error": [('b"RETRY-AFTER"', CASE), ('b"CONTENT-TYPE"', CASE),
+                                           ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE), ('b"SERVER"', CASE)],
+    "hestia.proxy._exchange.xǁExchangeǁ_respond": [
         ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE),
         ("deliverBody(None)", "unreachable: a gone client's backend request is cancelled first, and a cancelled "
                               "Deferred drops the response that comes later")],
-    "hestia.proxy.xǁExchangeǁ__init__": [
+    "hestia.proxy._exchange.xǁExchangeǁ__init__": [
         ('"ASCII"', "codec names are case-insensitive"),
         ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false")],
-    "hestia.proxy.xǁExchangeǁ_open_early": [
+    "hestia.proxy._exchange.xǁExchangeǁ_open_early": [
         ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first")],
-    "hestia.proxy.xǁExchangeǁ_send": [
+    "hestia.proxy._exchange.xǁExchangeǁ_send": [
         ('self._pending = ""', "reassigned below before anything reads it, or the client is gone and nothing will")],
-    "hestia.proxy.xǁServiceProxyResourceǁ__init__": [
+    "hestia.proxy._resources.xǁServiceProxyResourceǁ__init__": [
         ("        None,", "ReverseProxyResource's host is never read: render and getChild are Hestia's own")],
-    "hestia.proxy.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.proxy._resources.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
     "hestia.groups.xǁGroupMemberRouteǁacquire": [
@@ -106,8 +106,9 @@ def core_modules() -> dict[str, Path]:
     """The table: setup.cfg [mutmut] only_mutate, as {module name: source path}."""
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
-    paths = [line.strip() for line in parser.get("mutmut", "only_mutate").splitlines() if line.strip()]
-    return {Path(p).stem: Path(p) for p in paths}
+    paths = [Path(line.strip()) for line in parser.get("mutmut", "only_mutate").splitlines() if line.strip()]
+    # A package's private module is named by its package: src/hestia/proxy/_exchange.py is proxy.exchange.
+    return {(f"{p.parent.name}.{p.stem[1:]}" if p.stem.startswith("_") else p.stem): p for p in paths}
 
 
 def dotted(path: Path) -> str:
@@ -168,10 +169,13 @@ def main() -> int:
                          "after a merge that adds functions, their mutants show as 'no tests' until then)")
     ap.add_argument("--floor", type=float, default=0.0, help="fail when a module scores below this percent")
     args = ap.parse_args()
-    unknown = [m for m in args.modules if m not in table]
+    # A package's name (proxy) stands for all its modules (proxy.errors, proxy.exchange, ...).
+    expanded = [name for m in args.modules for name in ([m] if m in table else
+                                                           [t for t in table if t.startswith(m + ".")])]
+    unknown = [m for m in args.modules if m not in table and not any(t.startswith(m + ".") for t in table)]
     if unknown:
         ap.error(f"not a core module: {', '.join(unknown)} (the table is setup.cfg [mutmut] only_mutate)")
-    modules = args.modules or list(table)
+    modules = expanded or list(table)
 
     if args.fresh and not args.report:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)

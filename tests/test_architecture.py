@@ -123,7 +123,7 @@ def test_the_import_graph_is_read_from_every_kind_of_import() -> None:
     # the gateway's GPU coordinator is imported where it is used) and a
     # TYPE_CHECKING one (the proxy names the Gateway type) are both edges.
     assert "hestia.gpu" in GRAPH["hestia.gateway"]
-    assert "hestia.gateway" in GRAPH["hestia.proxy"]
+    assert "hestia.gateway" in GRAPH["hestia.proxy._exchange"]
     assert "hestia.config" in GRAPH["hestia.config.parse"] or "hestia.config.model" in GRAPH["hestia.config.parse"]
 
 
@@ -171,7 +171,8 @@ LAYERS: list[set[str]] = [
     {"hestia.discovery", "hestia.loader", "hestia.costs", "hestia.prewarm", "hestia.events_stream",
      "hestia.logs", "hestia.metrics", "hestia.reconcile"},
     # 7 the web layer: proxy, pages, the management API.
-    {"hestia.ui", "hestia.proxy", "hestia.api", "hestia.planning", "hestia.preflight", "hestia.simulation"},
+    {"hestia.ui", "hestia.proxy", "hestia.proxy._errors", "hestia.proxy._exchange", "hestia.proxy._resources",
+     "hestia.api", "hestia.planning", "hestia.preflight", "hestia.simulation"},
     # 8 entry points and the test doubles.
     {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.site"},
 ]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
 from hestia.headers import HOP_BY_HOP, headers_for_client
-from hestia.proxy import _client_headers
+from hestia.proxy._exchange import _client_headers
 
 pytestmark = pytest.mark.unit
 
