@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from hestia.gateway import Gateway
 from hestia.groups import GroupMemberRoute
-from hestia.interfaces import ILease, IRoute
+from hestia.interfaces import IInterceptingRoute, ILease, IRoute
 from hestia.lifecycle import ServiceLifecycle
 from hestia.loader import parse_config
 from hestia.routing import ModelRoute, MultiInstanceRoute
@@ -53,6 +53,14 @@ def test_every_kind_of_route_provides_iroute() -> None:
     for name, route in gw.services.items():
         assert verifyObject(IRoute, route), name
         assert gw.route(name) is route
+
+
+def test_only_the_model_route_looks_at_requests_before_a_lease() -> None:
+    """The proxy asks IInterceptingRoute (model lists, loading events), not getattr."""
+    gw, _, _ = gateway()
+    intercepting = {name for name, route in gw.services.items() if IInterceptingRoute.providedBy(route)}
+    assert intercepting == {"ai"}
+    assert verifyObject(IInterceptingRoute, gw.services["ai"])
 
 
 def test_every_route_hands_out_ileases() -> None:

@@ -197,6 +197,20 @@ class IRoute(Interface):
         """Tell C{observer} of every transition of this route's lifecycles."""
 
 
+class IInterceptingRoute(Interface):
+    """
+    A route that looks at a request before a lease is asked for it (a
+    C{route_by: model} route): it answers some itself, and may want a
+    streaming client to be given its headers at once.
+    """
+
+    def intercept(request: Any, rest: bytes) -> bool:
+        """Answer C{request} here if no backend is needed (a model list, an unknown model); C{True} if it did."""
+
+    def wants_loading_events(request: Any, rest: bytes) -> bool:
+        """Whether C{request} is a streaming completion that should get loading events while its target starts."""
+
+
 class IServiceObserver(Interface):
     """Something told of every lifecycle transition (logs, metrics, state store)."""
 

@@ -46,7 +46,7 @@ from hestia.config import (
     parse_service,
 )
 from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut, write_json
-from hestia.interfaces import IPersistentBackend, IRoute
+from hestia.interfaces import IInterceptingRoute, IPersistentBackend, IRoute
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
 from hestia.strategies import InstanceView, StrategyError, load_strategy
 
@@ -592,7 +592,7 @@ class MultiInstanceRoute:
         }
 
 
-@implementer(IRoute)
+@implementer(IRoute, IInterceptingRoute)
 class ModelRoute:
     """
     C{route_by: model}: one endpoint in front of the services that serve each model.
@@ -649,7 +649,7 @@ class ModelRoute:
         return None if target is None else self._lookup(target)
 
     def acquire(self, request: object = None) -> Deferred[Lease]:
-        model = getattr(request, "model", None)
+        model = request.model if isinstance(request, RouteRequest) else None
         target = self.target_for(model)
         if target is None:
             # intercept() answers these before any acquire; this is for other callers.
@@ -657,7 +657,7 @@ class ModelRoute:
         return target.acquire(request)
 
     def acquire_passive(self, request: object = None) -> Deferred[Lease] | None:
-        target = self.target_for(getattr(request, "model", None))
+        target = self.target_for(request.model if isinstance(request, RouteRequest) else None)
         return None if target is None else target.acquire_passive(request)
 
     def start(self, reason: str = "api") -> Deferred[None]:

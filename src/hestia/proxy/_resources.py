@@ -24,7 +24,7 @@ from hestia.headers import (
     request_id_from,
     split_service_path,
 )
-from hestia.interfaces import IHeadCheck
+from hestia.interfaces import IHeadCheck, IInterceptingRoute
 from hestia.passive import write_passive_answer
 from hestia.proxy._errors import write_error
 from hestia.proxy._exchange import Exchange
@@ -108,8 +108,8 @@ class ServiceProxyResource(ReverseProxyResource):
         except UnknownService as unknown:
             write_error(request, unknown, request_id)
             return NOT_DONE_YET
-        intercept = getattr(lifecycle, "intercept", None)
-        if intercept is not None and intercept(request, routed[1]):
+        intercepting = IInterceptingRoute(lifecycle, None)  # a route_by: model route
+        if intercepting is not None and intercepting.intercept(request, routed[1]):
             return NOT_DONE_YET  # answered by the route itself (a model list, an unknown model)
         passive = lifecycle.config.passive  # issue 17: monitors look without waking
         if passive is not None and passive.matches(request, routed[1]):
@@ -124,8 +124,7 @@ class ServiceProxyResource(ReverseProxyResource):
             serve_waiting_page(self.gateway, lifecycle, request)
             return NOT_DONE_YET
         prefix = b"" if self.host_routed else None
-        wants_loading_events = getattr(lifecycle, "wants_loading_events", None)  # a route_by: model route
-        loading_events = wants_loading_events is not None and wants_loading_events(request, routed[1])
+        loading_events = intercepting is not None and intercepting.wants_loading_events(request, routed[1])
         Exchange(self.gateway, lifecycle, request, routed[1], request_id, prefix, loading_events).begin()
         return NOT_DONE_YET
 
