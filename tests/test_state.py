@@ -39,6 +39,13 @@ class StateStoreTests(TestCase):
         self.store = StateStore(self.path)
         self.addCleanup(self.store.close)
 
+    def test_it_is_the_istatestore_backends_are_given(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        from hestia.interfaces import IStateStore
+
+        self.assertTrue(verifyObject(IStateStore, self.store))
+
     @inlineCallbacks
     def test_schema_is_created_and_versioned(self):  # type: ignore[no-untyped-def]
         found = yield self.store.open()

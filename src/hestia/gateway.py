@@ -23,7 +23,7 @@ from hestia.backends import find_backend
 from hestia.config import Config, ServiceConfig
 from hestia.errors import UnknownService
 from hestia.groups import Coordinator, GroupMemberRoute
-from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend, IRequestExchange
+from hestia.interfaces import IAdoptableBackend, IBackend, IPersistentBackend, IRequestExchange, IStateStore
 from hestia.lifecycle import Observer, ServiceLifecycle, State
 from hestia.records import RequestRecord
 from hestia.reload import Changes, ReloadPolicy, ReloadSummary, diff, reload_policy, runs_on_a_machine
@@ -125,13 +125,13 @@ class Gateway:
         return backend
 
     # The state store, for backends that record facts of their own (remote VMs).
-    store: Any = None
+    store: IStateStore | None = None
 
-    def use_store(self, store: Any) -> None:
+    def use_store(self, store: IStateStore) -> None:
         """Give every L{IPersistentBackend}, present and future, the state store."""
         self.store = store
         for lifecycle in persistent_lifecycles(self.services):
-            lifecycle.backend.use_store(store)
+            IPersistentBackend(lifecycle.backend).use_store(store)
 
     def _add(self, service: ServiceConfig) -> Any:
         if service.backend in ("instances", "route"):
@@ -255,7 +255,7 @@ class Gateway:
         self.adopt_running(summary.added + list(summary.replaced))
         return summary.as_json()
 
-    def _update(self, current: Any, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary) -> None:
+    def _update(self, current: Route, service: ServiceConfig, policy: ReloadPolicy, summary: ReloadSummary) -> None:
         """Bring one existing service to C{service}, in place where its kind allows."""
         name = service.name
         if isinstance(current, ServiceLifecycle) and _runs_itself(current, service):
@@ -341,14 +341,10 @@ class Gateway:
             self._retire_lifecycle(leftover)
         summary.record(service.name, Changes(tuple(sorted(in_place)), tuple(sorted(how))), restarted)
 
-    def _retire(self, route: Any) -> None:
-        """Stop what a route runs once its requests in flight have finished."""
-        if isinstance(route, ServiceLifecycle):
-            self._retire_lifecycle(route)
-        elif isinstance(route, MultiInstanceRoute):
-            for lifecycle in route.instances:
-                self._retire_lifecycle(lifecycle)
-        # A model router runs nothing: its targets are services of their own.
+    def _retire(self, route: Route) -> None:
+        """Stop what a route runs once its requests in flight have finished (a model route runs nothing)."""
+        for lifecycle in route.lifecycles():
+            self._retire_lifecycle(lifecycle)
 
     def _retire_lifecycle(self, lifecycle: ServiceLifecycle) -> None:
         """

@@ -369,6 +369,9 @@ class GroupMemberRoute:
     def release_hold(self, reason: str) -> None:
         self.lifecycle.release_hold(reason)
 
+    def lifecycles(self) -> list[ServiceLifecycle]:
+        return [self.lifecycle]
+
     def status(self) -> dict[str, Any]:
         status = self.lifecycle.status()
         status["queued"] += self.group.held(self.lifecycle.name)
@@ -415,7 +418,8 @@ class Coordinator:
             group.add(lifecycle)
             routes[name] = GroupMemberRoute(lifecycle, group)
         for name in set(self.plan.depends_on) | set(self.plan.membership):
-            for lifecycle in _lifecycles_of(routes.get(name)):
+            route = routes.get(name)
+            for lifecycle in route.lifecycles() if route is not None else []:
                 lifecycle.start_gate = self._gate
                 lifecycle.add_observer(self._observe)
                 self._gated.append(lifecycle)
@@ -438,7 +442,7 @@ class Coordinator:
 
     def _owner(self, lifecycle: ServiceLifecycle) -> str:
         for name, route in self._routes.items():
-            if lifecycle in _lifecycles_of(route):
+            if lifecycle in route.lifecycles():
                 return name
         return lifecycle.name
 
@@ -505,12 +509,6 @@ class Coordinator:
         return DeferredList([shut(name) for name in routes], consumeErrors=True)
 
 
-def _lifecycles_of(route: Any) -> list[ServiceLifecycle]:
-    if isinstance(route, GroupMemberRoute):
-        return [route.lifecycle]
-    if isinstance(route, ServiceLifecycle):
-        return [route]
-    return list(getattr(route, "instances", []))
 
 
 GateFactory = Callable[[ServiceLifecycle], Deferred[None]]

@@ -96,6 +96,27 @@ class IAdoptableBackend(IBackend):
         """
 
 
+class IStateStore(Interface):
+    """
+    The durable record of each service (L{hestia.state.StateStore}, SQLite):
+    what a backend that keeps state across gateways reads and writes.
+    """
+
+    def load_services() -> Deferred[dict[str, dict[str, Any]]]:
+        """Every stored service, as C{{name: {state, state_since, url, task_id, last_request_at, data}}}."""
+
+    def save_service(name: str, state: str, state_since: float, *, url: str | None = None,
+                     task_id: int | None = None, last_request_at: float | None = None,
+                     data: dict[str, Any] | None = None, now: float) -> Deferred[None]:
+        """Record a service's current facts; fires once they are on disk."""
+
+    def clear_service_fields(name: str, *fields: str) -> Deferred[None]:
+        """Forget C{url}, C{task_id} or C{data}."""
+
+    def track(write: Deferred[Any]) -> Deferred[Any]:
+        """Remember C{write} until it ends, so that a shutdown can wait for it; returns it."""
+
+
 class IPersistentBackend(IBackend):
     """
     A backend whose service outlives the gateway (a remote VM): it records what
@@ -107,7 +128,7 @@ class IPersistentBackend(IBackend):
         "C{True}: a gateway shutdown leaves the service running (see L{detach})."
     )
 
-    def use_store(store: Any) -> None:
+    def use_store(store: IStateStore) -> None:
         """Record into (and recall from) this L{hestia.state.StateStore}."""
 
     def detach() -> None:
@@ -195,6 +216,9 @@ class IRoute(Interface):
 
     def add_observer(observer: Callable[[Any], None]) -> None:
         """Tell C{observer} of every transition of this route's lifecycles."""
+
+    def lifecycles() -> list[Any]:
+        """The L{hestia.lifecycle.ServiceLifecycle}s this route runs (none for a model route)."""
 
 
 class IInterceptingRoute(Interface):

@@ -355,6 +355,9 @@ class ServiceLifecycle:
             if not self.holds and not (self._idle_call is not None and self._idle_call.active()):
                 self._arm_idle_timer()
 
+    def lifecycles(self) -> list[ServiceLifecycle]:
+        return [self]
+
     def status(self) -> dict[str, Any]:
         """The service's state as the C{/v1} API shows it."""
         idle_stop_at = None

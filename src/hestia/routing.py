@@ -344,6 +344,8 @@ class Route(Protocol):
 
     def add_observer(self, observer: Observer) -> None: ...
 
+    def lifecycles(self) -> list[ServiceLifecycle]: ...
+
 
 class RouteRequest:
     """
@@ -567,6 +569,9 @@ class MultiInstanceRoute:
         for lifecycle in self.instances:
             lifecycle.add_observer(observer)
 
+    def lifecycles(self) -> list[ServiceLifecycle]:
+        return list(self.instances)
+
     def status(self) -> dict[str, Any]:
         instances = []
         for index, lifecycle in enumerate(self.instances):
@@ -673,6 +678,9 @@ class ModelRoute:
 
     def add_observer(self, observer: Observer) -> None:
         pass  # The targets' transitions reach observers as the targets' own.
+
+    def lifecycles(self) -> list[ServiceLifecycle]:
+        return []  # It runs nothing: its targets are services of their own.
 
     def status(self) -> dict[str, Any]:
         return {
@@ -830,14 +838,13 @@ def build_route(
     raise ValueError(f"{service.name} is not a composite service of this configuration")
 
 
-def persistent_lifecycles(services: Mapping[str, Any]) -> Iterator[Any]:
+def persistent_lifecycles(services: Mapping[str, Route]) -> Iterator[ServiceLifecycle]:
     """
     Every lifecycle whose backend records its state (L{IPersistentBackend}),
     the instances of a multi-instance service included (each is recorded
     under its own name, C{<service>.<index>}).
     """
     for route in list(services.values()):
-        lifecycles = route.instances if isinstance(route, MultiInstanceRoute) else [route]
-        for lifecycle in lifecycles:
+        for lifecycle in route.lifecycles():
             if IPersistentBackend.providedBy(lifecycle.backend):
                 yield lifecycle

@@ -26,8 +26,10 @@ from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hestia.coroutines import as_deferred
+from hestia.interfaces import IStateStore
 from hestia.lifecycle import State, StateChange
 
 log = Logger(namespace="hestia.state")
@@ -292,6 +294,7 @@ def _check_with(connection: sqlite3.Connection) -> int:
     return version
 
 
+@implementer(IStateStore)
 class StateStore:
     """
     The SQLite state file.
@@ -441,7 +444,7 @@ class StateStore:
         last_request_at: float | None = None,
         data: dict[str, Any] | None = None,
         now: float,
-    ) -> Any:
+    ) -> None:
         """
         Record a service's current facts; fires once they are on disk.
 
@@ -454,7 +457,7 @@ class StateStore:
         await self._execute(_UPSERT_SERVICE, parameters)
 
     @as_deferred
-    async def clear_service_fields(self, name: str, *fields: str) -> Any:
+    async def clear_service_fields(self, name: str, *fields: str) -> None:
         """Forget C{url}, C{task_id} or C{data} (a stopped VM has neither)."""
         allowed = {"url": "NULL", "task_id": "NULL", "data": "'{}'"}
         assignments = ", ".join(f"{field} = {allowed[field]}" for field in fields)
@@ -462,7 +465,7 @@ class StateStore:
         await self._execute(f"UPDATE services SET {assignments} WHERE name = ?", (name,))  # noqa: S608
 
     @as_deferred
-    async def load_services(self) -> Any:
+    async def load_services(self) -> dict[str, dict[str, Any]]:
         """Every stored service, as C{{name: {state, url, task_id, ...}}}."""
         await self.open()
         rows = await self._query(

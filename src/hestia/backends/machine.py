@@ -34,7 +34,7 @@ from hestia.backends.deferreds import detached
 from hestia.config import ServiceConfig
 from hestia.coroutines import as_deferred
 from hestia.errors import StartFailed
-from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend
+from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend, IStateStore
 
 AWAKE = "awake"
 SLEEP_FAILED = "sleep_failed"
@@ -86,7 +86,7 @@ class MachineBackend:
         self.last_stop_error: str | None = None
         self._adopting = False
         self._stops_begun = 0
-        self._store: Any = None
+        self._store: IStateStore | None = None
         self._recall: Deferred[None] | None = None
         self._detached = False
         self._log = Logger(namespace=f"hestia.service.{service.name}")
@@ -117,7 +117,7 @@ class MachineBackend:
     def survives_gateway(self) -> bool:
         return not self._stop_on_shutdown
 
-    def use_store(self, store: Any) -> None:
+    def use_store(self, store: IStateStore) -> None:
         self._store = store
 
     def detach(self) -> None:

@@ -47,7 +47,7 @@ from hestia.backends.semaphore.settings import SemaphoreService
 from hestia.config import ServiceConfig
 from hestia.coroutines import as_deferred
 from hestia.errors import GatewayError, StartFailed, StartTimedOut
-from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend
+from hestia.interfaces import IBackend, IBackendFactory, IPersistentBackend, IReconfigurableBackend, IStateStore
 
 OUTPUT_LINES_KEPT = 200
 # After a normal stop of a start task, how long it may take to end.
@@ -77,7 +77,7 @@ class SemaphoreBackend:
         self._reactor = reactor
         self._agent = agent
         self.client = client or SemaphoreClient(settings.server, reactor, agent)
-        self._store: Any = None
+        self._store: IStateStore | None = None
         self._recall: Deferred[None] | None = None
         self._recorded_state: str | None = None
         self._remote_url: str | None = None
@@ -98,7 +98,7 @@ class SemaphoreBackend:
     def survives_gateway(self) -> bool:
         return not self.settings.server.stop_on_shutdown
 
-    def use_store(self, store: Any) -> None:
+    def use_store(self, store: IStateStore) -> None:
         self._store = store
 
     def detach(self) -> None:
