@@ -171,7 +171,8 @@ LAYERS: list[set[str]] = [
     # 7 the web layer: proxy, pages, the management API.
     {"hestia.ui", "hestia.proxy", "hestia.api", "hestia.planning", "hestia.preflight", "hestia.simulation"},
     # 8 entry points and the test doubles.
-    {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.site"},
+    {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.gateway",
+     "hestia.testing.site", "hestia.testing.upstream"},
 ]
 
 
