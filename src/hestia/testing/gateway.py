@@ -228,9 +228,10 @@ class MemoryGateway:
 
     def advance(self, seconds: float, step: float = 1.0) -> None:
         """Let C{seconds} pass, settling after each C{step} as a reactor would between timers."""
-        while seconds > 0:
-            self.reactor.advance(min(step, seconds))
-            seconds -= step
+        # Steps are measured to the end time, not subtracted: 300 steps of 0.1 s add up to 30 s exactly.
+        end = self.reactor.seconds() + seconds
+        while (left := end - self.reactor.seconds()) > 0:
+            self.reactor.advance(min(step, left))
             self.settle()
 
     def start(self, name: str) -> None:
