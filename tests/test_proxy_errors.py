@@ -146,15 +146,14 @@ def last_record(memory: MemoryGateway) -> Any:
 
 @each(EVERY_ROUTE)
 def test_a_refusing_backend_is_a_json_502_after_a_second_of_retries(route: RouteType) -> None:
-    refusing: list[RefusingAgent] = []
-    memory = route.gateway(agent=lambda inner: refusing.append(RefusingAgent(inner)) or refusing[-1])
+    memory = route.gateway(agent=RefusingAgent)
     began = memory.reactor.seconds()
     response = answered(memory, route.send(memory))
     assert response.code == 502
     assert memory.json(response) == {"error": "backend unreachable: connection refused", "service": route.named,
                                      "state": "ready"}
     assert memory.reactor.seconds() - began <= CONNECT_RETRY.refused_for + 0.1  # retried briefly, then told
-    assert refusing[0].spoiled > 1
+    assert memory.agent.spoiled > 1
     record = last_record(memory)
     assert (record.status, record.error_kind) == (502, "connect")
     assert memory.metric("hestia_upstream_errors_total", service=route.named, kind="connect") == 1
@@ -165,14 +164,13 @@ def test_a_refusing_backend_is_a_json_502_after_a_second_of_retries(route: Route
 
 @each(EVERY_ROUTE)
 def test_a_reset_before_the_response_is_a_json_502_and_never_retried(route: RouteType) -> None:
-    resetting: list[ResettingAgent] = []
-    memory = route.gateway(agent=lambda inner: resetting.append(ResettingAgent(inner)) or resetting[-1])
+    memory = route.gateway(agent=ResettingAgent)
     response = answered(memory, route.send(memory))
     assert response.code == 502
     body = memory.json(response)
     assert body == {"error": "backend unreachable: Connection to the other side was lost in a non-clean fashion: "
                              "Connection reset by peer.", "service": route.named, "state": "ready"}
-    assert resetting[0].spoiled == 1  # the request may have reached the backend: not sent twice
+    assert memory.agent.spoiled == 1  # the request may have reached the backend: not sent twice
     record = last_record(memory)
     assert (record.status, record.error_kind) == (502, "upstream")
     assert memory.metric("hestia_upstream_errors_total", service=route.named, kind="upstream") == 1
@@ -184,15 +182,15 @@ def test_a_reset_before_the_response_is_a_json_502_and_never_retried(route: Rout
 @pytest.mark.parametrize("route", [STATIC, PROCESS, INSTANCES, pytest.param(MODEL, marks=TARGET_TIMEOUT_IGNORED),
                                    GROUP_MEMBER], ids=lambda route: route.id)
 def test_a_backend_stalling_past_response_timeout_is_a_json_504_and_frees_the_slot(route: RouteType) -> None:
-    stalling: list[StallingAgent] = []
     memory = route.gateway({"response_timeout": 30, "max_concurrency": 1},
-                           agent=lambda inner: stalling.append(StallingAgent(inner, times=1)) or stalling[-1])
+                           agent=lambda inner: StallingAgent(inner, times=1))
+    stalling = memory.agent
     first = route.send(memory)
     bring_up(memory)
     first_seen = outcome(first)
     second = outcome(route.send(memory))  # waits for the one slot
     memory.settle()
-    assert stalling[0].pending == 1 and len(stalling[0].asked) == 1
+    assert stalling.pending == 1 and len(stalling.asked) == 1
     memory.advance(29.9, step=0.1)
     assert not first_seen and not second
     memory.advance(0.1, step=0.1)
@@ -200,7 +198,7 @@ def test_a_backend_stalling_past_response_timeout_is_a_json_504_and_frees_the_sl
     assert response.code == 504
     assert memory.json(response) == {"error": "backend sent no response within response_timeout 30s",
                                      "service": route.named, "state": "ready"}
-    assert stalling[0].cancelled == 1  # the backend request is dropped, not left open
+    assert stalling.cancelled == 1  # the backend request is dropped, not left open
     memory.settle()
     assert second and second[0].code == 200  # the freed slot went to the waiting request
     records = {record.status: record for record in memory.records}

@@ -226,11 +226,11 @@ def test_the_access_record_of_an_exchange() -> None:
 
 
 def failover_harness(refuse: set[bytes]) -> tuple[MemoryGateway, RefusingAgent]:
-    agent: list[RefusingAgent] = []
     harness = echoing({"pool": {"strategy": "failover",
                                 "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}},
-                      agent=lambda inner: agent.append(RefusingAgent(inner, only=refuse)) or agent[-1])
-    return harness, agent[-1]
+                      agent=lambda inner: RefusingAgent(inner, only=refuse))
+    assert isinstance(harness.agent, RefusingAgent)
+    return harness, harness.agent
 
 
 def test_a_refused_connection_fails_over_to_the_next_instance() -> None:
