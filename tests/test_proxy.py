@@ -43,7 +43,7 @@ class EchoBackend(Resource):
 
 
 def echoing(services: dict[str, Any], **options: Any) -> MemoryGateway:
-    """A L{MemoryGateway} whose backend answers with what it received (L{EchoBackend})."""
+    """A L{MemoryGateway} whose backend answers with what it received (L{EchoBackend}) unless C{backend=} says otherwise."""
     return MemoryGateway(services, **{"backend": EchoBackend(), **options})
 
 

@@ -108,15 +108,12 @@ def bring_up(memory: MemoryGateway) -> None:
         memory.start(name)
 
 
-def answered(memory: MemoryGateway, deferred: Deferred[Any], seconds: float = 10.0, step: float = 0.05,
-             starting: bool = True) -> Any:
+def answered(memory: MemoryGateway, deferred: Deferred[Any], seconds: float = 10.0, step: float = 0.05) -> Any:
     """C{deferred}'s result once it has one, letting reactor time pass (connect retries) and starts finish."""
     box = outcome(deferred)
     began = memory.reactor.seconds()
     while memory.reactor.seconds() - began < seconds:
-        if starting:
-            bring_up(memory)
-        memory.settle()
+        bring_up(memory)  # an instance failed over to is started on the way
         if box:
             return memory.result(deferred)
         memory.reactor.advance(step)

@@ -87,6 +87,16 @@ def test_the_docstring_example_runs() -> None:
     assert memory.status("svc")["state"] == "ready"
 
 
+def test_the_upstream_docstring_example_runs() -> None:
+    memory = MemoryGateway({"web": {"url": "http://backend:8000", "response_timeout": 5}},
+                           agent=lambda inner: StallingAgent(inner, times=1))
+    answer = memory.get("/services/web/")
+    memory.advance(5)
+    assert memory.result(answer).code == 504
+    assert memory.agent.cancelled == 1
+    assert memory.result(memory.get("/services/web/")).code == 200
+
+
 def test_the_default_services_are_two_static_ones_answered_by_a_recording_backend() -> None:
     memory = MemoryGateway()
     assert {name: fake.has_lifecycle for name, fake in memory.fakes.items()} == {"echo": False, "other": False}

@@ -15,12 +15,15 @@ of C{only} (one instance of several), then hands requests to the inner agent:
  - L{ResettingAgent}: the connection is reset before any response
    (C{ResponseNeverReceived}).
 
-Example::
+Example (with L{hestia.testing.MemoryGateway})::
 
-    refusing = MemoryGateway({"web": {"url": "http://backend:8000"}},
-                             agent=lambda inner: RefusingAgent(inner))
-    response = refusing.result(refusing.get("/services/web/"))  # connects retried for a second, then:
-    assert response.code == 502
+    memory = MemoryGateway({"web": {"url": "http://backend:8000", "response_timeout": 5}},
+                           agent=lambda inner: StallingAgent(inner, times=1))
+    answer = memory.get("/services/web/")
+    memory.advance(5)
+    assert memory.result(answer).code == 504  # the stalled request, cancelled
+    assert memory.agent.cancelled == 1
+    assert memory.result(memory.get("/services/web/")).code == 200  # the next one passes
 
 Each records every URL it was asked for (C{asked}) and how many requests it
 spoiled (C{spoiled}).
