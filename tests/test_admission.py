@@ -2,9 +2,10 @@
 Issue 13: the release rules for a crowd held through a cold start, with a Clock.
 
 L{Admission} (the window and its queue) and L{ConnectRetry} (when a failed
-connect is tried again) are tested alone, then through the proxy in memory:
-the gateway's HTTP client is an agent the test controls, time is a
-L{MemoryReactorClock}, nothing sleeps.
+connect is tried again) are tested alone, then through the proxy in memory
+(L{hestia.testing.MemoryGateway}): the gateway's HTTP client is an agent the
+test controls (L{hestia.testing.upstream}), time is a MemoryReactorClock,
+nothing sleeps.
 """
 
 from __future__ import annotations
@@ -14,26 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from hestia.admission import CONNECT_RETRY, Admission, ConnectRetry
-from hestia.api import ManagementAPI
-from hestia.config import ConfigError, ServiceConfig
+from hestia.config import ConfigError
 from hestia.errors import QueueFull, QueueTimedOut
-from hestia.gateway import Gateway
 from hestia.loader import parse_config
-from hestia.metrics import HestiaMetrics
-from hestia.proxy import GatewayRoot
-from hestia.testing import FakeBackend
+from hestia.testing import FlakyAgent, MemoryGateway, StallingAgent
 from hestia.upstream import ConnectTimes
 
 pytestmark = pytest.mark.unit
@@ -263,105 +257,20 @@ class HeldBackend(Resource):
         del self.held[:count]
 
 
-@implementer(IAgent)
-class FlakyAgent:
-    """Fails the first connects as told, then hands requests to a real agent."""
-
-    def __init__(self, agent: IAgent, failures: list[Callable[[], Exception]]) -> None:
-        self._agent = agent
-        self.failures = failures
-        self.attempts = 0
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: IBodyProducer | None = None) -> Deferred[Any]:
-        self.attempts += 1
-        if self.failures:
-            return fail(self.failures.pop(0)())
-        return self._agent.request(method, uri, headers, bodyProducer)
-
-
-@implementer(IAgent)
-class SilentAgent:
-    """Takes every request and never answers; records cancellations."""
-
-    def __init__(self) -> None:
-        self.sent: list[Deferred[Any]] = []
-        self.cancelled = 0
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: IBodyProducer | None = None) -> Deferred[Any]:
-        def cancel(_: Deferred[Any]) -> None:
-            self.cancelled += 1
-
-        sent: Deferred[Any] = Deferred(cancel)
-        self.sent.append(sent)
-        return sent
-
-
-class Harness:
-    def __init__(self, service: dict[str, Any], agent: Callable[[IAgent], IAgent] = lambda a: a) -> None:
-        self.reactor = MemoryReactorClock()
-        self.backend = HeldBackend()
-        self.traversal = RequestTraversalAgent(self.backend)
-        self.agent = agent(self.traversal)
-        self.fakes: list[FakeBackend] = []
-        config = parse_config({"services": {"svc": service}}, "test.yml", environ={})
-
-        def build(config: ServiceConfig) -> FakeBackend:
-            fake = FakeBackend(url=config.url, has_lifecycle=config.backend != "static")
-            self.fakes.append(fake)
-            return fake
-
-        self.gateway = Gateway(config, self.reactor, agent=self.agent, build_backend=build)
-        self.metrics = HestiaMetrics(self.gateway)
-        self.gateway.request_observers.append(self.metrics.request_finished)
-        self.client = StubTreq(GatewayRoot(self.gateway, ManagementAPI(self.gateway).resource()))
-
-    def get(self, path: str, **kwargs: Any) -> Deferred[Any]:
-        return self.client.request("GET", "http://gw:8080/services/svc" + path, **kwargs)
-
-    def settle(self) -> None:
-        for _ in range(10):
-            self.reactor.advance(0)
-            self.traversal.flush()
-            self.client.flush()
-
-    def start(self) -> None:
-        fake = self.fakes[-1]
-        self.settle()
-        fake.finish_start()
-        self.settle()
-        fake.answer_probe(True)
-        self.settle()
-
-    def status(self) -> dict[str, Any]:
-        response = self.result(self.client.get("http://gw:8080/v1/services/svc/status"))
-        return json.loads(self.result(response.content()))  # type: ignore[no-any-return]
-
-    def result(self, deferred: Deferred[Any]) -> Any:
-        self.settle()
-        results: list[Any] = []
-        deferred.addBoth(results.append)
-        self.settle()
-        assert results, "no result"
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        return results[0]
-
-    def metric(self, name: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, {"service": "svc"})
-        return float(value or 0.0)
+def holding(service: dict[str, Any], agent: Callable[[IAgent], IAgent] | None = None) -> MemoryGateway:
+    """One service, C{svc}, whose backend holds every request (L{HeldBackend}); metrics kept."""
+    return MemoryGateway({"svc": service}, backend=HeldBackend(), agent=agent, metrics=True)
 
 
 PROCESS = {"url": "http://127.0.0.1:9", "command": ["true"], "queue_limit": 1000, "idle_timeout": 0}
 
 
 def test_a_crowd_held_through_a_start_is_released_four_first_then_per_answers() -> None:
-    h = Harness({**PROCESS, "max_concurrency": 16})
-    answers = [h.get(f"/x{i}") for i in range(40)]
-    h.start()
+    h = holding({**PROCESS, "max_concurrency": 16})
+    answers = [h.get(f"/services/svc/x{i}") for i in range(40)]
+    h.start("svc")
     assert len(h.backend.held) == 4  # not 40 connection attempts at a fresh backend
-    assert h.status()["concurrency"] == {"window": 4, "threshold": 16, "max_concurrency": 16, "active": 4,
+    assert h.status("svc")["concurrency"] == {"window": 4, "threshold": 16, "max_concurrency": 16, "active": 4,
                                          "waiting": 36}
     h.backend.finish(4)
     h.settle()
@@ -375,22 +284,22 @@ def test_a_crowd_held_through_a_start_is_released_four_first_then_per_answers() 
     h.backend.finish(12)
     h.settle()
     assert [h.result(a).code for a in answers] == [200] * 40
-    assert h.metric("hestia_slot_wait_seconds_count") == 40
+    assert h.metric("hestia_slot_wait_seconds_count", service="svc") == 40
 
 
 def test_the_window_starts_small_again_after_a_restart() -> None:
-    h = Harness({**PROCESS, "max_concurrency": 8})
-    first = [h.get("/a") for _ in range(20)]
-    h.start()
+    h = holding({**PROCESS, "max_concurrency": 8})
+    first = [h.get("/services/svc/a") for _ in range(20)]
+    h.start("svc")
     while h.backend.held:
         h.backend.finish(len(h.backend.held))
         h.settle()
     assert [h.result(a).code for a in first] == [200] * 20
-    assert h.status()["concurrency"]["window"] == 8
-    h.fakes[-1].exit("killed")  # the backend died; the next request starts it again
-    again = [h.get("/b") for _ in range(20)]
-    h.start()
-    assert h.status()["concurrency"]["window"] == 4
+    assert h.status("svc")["concurrency"]["window"] == 8
+    h.fakes["svc"].exit("killed")  # the backend died; the next request starts it again
+    again = [h.get("/services/svc/b") for _ in range(20)]
+    h.start("svc")
+    assert h.status("svc")["concurrency"]["window"] == 4
     assert len(h.backend.held) == 4
     while h.backend.held:
         h.backend.finish(len(h.backend.held))
@@ -400,9 +309,9 @@ def test_the_window_starts_small_again_after_a_restart() -> None:
 
 def test_a_dropped_syn_is_retried_with_a_short_timeout_for_any_method() -> None:
     failures: list[Callable[[], Exception]] = [lambda: TimeoutError("connect timed out")] * 3
-    h = Harness({**PROCESS}, agent=lambda traversal: FlakyAgent(traversal, list(failures)))
-    answer = h.client.request("POST", "http://gw:8080/services/svc/p", data=b"payload")
-    h.start()
+    h = holding({**PROCESS}, agent=lambda traversal: FlakyAgent(traversal, failures))
+    answer = h.request("POST", "/services/svc/p", data=b"payload")
+    h.start("svc")
     assert not h.backend.held
     # Pauses 5, 10 and 20 ms of reactor time, no sleeping.
     for _ in range(3):
@@ -412,14 +321,14 @@ def test_a_dropped_syn_is_retried_with_a_short_timeout_for_any_method() -> None:
     assert h.backend.held[0].content.read() == b"payload"
     h.backend.finish(1)
     assert h.result(answer).code == 200
-    assert h.metric("hestia_connect_retries_total") == 3
+    assert h.metric("hestia_connect_retries_total", service="svc") == 3
     assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).window == 2  # 4 halved to 1, then one answer
 
 
 def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
     refused: list[Callable[[], Exception]] = [lambda: ConnectionRefusedError("refused")] * 1000
-    h = Harness({"url": "http://127.0.0.1:9"}, agent=lambda traversal: FlakyAgent(traversal, list(refused)))
-    answer = h.get("/x")
+    h = holding({"url": "http://127.0.0.1:9"}, agent=lambda traversal: FlakyAgent(traversal, refused))
+    answer = h.get("/services/svc/x")
     answered: list[float] = []
     answer.addCallback(lambda response: answered.append(h.reactor.seconds()) or response)
     h.settle()
@@ -432,17 +341,17 @@ def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
     assert "refused" in json.loads(h.result(response.content()))["error"]
     # Retried for a while (a backend re-binding its socket), then told at once.
     assert 0.3 < answered_at <= CONNECT_RETRY.refused_for
-    assert h.metric("hestia_connect_retries_total") >= 5
+    assert h.metric("hestia_connect_retries_total", service="svc") >= 5
     assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
 
 
 def test_no_response_within_response_timeout_is_504_and_frees_the_slot() -> None:
-    silent = SilentAgent()
-    h = Harness({"url": "http://127.0.0.1:9", "response_timeout": 30, "max_concurrency": 1},
+    silent = StallingAgent()
+    h = holding({"url": "http://127.0.0.1:9", "response_timeout": 30, "max_concurrency": 1},
                 agent=lambda traversal: silent)
-    hung = h.get("/hung")
+    hung = h.get("/services/svc/hung")
     hung_seen = watch(hung)
-    second = h.get("/other")
+    second = h.get("/services/svc/other")
     h.settle()
     assert len(silent.sent) == 1  # max_concurrency 1: the second waits for the slot
     h.reactor.advance(29.9)
@@ -455,15 +364,15 @@ def test_no_response_within_response_timeout_is_504_and_frees_the_slot() -> None
     assert body["service"] == "svc" and "response_timeout 30s" in body["error"]
     assert silent.cancelled == 1
     assert len(silent.sent) == 2  # the freed slot went to the waiting request
-    assert h.metric("hestia_response_timeouts_total") == 1
+    assert h.metric("hestia_response_timeouts_total", service="svc") == 1
     h.reactor.advance(30)
     assert h.result(second).code == 504
 
 
 def test_response_timeout_zero_means_no_deadline() -> None:
-    silent = SilentAgent()
-    h = Harness({"url": "http://127.0.0.1:9", "response_timeout": 0}, agent=lambda traversal: silent)
-    hung = watch(h.get("/hung"))
+    silent = StallingAgent()
+    h = holding({"url": "http://127.0.0.1:9", "response_timeout": 0}, agent=lambda traversal: silent)
+    hung = watch(h.get("/services/svc/hung"))
     h.settle()
     h.reactor.advance(10 * 86400)
     h.settle()
@@ -471,8 +380,8 @@ def test_response_timeout_zero_means_no_deadline() -> None:
 
 
 def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_slot() -> None:
-    h = Harness({"url": "http://127.0.0.1:9", "response_idle_timeout": 5})
-    answer = h.get("/stream")
+    h = holding({"url": "http://127.0.0.1:9", "response_idle_timeout": 5})
+    answer = h.get("/services/svc/stream")
     h.settle()
     [held] = h.backend.held
     held.write(b"first")  # the head goes out with the first piece
@@ -493,13 +402,13 @@ def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_s
 
 
 def test_a_reload_in_place_applies_the_new_max_concurrency() -> None:
-    h = Harness({**PROCESS, "max_concurrency": 16})
+    h = holding({**PROCESS, "max_concurrency": 16})
     reloaded = parse_config({"services": {"svc": {**PROCESS, "max_concurrency": 2}}}, "test.yml", environ={})
     h.gateway.lifecycle("svc").reconfigure(reloaded.services["svc"])
-    answers = [h.get(f"/x{i}") for i in range(5)]
-    h.start()
+    answers = [h.get(f"/services/svc/x{i}") for i in range(5)]
+    h.start("svc")
     assert len(h.backend.held) == 2
-    assert h.status()["concurrency"]["max_concurrency"] == 2
+    assert h.status("svc")["concurrency"]["max_concurrency"] == 2
     while h.backend.held:
         h.backend.finish(len(h.backend.held))
         h.settle()

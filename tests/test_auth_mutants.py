@@ -1,6 +1,6 @@
 """
 Authentication rules that mutation testing (issue 21) found covered only by process tests:
-write_denied, authorize_service and AdminGuard, in memory with DummyRequest and a Clock; and
+write_denied, Authenticator.check_service and AdminGuard, in memory with DummyRequest and a Clock; and
 the auth: section's validation and the guessing limit's edges.
 """
 

@@ -33,6 +33,9 @@ from conftest import IN_CI, require
 from prometheus_client.parser import text_string_to_metric_families
 from support.backendproc import free_port
 from support.hestiaproc import BackendSpec, HestiaProcess, stop_cleanly
+from twisted.web.resource import Resource
+
+from hestia.testing import MemoryGateway
 
 START_DELAY = 1.0
 
@@ -242,62 +245,22 @@ def test_metrics_answer_head_and_refuse_other_methods(traffic: Traffic) -> None:
 # ---- unit: the observers with a Clock and FakeBackends ---------------------------------
 
 
-class Unit:
-    """A gateway of FakeBackends on a MemoryReactorClock, its metrics, and a client."""
+class Unit(MemoryGateway):
+    """A gateway of FakeBackends on a MemoryReactorClock, its metrics, and a client (L{MemoryGateway})."""
 
     def __init__(self, services: dict[str, Any] | None = None, groups: dict[str, Any] | None = None) -> None:
-        from treq.testing import RequestTraversalAgent, StubTreq
-        from twisted.internet.testing import MemoryReactorClock
-        from twisted.web.resource import Resource
-
-        from hestia.api import ManagementAPI
-        from hestia.config import ServiceConfig
-        from hestia.gateway import Gateway
-        from hestia.loader import parse_config
-        from hestia.metrics import HestiaMetrics
-        from hestia.proxy import GatewayRoot
-        from hestia.testing import FakeBackend
-
         class Ok(Resource):
             isLeaf = True
 
             def render(self, request: Any) -> bytes:
                 return b"ok"
 
-        self.reactor = MemoryReactorClock()
-        self.fakes: dict[str, FakeBackend] = {}
-
-        def build(service: ServiceConfig) -> FakeBackend:
-            fake = FakeBackend(url=service.url, has_lifecycle=service.backend != "static")
-            self.fakes[service.name] = fake
-            return fake
-
         self.services = services or {"svc": {"url": "http://backend:1", "command": ["x"], "idle_timeout": 10}}
-        document: dict[str, Any] = {"services": self.services}
-        if groups:
-            document["groups"] = groups
-        self.config = parse_config(document, "test.yml", environ={})
-        self.agent = RequestTraversalAgent(Ok())
-        self.gateway = Gateway(self.config, self.reactor, agent=self.agent, build_backend=build)
-        self.metrics = HestiaMetrics(self.gateway)
-        self.gateway.add_state_observer(self.metrics.state_changed)
-        self.gateway.request_observers.append(self.metrics.request_finished)
-        api = ManagementAPI(self.gateway, metrics=self.metrics)
-        self.client = StubTreq(GatewayRoot(self.gateway, api.resource()))
+        super().__init__(self.services, groups=groups, backend=Ok(), metrics=True)
 
     def sample(self, name: str, **labels: str) -> float | None:
+        assert self.metrics is not None
         return self.metrics.registry.get_sample_value(name, labels)
-
-    def settle(self) -> None:
-        for _ in range(20):
-            self.reactor.advance(0)
-            self.agent.flush()
-            self.client.flush()
-
-    def get(self, path: str) -> Any:
-        box: list[Any] = []
-        self.client.get("http://gw:8080" + path).addBoth(box.append)
-        return box
 
     def ready(self, name: str = "svc") -> None:
         fake = self.fakes[name]
@@ -306,10 +269,17 @@ class Unit:
         fake.answer_probe(True)
 
 
+def outcome(deferred: Any) -> list[Any]:
+    """A list that gets C{deferred}'s result once it has one."""
+    box: list[Any] = []
+    deferred.addBoth(box.append)
+    return box
+
+
 @pytest.mark.unit
 def test_unit_request_timings_come_from_the_request_record() -> None:
     unit = Unit()
-    answer = unit.get("/services/svc/x")
+    answer = outcome(unit.get("/services/svc/x"))
     unit.settle()
     unit.reactor.advance(2.5)  # A 2.5 s cold start.
     unit.ready()
@@ -377,7 +347,7 @@ def test_unit_start_results_and_the_exposition() -> None:
     lifecycle.stop("api")
     assert unit.sample("hestia_service_starts_total", service="svc", result="cancelled") == 1
     assert unit.sample("hestia_service_stops_total", service="svc", reason="api") == 0  # Never served.
-    answer = unit.get("/v1/metrics")
+    answer = outcome(unit.get("/v1/metrics"))
     unit.settle()
     response = answer[0]
     assert response.code == 200

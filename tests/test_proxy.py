@@ -1,8 +1,6 @@
 """
-The proxy and the /v1 API in memory: StubTreq in front, a Resource behind.
-
-The gateway's own HTTP client is a L{RequestTraversalAgent} over a backend
-L{Resource}, and time is a L{MemoryReactorClock}: no sockets, no sleeps.
+The proxy and the /v1 API in memory (L{hestia.testing.MemoryGateway}): StubTreq in
+front, an echoing Resource behind, a MemoryReactorClock: no sockets, no sleeps.
 """
 
 from __future__ import annotations
@@ -11,18 +9,10 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from hestia.api import ManagementAPI
-from hestia.config import ServiceConfig
-from hestia.gateway import Gateway
-from hestia.loader import parse_config
-from hestia.proxy import GatewayRoot
-from hestia.testing import FakeBackend
+from hestia.testing import MemoryGateway
 
 pytestmark = pytest.mark.unit
 
@@ -52,48 +42,17 @@ class EchoBackend(Resource):
         ).encode()
 
 
-class Harness:
-    def __init__(self, services: dict[str, Any]) -> None:
-        self.reactor = MemoryReactorClock()
-        self.backend = EchoBackend()
-        self.fakes: dict[str, FakeBackend] = {}
-        config = parse_config({"services": services}, "test.yml", environ={})
-
-        def build(service: ServiceConfig) -> FakeBackend:
-            fake = FakeBackend(url=service.url, has_lifecycle=service.backend != "static")
-            self.fakes[service.name] = fake
-            return fake
-
-        self.backend_agent = RequestTraversalAgent(self.backend)
-        self.gateway = Gateway(config, self.reactor, agent=self.backend_agent, build_backend=build)
-        self.client = StubTreq(GatewayRoot(self.gateway, ManagementAPI(self.gateway).resource()))
-
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
-        return self.client.request(method, "http://gw:8080" + url, **kwargs)
-
-    def settle(self) -> None:
-        for _ in range(20):
-            self.reactor.advance(0)
-            self.backend_agent.flush()
-            self.client.flush()
-
-    def result(self, deferred: Deferred[Any]) -> Any:
-        self.settle()
-        box: list[Any] = []
-        deferred.addBoth(box.append)
-        assert box, "no answer yet"
-        return box[0]
-
-    def json(self, response: Any) -> Any:
-        return self.result(response.json())
+def echoing(services: dict[str, Any], **options: Any) -> MemoryGateway:
+    """A L{MemoryGateway} whose backend answers with what it received (L{EchoBackend}) unless C{backend=} says otherwise."""
+    return MemoryGateway(services, **{"backend": EchoBackend(), **options})
 
 
 @pytest.fixture
-def static() -> Harness:
-    return Harness({"web": {"url": "http://backend:8000"}})
+def static() -> MemoryGateway:
+    return echoing({"web": {"url": "http://backend:8000"}})
 
 
-def test_forwards_path_query_method_body_and_headers(static: Harness) -> None:
+def test_forwards_path_query_method_body_and_headers(static: MemoryGateway) -> None:
     response = static.result(
         static.request(
             "POST",
@@ -120,7 +79,7 @@ def test_forwards_path_query_method_body_and_headers(static: Harness) -> None:
     assert not response.headers.hasHeader("keep-alive")
 
 
-def test_unknown_service_is_a_json_404(static: Harness) -> None:
+def test_unknown_service_is_a_json_404(static: MemoryGateway) -> None:
     response = static.result(static.request("GET", "/services/nope/x"))
     assert response.code == 404
     assert static.json(response) == {"error": "no such service", "service": "nope"}
@@ -128,14 +87,14 @@ def test_unknown_service_is_a_json_404(static: Harness) -> None:
 
 
 @pytest.mark.parametrize("path", ["/services/web/../../v1/services", "/services/web/%2e%2e/x"])
-def test_escaping_paths_are_refused_and_never_forwarded(static: Harness, path: str) -> None:
+def test_escaping_paths_are_refused_and_never_forwarded(static: MemoryGateway, path: str) -> None:
     response = static.result(static.request("GET", path))
     assert response.code in (400, 404)
     assert static.backend.seen == []
 
 
 def test_requests_are_held_until_the_service_is_ready() -> None:
-    harness = Harness({"svc": {"url": "http://backend:1", "command": ["x"]}})
+    harness = echoing({"svc": {"url": "http://backend:1", "command": ["x"]}})
     pending = [harness.request("GET", f"/services/svc/{i}") for i in range(3)]
     harness.settle()
     fake = harness.fakes["svc"]
@@ -151,7 +110,7 @@ def test_requests_are_held_until_the_service_is_ready() -> None:
 
 
 def test_start_failure_is_a_502_with_the_output() -> None:
-    harness = Harness({"svc": {"url": "http://backend:1", "command": ["x"]}})
+    harness = echoing({"svc": {"url": "http://backend:1", "command": ["x"]}})
     pending = harness.request("GET", "/services/svc/")
     harness.settle()
     fake = harness.fakes["svc"]
@@ -170,7 +129,7 @@ def test_start_failure_is_a_502_with_the_output() -> None:
 
 
 def test_queue_full_is_a_503_with_retry_after() -> None:
-    harness = Harness({"svc": {"url": "http://backend:1", "command": ["x"], "queue_limit": 1}})
+    harness = echoing({"svc": {"url": "http://backend:1", "command": ["x"], "queue_limit": 1}})
     harness.request("GET", "/services/svc/")
     response = harness.result(harness.request("GET", "/services/svc/"))
     assert response.code == 503
@@ -179,7 +138,7 @@ def test_queue_full_is_a_503_with_retry_after() -> None:
 
 
 def test_api_routes() -> None:
-    harness = Harness({"svc": {"url": "http://backend:1", "command": ["x"]}, "web": {"url": "http://b:2"}})
+    harness = echoing({"svc": {"url": "http://backend:1", "command": ["x"]}, "web": {"url": "http://b:2"}})
     assert harness.json(harness.result(harness.request("GET", "/v1/health")))["status"] == "ok"
     services = harness.json(harness.result(harness.request("GET", "/v1/services")))["services"]
     assert {s["name"]: s["state"] for s in services} == {"svc": "stopped", "web": "ready"}
@@ -201,7 +160,7 @@ def test_api_routes() -> None:
 
 
 def test_api_start_wait_reports_the_failure() -> None:
-    harness = Harness({"svc": {"url": "http://backend:1", "command": ["x"]}})
+    harness = echoing({"svc": {"url": "http://backend:1", "command": ["x"]}})
     waiting = harness.request("POST", "/v1/services/svc/start?wait=true")
     harness.settle()
     from hestia.errors import StartTimedOut

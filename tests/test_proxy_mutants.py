@@ -10,10 +10,9 @@ import json
 from typing import Any
 
 import pytest
-from test_proxy import Harness
-from treq.testing import RequestTraversalAgent
+from test_proxy import echoing
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -27,6 +26,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from hestia.auth import AuthConfig, Authenticator
 from hestia.errors import QueueFull, StartFailed
 from hestia.proxy import ServiceProxyResource, write_error
+from hestia.testing import MemoryGateway, RefusingAgent, StallingAgent
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ def dummy() -> DummyRequest:
     return request
 
 
-def after_retries(harness: Harness, deferred: Deferred[Any]) -> Any:
+def after_retries(harness: MemoryGateway, deferred: Deferred[Any]) -> Any:
     """The answer once the proxy has given up its connect retries (hestia.admission's rule)."""
     box: list[Any] = []
     deferred.addBoth(box.append)
@@ -101,6 +101,11 @@ def test_write_error_to_a_finished_or_gone_request_does_nothing() -> None:
 # -- through the gateway ------------------------------------------------------------------
 
 
+def failing(error: Exception) -> RefusingAgent:
+    """An agent whose every request fails with C{error}."""
+    return RefusingAgent(error=lambda: error)
+
+
 class Scripted(Resource):
     """A backend whose response headers the test chooses."""
 
@@ -118,11 +123,8 @@ class Scripted(Resource):
         return b"body"
 
 
-def harness_with(backend: Resource) -> Harness:
-    harness = Harness({"web": {"url": "http://backend:8000/base"}})
-    harness.backend_agent = RequestTraversalAgent(backend)
-    harness.gateway.upstream.agent = harness.backend_agent
-    return harness
+def harness_with(backend: Resource) -> MemoryGateway:
+    return MemoryGateway({"web": {"url": "http://backend:8000/base"}}, backend=backend)
 
 
 def test_response_headers_keep_the_backends_own_and_drop_hop_by_hop_ones() -> None:
@@ -159,15 +161,6 @@ def test_the_backend_sees_the_path_under_its_base_url() -> None:
     assert seen == [b"/base/a/b?c=1"]
 
 
-class FailingAgent:
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-        self.calls = 0
-
-    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.calls += 1
-        return fail(self.error)
-
 
 @pytest.mark.parametrize(
     ("error", "reason"),
@@ -181,8 +174,7 @@ class FailingAgent:
     ],
 )
 def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reason: str) -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    harness.gateway.upstream.agent = FailingAgent(error)
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: failing(error))
     response = after_retries(harness, harness.request("GET", "/services/web/x", headers={"X-Request-ID": "r-2"}))
     assert response.code == 502
     body = harness.json(response)
@@ -191,7 +183,7 @@ def test_an_unreachable_backend_is_a_json_502_naming_why(error: Exception, reaso
 
 
 def test_unknown_paths_are_json_404s_that_name_what_is_served() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}})
     for path, words in (("/", "Hestia serves /services/<name>/ and /v1/"),
                         ("/other/x", "Hestia serves /services/<name>/ and /v1/"),
                         ("/services", "no service named in the path"),
@@ -206,7 +198,7 @@ def test_unknown_paths_are_json_404s_that_name_what_is_served() -> None:
 
 
 def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
     resource = ServiceProxyResource(harness.gateway, "web", OPEN)
     request = dummy()
     request.uri = b"/services/api/x"
@@ -217,7 +209,7 @@ def test_a_request_for_another_service_through_a_proxy_resource_is_refused() -> 
 
 
 def test_the_access_record_of_an_exchange() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}})
     records: list[Any] = []
     harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
     response = harness.result(harness.request("POST", "/services/web/p?q=1", data=b"12345",
@@ -233,27 +225,13 @@ def test_the_access_record_of_an_exchange() -> None:
 # -- found by the second mutation run -------------------------------------------------------
 
 
-class PerHostAgent:
-    """Refuses the connection to the hosts in C{refuse}; the rest goes to a backend Resource."""
 
-    def __init__(self, backend: RequestTraversalAgent, refuse: set[bytes]) -> None:
-        self.backend = backend
-        self.refuse = refuse
-        self.asked: list[bytes] = []
-
-    def request(self, method: bytes, url: bytes, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.asked.append(url)
-        if any(url.startswith(host) for host in self.refuse):
-            return fail(ConnectionRefusedError())
-        return self.backend.request(method, url, *args, **kwargs)
-
-
-def failover_harness(refuse: set[bytes]) -> tuple[Harness, PerHostAgent]:
-    harness = Harness({"pool": {"strategy": "failover",
-                                "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}})
-    agent = PerHostAgent(harness.backend_agent, refuse)
-    harness.gateway.upstream.agent = agent
-    return harness, agent
+def failover_harness(refuse: set[bytes]) -> tuple[MemoryGateway, RefusingAgent]:
+    harness = echoing({"pool": {"strategy": "failover",
+                                "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}},
+                      agent=lambda inner: RefusingAgent(inner, only=refuse))
+    assert isinstance(harness.agent, RefusingAgent)
+    return harness, harness.agent
 
 
 def test_a_refused_connection_fails_over_to_the_next_instance() -> None:
@@ -273,15 +251,14 @@ def test_when_every_instance_refuses_the_client_gets_a_502() -> None:
 
 
 def test_an_unreachable_backends_error_carries_its_last_20_lines() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: failing(ConnectionRefusedError()))
     harness.fakes["web"].output = [f"line {number}" for number in range(25)]
-    harness.gateway.upstream.agent = FailingAgent(ConnectionRefusedError())
     body = harness.json(after_retries(harness, harness.request("GET", "/services/web/x")))
     assert body["detail"] == [f"line {number}" for number in range(5, 25)]
 
 
 def test_an_absolute_form_target_to_a_host_routed_service_is_400() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "hosts": ["web.example"]}})
+    harness = echoing({"web": {"url": "http://backend:8000", "hosts": ["web.example"]}})
     resource = ServiceProxyResource(harness.gateway, "web", OPEN, host_routed=True)
     request = dummy()
     request.uri = b"http://evil.example/x"
@@ -292,14 +269,14 @@ def test_an_absolute_form_target_to_a_host_routed_service_is_400() -> None:
 
 
 def test_a_service_name_that_is_not_ascii_is_a_404_naming_it_readably() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}})
     response = harness.result(harness.request("GET", "/services/%C3%A9t%C3%A9/x"))
     assert response.code == 404
     assert harness.json(response)["service"] == "\ufffd\ufffdt\ufffd\ufffd"
 
 
 def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
-    harness = Harness({"svc": {"url": "http://backend:8000", "command": "serve"}})
+    harness = echoing({"svc": {"url": "http://backend:8000", "command": "serve"}})
     waiting = harness.request("GET", "/services/svc/x")
     harness.settle()
     lifecycle = harness.gateway.lifecycle("svc")
@@ -311,9 +288,9 @@ def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
 
 
 def test_when_the_fallback_instance_fails_to_start_the_client_gets_its_error() -> None:
-    harness = Harness({"pool": {"strategy": "failover", "instances": [
-        {"url": "http://first:1", "command": "a"}, {"url": "http://second:2", "command": "b"}]}})
-    harness.gateway.upstream.agent = PerHostAgent(harness.backend_agent, {b"http://first:1"})
+    harness = echoing({"pool": {"strategy": "failover", "instances": [
+        {"url": "http://first:1", "command": "a"}, {"url": "http://second:2", "command": "b"}]}},
+        agent=lambda inner: RefusingAgent(inner, only={b"http://first:1"}))
     answer = harness.request("GET", "/services/pool/x")
     harness.settle()
     first = harness.fakes["pool.0"]
@@ -345,29 +322,20 @@ class FakeResponse:
         protocol.connectionLost(self.end)
 
 
-class HeldAgent:
-    def __init__(self) -> None:
-        self.pending: list[Deferred[Any]] = []
 
-    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.pending.append(Deferred())
-        return self.pending[-1]
-
-
-def recording(harness: Harness) -> list[Any]:
+def recording(harness: MemoryGateway) -> list[Any]:
     records: list[Any] = []
     harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
     return records
 
 
 def test_a_backend_breaking_off_mid_body_cuts_the_client_and_is_recorded() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    agent = HeldAgent()
-    harness.gateway.upstream.agent = agent
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
     records = recording(harness)
     answer = harness.request("GET", "/services/web/x")
     harness.settle()
-    agent.pending[0].callback(FakeResponse(Failure(ResponseFailed([Failure(ConnectionLost("reset"))]))))
+    agent.sent[0].callback(FakeResponse(Failure(ResponseFailed([Failure(ConnectionLost("reset"))]))))
     harness.settle()
     response = harness.result(answer)
     assert response.code == 200
@@ -379,21 +347,20 @@ def test_a_backend_breaking_off_mid_body_cuts_the_client_and_is_recorded() -> No
 
 
 def test_a_client_leaving_during_the_backend_request_cancels_it() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    agent = HeldAgent()
-    harness.gateway.upstream.agent = agent
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
     records = recording(harness)
     answer = harness.request("GET", "/services/web/x")
     harness.settle()
     answer.addErrback(lambda _: None)
     answer.cancel()
     harness.settle()
-    assert agent.pending[0].called  # the exchange cancelled its backend request
+    assert agent.sent[0].called  # the exchange cancelled its backend request
     [record] = records
     assert record.error_kind == "client_gone" and record.error == "client went away"
 
 
-def outcome_of(harness: Harness, deferred: Deferred[Any]) -> Any:
+def outcome_of(harness: MemoryGateway, deferred: Deferred[Any]) -> Any:
     harness.settle()
     box: list[Any] = []
     deferred.addBoth(box.append)
@@ -401,9 +368,8 @@ def outcome_of(harness: Harness, deferred: Deferred[Any]) -> Any:
 
 
 def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    agent = HeldAgent()
-    harness.gateway.upstream.agent = agent
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
     sent: list[Any] = []
     agent.request = lambda method, url, headers, body: sent.append(headers) or Deferred()  # type: ignore[method-assign]
     request = dummy()
@@ -420,7 +386,7 @@ def test_a_unix_socket_client_is_recorded_and_forwarded_as_unix() -> None:
 
 
 def test_a_monitor_of_a_ready_service_is_proxied_with_the_prefix_and_its_request_id() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "passive": {"paths": ["/healthz"]}}})
+    harness = echoing({"web": {"url": "http://backend:8000", "passive": {"paths": ["/healthz"]}}})
     response = harness.result(harness.request("GET", "/services/web/healthz", headers={"X-Request-ID": "req-7"}))
     assert response.code == 200
     echoed = harness.json(response)
@@ -431,7 +397,7 @@ def test_a_monitor_of_a_ready_service_is_proxied_with_the_prefix_and_its_request
 
 
 def test_a_monitor_of_a_stopped_service_is_answered_without_starting_it() -> None:
-    harness = Harness({"app": {"url": "http://backend:8000", "command": ["serve"], "passive": {"paths": ["/healthz"]}}})
+    harness = echoing({"app": {"url": "http://backend:8000", "command": ["serve"], "passive": {"paths": ["/healthz"]}}})
     response = harness.result(harness.request("GET", "/services/app/healthz"))
     assert harness.fakes["app"].starts == []
     assert response.code == 200 and response.headers.getRawHeaders("x-hestia-state") == ["stopped"]
@@ -439,12 +405,10 @@ def test_a_monitor_of_a_stopped_service_is_answered_without_starting_it() -> Non
 
 
 def test_a_response_timeout_504_carries_the_clients_request_id() -> None:
-    from test_admission import Harness as AdmissionHarness
-    from test_admission import SilentAgent
+    from test_admission import holding
 
-    silent = SilentAgent()
-    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_timeout": 5}, agent=lambda traversal: silent)
-    hung = harness.get("/hung", headers={"X-Request-ID": "req-504"})
+    harness = holding({"url": "http://127.0.0.1:9", "response_timeout": 5}, agent=lambda traversal: StallingAgent())
+    hung = harness.get("/services/svc/hung", headers={"X-Request-ID": "req-504"})
     harness.settle()
     harness.reactor.advance(5)
     response = harness.result(hung)
@@ -453,10 +417,10 @@ def test_a_response_timeout_504_carries_the_clients_request_id() -> None:
 
 def _streaming_body(response_idle_timeout: float) -> tuple[Any, Any, list[Any]]:
     """A GET whose backend sent b"first" and then holds the body open; the body's outcome is collected."""
-    from test_admission import Harness as AdmissionHarness
+    from test_admission import holding
 
-    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": response_idle_timeout})
-    answer = harness.get("/stream")
+    harness = holding({"url": "http://127.0.0.1:9", "response_idle_timeout": response_idle_timeout})
+    answer = harness.get("/services/svc/stream")
     harness.settle()
     [held] = harness.backend.held
     held.write(b"first")
@@ -510,7 +474,7 @@ def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_
     from hestia.guard import GuardedSite, Limits
     from hestia.proxy import GatewayRoot
 
-    harness = Harness({"app": {"url": "http://backend:8000"}})
+    harness = echoing({"app": {"url": "http://backend:8000"}})
     site = GuardedSite(GatewayRoot(harness.gateway, Resource(), Authenticator(auth_config(), Clock().seconds)), Limits())
     protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5000))
@@ -524,8 +488,7 @@ def test_a_request_with_a_body_and_no_token_is_refused_from_its_head_before_100_
 
 
 def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
-    harness.gateway.upstream.agent = FailingAgent(ResponseFailed([Failure(ConnectionRefusedError())]))
+    harness = echoing({"web": {"url": "http://backend:8000", "queue_timeout": 30}}, agent=lambda inner: failing(ResponseFailed([Failure(ConnectionRefusedError())])))
     answer: list[Any] = []
     harness.request("GET", "/services/web/x").addBoth(answer.append)
     began = harness.reactor.seconds()
@@ -539,7 +502,7 @@ def test_a_refusal_wrapped_in_response_failed_is_retried_only_briefly() -> None:
 def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() -> None:
     from hestia.loader import parse_config
 
-    harness = Harness({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}})
     resource = ServiceProxyResource(harness.gateway, "web", OPEN)  # found before the reload removed it
     harness.gateway.apply(parse_config({"services": {"other": {"url": "http://backend:8001"}}}, "t.yml", {}))
     harness.settle()
@@ -553,23 +516,22 @@ def test_a_request_to_a_service_removed_by_a_reload_meanwhile_is_a_json_404() ->
 
 
 def test_a_connect_failure_wrapped_in_response_never_received_is_retried_then_502() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
-    agent = FailingAgent(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
-    harness.gateway.upstream.agent = agent
+    agent = failing(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
+    harness = echoing({"web": {"url": "http://backend:8000", "queue_timeout": 30}}, agent=lambda inner: agent)
     response = after_retries(harness, harness.request("GET", "/services/web/x"))
     assert response.code == 502
     assert harness.json(response)["error"] == "backend unreachable: connection refused"
-    assert agent.calls > 1  # the request never reached the backend: trying again is safe
+    assert agent.spoiled > 1  # the request never reached the backend: trying again is safe
 
 
 # -- loading events (an early-opened stream) ------------------------------------------------
 
 
-def loading_harness() -> Harness:
-    return Harness({
+def loading_harness(**options: Any) -> MemoryGateway:
+    return echoing({
         "ai": {"route_by": "model", "loading_events": True},
         "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
-    })
+    }, **options)
 
 
 # Authentication off: every request may reach the service (hestia.auth).
@@ -642,7 +604,7 @@ def test_only_a_streaming_completion_post_gets_an_early_stream(method: str, path
 
 
 def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duration() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}})
     harness.reactor.advance(500)
     records: list[Any] = []
     harness.gateway.request_observers.append(records.append)  # observers receive each RequestRecord
@@ -656,7 +618,7 @@ def test_a_plain_http_request_is_forwarded_as_http_and_recorded_with_its_duratio
 
 
 def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}, "api": {"url": "http://backend:8001"}})
     resource = ServiceProxyResource(harness.gateway, "web", OPEN)
     request = dummy()
     request.uri, request.method = b"/services/api/x", b"POST"
@@ -671,26 +633,24 @@ def test_a_request_for_another_service_is_refused_from_its_head_saying_why() -> 
 
 @pytest.mark.parametrize("wrapper", [ResponseNeverReceived, ResponseFailed])
 def test_a_connect_failure_wrapped_either_way_is_retried_and_recorded_as_a_connect_failure(wrapper: Any) -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
-    agent = FailingAgent(wrapper([Failure(TimeoutError())]))
-    harness.gateway.upstream.agent = agent
+    agent = failing(wrapper([Failure(TimeoutError())]))
+    harness = echoing({"web": {"url": "http://backend:8000", "queue_timeout": 30}}, agent=lambda inner: agent)
     records = recording(harness)
     response = after_retries(harness, harness.request("GET", "/services/web/x"))
     assert response.code == 502
     assert harness.json(response)["error"] == "backend unreachable: connect timed out"
-    assert agent.calls > 1
+    assert agent.spoiled > 1
     harness.settle()
     [record] = records
-    assert record.error_kind == "connect" and record.connect_retries == agent.calls - 1
+    assert record.error_kind == "connect" and record.connect_retries == agent.spoiled - 1
 
 
 def test_a_reply_that_broke_off_is_not_retried_and_is_recorded_as_upstream() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000", "queue_timeout": 30}})
-    agent = FailingAgent(ResponseFailed([Failure(ConnectionLost("reset"))]))
-    harness.gateway.upstream.agent = agent
+    agent = failing(ResponseFailed([Failure(ConnectionLost("reset"))]))
+    harness = echoing({"web": {"url": "http://backend:8000", "queue_timeout": 30}}, agent=lambda inner: agent)
     records = recording(harness)
     response = after_retries(harness, harness.request("POST", "/services/web/x", data=b"once"))
-    assert response.code == 502 and agent.calls == 1
+    assert response.code == 502 and agent.spoiled == 1
     harness.settle()
     assert [record.error_kind for record in records] == ["upstream"]
 
@@ -707,11 +667,11 @@ def test_failing_over_is_logged_with_the_service_and_the_refusing_url() -> None:
 
 
 def test_a_cut_silent_body_is_logged_with_the_method_and_path() -> None:
-    from test_admission import Harness as AdmissionHarness
+    from test_admission import holding
     from twisted.logger import capturedLogs, formatEvent
 
-    harness = AdmissionHarness({"url": "http://127.0.0.1:9", "response_idle_timeout": 4})
-    answer = harness.get("/stream")
+    harness = holding({"url": "http://127.0.0.1:9", "response_idle_timeout": 4})
+    answer = harness.get("/services/svc/stream")
     harness.settle()
     [held] = harness.backend.held
     held.write(b"first")
@@ -752,7 +712,7 @@ def test_the_backends_reason_phrase_reaches_the_client() -> None:
 def test_the_root_and_unknown_paths_say_exactly_what_is_served() -> None:
     from hestia.proxy import GatewayRoot
 
-    harness = Harness({"web": {"url": "http://backend:8000"}})
+    harness = echoing({"web": {"url": "http://backend:8000"}})
     response = harness.result(harness.request("GET", "/elsewhere"))
     assert harness.json(response) == {"error": "not found: Hestia serves /services/<name>/ and /v1/"}
     root = GatewayRoot(harness.gateway, Resource())
@@ -765,9 +725,8 @@ def test_the_root_and_unknown_paths_say_exactly_what_is_served() -> None:
 
 
 def test_a_method_that_is_not_ascii_is_recorded_readably() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    agent = HeldAgent()
-    harness.gateway.upstream.agent = agent
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
     records = recording(harness)
     request = dummy()
     request.uri, request.method = b"/services/web/x", b"G\xffT"
@@ -796,9 +755,8 @@ class HeldResponse:
 
 
 def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> None:
-    harness = Harness({"web": {"url": "http://backend:8000"}})
-    agent = HeldAgent()
-    harness.gateway.upstream.agent = agent
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
     records = recording(harness)
     request = dummy()
     request.uri, request.method = b"/services/web/x", b"GET"
@@ -809,7 +767,7 @@ def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> N
     ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
     harness.settle()
     backend = HeldResponse()
-    agent.pending[0].callback(backend)
+    agent.sent[0].callback(backend)
     backend.protocol.dataReceived(b"part")
     assert request.written == [b"part"]
     request.processingFailed(Failure(ConnectionLost()))
@@ -824,8 +782,7 @@ def test_a_client_gone_mid_body_stops_the_backend_and_counts_nothing_more() -> N
 
 
 def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_event() -> None:
-    harness = loading_harness()
-    harness.gateway.upstream.agent = RequestTraversalAgent(Scripted([(b"content-type", [b"text/plain"])], code=500))
+    harness = loading_harness(backend=Scripted([(b"content-type", [b"text/plain"])], code=500))
     response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
@@ -834,8 +791,6 @@ def test_an_early_stream_the_backend_refuses_ends_with_its_answer_as_an_error_ev
     harness.reactor.advance(0.01)
     harness.settle()
     fake.answer_probe(True)
-    harness.settle()
-    harness.gateway.upstream.agent.flush()
     harness.settle()
     harness.result(done)
     last = b"".join(chunks).split(b"\n\n")[-2]

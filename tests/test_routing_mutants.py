@@ -10,14 +10,14 @@ import json
 from typing import Any
 
 import pytest
-from test_proxy import Harness
+from test_proxy import echoing
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from hestia.config import ConfigError
 from hestia.gateway import Gateway
 from hestia.loader import parse_config
-from hestia.testing import FakeBackend
+from hestia.testing import FakeBackend, MemoryGateway
 
 pytestmark = pytest.mark.unit
 
@@ -211,8 +211,8 @@ def test_the_fallback_keeps_the_request_for_the_strategy() -> None:
 # -- model routes ---------------------------------------------------------------------------
 
 
-def model_harness() -> Harness:
-    return Harness({
+def model_harness() -> MemoryGateway:
+    return echoing({
         "ai": {"route_by": "model"},
         "llama": {"url": "http://llama:1", "command": ["llama"], "models": ["llama3:latest", "llama3:8b"]},
         "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
@@ -269,7 +269,7 @@ def test_model_route_stop_stops_every_target_and_start_starts_none() -> None:
 
 
 def test_model_list_paths_are_exact_and_untagged_models_match_themselves() -> None:
-    harness = Harness({
+    harness = echoing({
         "ai": {"route_by": "model"},
         "phi": {"url": "http://phi:1", "command": ["phi"], "models": ["phi"]},
     })
@@ -358,8 +358,8 @@ def test_a_multi_instance_route_status_is_named() -> None:
     assert gw.gateway.lifecycle("web").status()["name"] == "web"
 
 
-def alias_harness() -> Harness:
-    return Harness({
+def alias_harness() -> MemoryGateway:
+    return echoing({
         "ai": {"route_by": "model", "aliases": {"gpt-4o-mini": "qwen2.5:7b"}},
         "llama": {"url": "http://llama:1", "models": ["llama3:8b"]},
         "qwen": {"url": "http://qwen:1", "models": ["qwen2.5:7b"]},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_proxy import Harness
+from test_proxy import echoing
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -32,7 +32,7 @@ from hestia.strategies import (
     StrategyError,
     load_strategy,
 )
-from hestia.testing import FakeBackend
+from hestia.testing import FakeBackend, MemoryGateway
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,8 +256,8 @@ def test_round_robin_spreads_and_each_instance_has_its_own_idle_clock() -> None:
 # -- model routes and host routing through the proxy ------------------------------------
 
 
-def model_harness() -> Harness:
-    return Harness({
+def model_harness() -> MemoryGateway:
+    return echoing({
         "ai": {"route_by": "model"},
         "llama": {"url": "http://llama:1", "command": ["llama"], "models": ["llama3:8b"], "hosts": ["llama.lan"]},
         "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},

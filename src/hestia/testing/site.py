@@ -5,7 +5,8 @@ For tests of Hestia and of what plugs into it (a routing strategy, a backend
 plugin): the same site C{twistd hestia} serves, with no socket and no clock.
 
 L{MemoryHestia} builds the site as C{twistd hestia} does (L{hestia.server_tap.build_site}:
-guarded channel, authentication, proxy and API), over a L{MemoryReactorClock}.
+guarded channel, authentication, proxy and API) around a L{MemoryGateway}
+(its config, reactor, fake backends and backend resource).
 Clients are L{StringTransport}s fed bytes by the test; the backend is a
 L{Resource} reached through treq's in-memory agent, and an upgrade's dedicated
 backend connection is a L{MemoryUpgradeBackend} whose answer the test writes.
@@ -15,68 +16,32 @@ turns the in-memory pumps until nothing moves.
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 from zope.interface import implementer
 
-from hestia.api import ManagementAPI
-from hestia.auth import Authenticator, digest, parse_auth
-from hestia.config import ServerConfig, ServiceConfig
+from hestia.auth import Authenticator, parse_auth
+from hestia.config import Config, ServerConfig, ServiceConfig
 from hestia.gateway import Gateway
-from hestia.interfaces import IRequestExchange
-from hestia.loader import parse_config
+from hestia.interfaces import IBackend, IRequestExchange
 from hestia.proxy import Exchange
 from hestia.server_tap import build_site
-from hestia.testing.backends import FakeBackend
+from hestia.testing.gateway import ADMIN_TOKEN, ECHO_TOKEN, MemoryGateway, RecordingBackend
 from hestia.upstream import Upstream
 
-# The tokens MemoryHestia(auth=True) configures: one for /v1, one for the echo service only.
-ADMIN_TOKEN = "admin-token-0123456789"  # noqa: S105 (a test double's known token)
-ECHO_TOKEN = "echo-token-0123456789"  # noqa: S105
-
-
-class RecordingBackend(Resource):
-    """
-    Answers every request, recording it.  The status comes from the path's
-    C{status=NNN} query parameter (default 200); C{notype} answers without a
-    C{Content-Type}.  Every response carries C{X-From-Backend}, so a client
-    can tell the backend's statuses from the gateway's own.
-    """
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[Request] = []
-        self.bodies: list[bytes] = []
-
-    def render(self, request: Request) -> bytes:
-        self.seen.append(request)
-        self.bodies.append(request.content.read() if request.content is not None else b"")
-        wanted = (request.args.get(b"status") or [b"200"])[0]
-        status = int(wanted) if wanted.isdigit() and 200 <= int(wanted) <= 599 else 200
-        request.setResponseCode(status)
-        request.setHeader(b"x-from-backend", b"1")
-        body = json.dumps({"uri": request.uri.decode("latin-1"), "body": self.bodies[-1].decode("latin-1")})
-        if b"notype" in request.args:
-            request.defaultContentType = None
-        else:
-            request.setHeader(b"content-type", b"application/json")
-        return body.encode()
+__all__ = ["ADMIN_TOKEN", "ECHO_TOKEN", "MemoryClient", "MemoryHestia", "MemoryUpgradeBackend", "MemoryUpstream",
+           "RecordingBackend", "RecordingGateway", "UpgradeConnection", "statuses"]
 
 
 @dataclass
@@ -87,7 +52,7 @@ class UpgradeConnection:
     transport: StringTransport
 
     def sent(self) -> bytes:
-        return self.transport.value()
+        return bytes(self.transport.value())
 
     def answer(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -176,7 +141,7 @@ class MemoryClient:
         return self
 
     def received(self) -> bytes:
-        return self.transport.value()
+        return bytes(self.transport.value())
 
     @property
     def closed(self) -> bool:
@@ -199,35 +164,25 @@ class MemoryHestia:
 
     def __init__(self, services: dict[str, Any] | None = None, auth: bool = False,
                  server: dict[str, Any] | None = None) -> None:
-        self.reactor = MemoryReactorClock()
-        self.backend = RecordingBackend()
         self.upgrades = MemoryUpgradeBackend()
-        self.fakes: dict[str, FakeBackend] = {}
         self.clients: list[MemoryClient] = []
-        raw: dict[str, Any] = {
-            "services": services or {"echo": {"url": "http://backend:8000"}, "other": {"url": "http://backend:8001"}},
-        }
-        if server:
-            raw["server"] = server
-        if auth:
-            raw["auth"] = {"tokens": [
-                {"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]},
-                {"name": "echo", "token_sha256": digest(ECHO_TOKEN).hex(), "services": ["echo"]},
-            ]}
-        config = parse_config(raw, "test.yml", environ={})
+        upgrades = self.upgrades
 
-        def build(service: ServiceConfig) -> FakeBackend:
-            fake = FakeBackend(url=service.url, has_lifecycle=service.backend != "static")
-            self.fakes[service.name] = fake
-            return fake
+        def recording_gateway(config: Config, reactor: Any, *, agent: IAgent,
+                              build_backend: Callable[[ServiceConfig], IBackend]) -> Gateway:
+            upstream = MemoryUpstream(reactor, config.server, agent, upgrades)
+            return RecordingGateway(config, reactor, build_backend=build_backend, upstream=upstream)
 
-        self.agent = RequestTraversalAgent(self.backend)
-        upstream = MemoryUpstream(self.reactor, config.server, self.agent, self.upgrades)
-        self.gateway = RecordingGateway(config, self.reactor, build_backend=build, upstream=upstream)
+        self.memory = MemoryGateway(services, server=server, auth=auth, gateway_factory=recording_gateway)
+        self.reactor = self.memory.reactor
+        self.backend: RecordingBackend = cast(RecordingBackend, self.memory.backend)
+        self.fakes = self.memory.fakes
+        self.agent = self.memory.traversal
+        self.gateway = cast(RecordingGateway, self.memory.gateway)
+        config = self.memory.config
         self.authenticator = Authenticator(parse_auth(config, environ={}), self.reactor.seconds)
-        # A reload applies the same configuration again, as SIGHUP with an unchanged file does.
-        api = ManagementAPI(self.gateway, reload=lambda: self.gateway.apply(config))
-        self.site = build_site(self.gateway, api.resource(), self.authenticator, config.server, reactor=self.reactor)
+        self.site = build_site(self.gateway, self.memory.api.resource(), self.authenticator, config.server,
+                               reactor=self.reactor)
 
     def connect(self) -> MemoryClient:
         return MemoryClient(self)
@@ -238,8 +193,7 @@ class MemoryHestia:
 
     def settle(self) -> None:
         for _ in range(10):
-            self.reactor.advance(0)
-            self.agent.flush()
+            self.memory.settle(rounds=1)
             for client in self.clients:
                 client.deliver_close()
 
