@@ -9,6 +9,7 @@ failed or the backend is unreachable, 503 the queue is full, 504 a timeout.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, TypedDict
 
@@ -28,7 +29,11 @@ class GatewayError(Exception):
 
     @ivar status: the HTTP status code to answer with.
     @ivar retry_after: seconds a client should wait, sent as C{Retry-After}.
+    @ivar instance: for a service with C{instances:}, the instance the error
+        happened in (C{service} is then the service the client asked for).
     """
+
+    instance: str | None = None
 
     status = 500
 
@@ -54,12 +59,27 @@ class GatewayError(Exception):
             body["service"] = self.service
         if self.state is not None:
             body["state"] = self.state
+        if self.instance is not None:
+            body["instance"] = self.instance
         if self.detail:
             # The last lines of the service's own output: usually the real cause.
             body["detail"] = self.detail
         if self.retry_after is not None:
             body["retry_after"] = round(self.retry_after)
         return body
+
+
+def in_instance(error: GatewayError, service: str) -> GatewayError:
+    """
+    C{error} as the client of C{service} (a service with C{instances:}) sees it:
+    it names C{service}, which the API knows, and the instance it came from.
+    The instance's own error is shared by its waiters and left as it is.
+    """
+    if error.service is None or error.service == service:
+        return error
+    seen = copy.copy(error)
+    seen.instance, seen.service = error.service, service
+    return seen
 
 
 class UnknownService(GatewayError):

@@ -121,12 +121,13 @@ def check_dependencies(reader: Reader, depends_on: Mapping[str, tuple[str, ...]]
 class _GroupLease:
     """A member's lease that tells its group when it ends (the holder may then yield)."""
 
-    __slots__ = ("_group", "_lease", "url")
+    __slots__ = ("_group", "_lease", "config", "url")
 
     def __init__(self, lease: ILease, group: ExclusiveGroup) -> None:
         self._lease = lease
         self._group = group
         self.url = lease.url
+        self.config = lease.config
 
     @property
     def fallback(self) -> Callable[[], Deferred[ILease]] | None:

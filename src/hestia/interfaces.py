@@ -169,6 +169,10 @@ class ILease(Interface):
     """
 
     url = Attribute("The URL the request is forwarded to.")
+    config = Attribute(
+        "The L{hestia.config.ServiceConfig} of the service that granted it: its per-request"
+        " rules (response_timeout, response_idle_timeout) apply, whatever route led there."
+    )
     fallback = Attribute(
         "C{None}, or a callable returning a L{Deferred} of another L{ILease}: for a"
         " route that may retry elsewhere when this lease's backend refuses the connection."

@@ -110,6 +110,10 @@ class Lease:
         # that acquires another instance when this one refuses the connection.
         self.fallback: Callable[[], Deferred[Lease]] | None = None
 
+    @property
+    def config(self) -> ServiceConfig:
+        return self._lifecycle.config
+
     def release(self) -> None:
         if not self._released:
             self._released = True

@@ -297,7 +297,7 @@ class Exchange:
         sending = self.gateway.upstream.agent_for_attempt(self._attempt).request(
             request.method, join_url(lease.url, self.rest), Headers(dict(self._backend_headers)), body
         )
-        timeout = self.lifecycle.config.response_timeout
+        timeout = lease.config.response_timeout  # the serving service's, not a router's
         if timeout > 0 and not sending.called:
             self._response_timer = reactor.callLater(timeout, self._response_timed_out, timeout)
         self._pending = sending
@@ -421,12 +421,12 @@ class Exchange:
         endpoint = self.gateway.upstream.upgrade_endpoint(lease.url)
         self._tunnel = open_tunnel(endpoint, lease.url, self.request, self.rest,
                                    headers, closed, unreachable, refused, self._note_body)
-        timeout = self.lifecycle.config.response_timeout
+        timeout = lease.config.response_timeout
         if timeout > 0 and self._tunnel is not None and self._tunnelled:
             self._response_timer = self.gateway.reactor.callLater(timeout, undecided, timeout)
 
     def _start_body_idle_timer(self) -> None:
-        idle = self.lifecycle.config.response_idle_timeout
+        idle = (self.lifecycle.config if self._lease is None else self._lease.config).response_idle_timeout
         if idle > 0 and not self._gone:
             # One timer for the whole body: each piece only notes the time,
             # and the timer, when due, waits out the rest of the period.
