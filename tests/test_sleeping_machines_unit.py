@@ -16,7 +16,7 @@ import pytest
 import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorUDP
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -232,6 +232,7 @@ class FakeUDPPort:
         self.listening = False
 
 
+@implementer(IReactorProcess, IReactorUDP)
 class ProcessClock(Clock):
     """A Clock that also spawns fake processes and sends UDP into a list."""
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from hestia.backends.docker.backend import shared_engine
@@ -129,7 +129,7 @@ class DockerDiscovery(Service):
 
     name = "docker-discovery"
 
-    def __init__(self, gateway: Gateway, settings: DiscoverySettings, reactor: Any,
+    def __init__(self, gateway: Gateway, settings: DiscoverySettings, reactor: IReactorTime,
                  engine: DockerEngine | None = None) -> None:
         self.gateway = gateway
         self.settings = settings
@@ -254,7 +254,7 @@ async def _nothing() -> None:
     return None
 
 
-def discovery_service(gateway: Gateway, config: Config, reactor: Any) -> DockerDiscovery | None:
+def discovery_service(gateway: Gateway, config: Config, reactor: IReactorTime) -> DockerDiscovery | None:
     """The discovery service when C{docker: {discover: true}} asks for it."""
     settings = config.sections.get("docker")
     if isinstance(settings, DiscoverySettings) and settings.discover:

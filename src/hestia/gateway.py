@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
@@ -51,10 +52,10 @@ class Gateway:
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactorTime,
         agent: IAgent | None = None,
         pool: HTTPConnectionPool | None = None,
-        cooperator: Any = None,
+        cooperator: task.Cooperator | None = None,
         build_backend: Callable[[ServiceConfig], IBackend] | None = None,
         upstream: Upstream | None = None,
     ) -> None:

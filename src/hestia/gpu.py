@@ -412,7 +412,7 @@ class NvidiaSmi:
     status says C{measured: null}.
     """
 
-    def __init__(self, reactor: Any, interval: float = 10.0, executable: str | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, interval: float = 10.0, executable: str | None = None) -> None:
         self.reactor = reactor
         self.interval = interval
         self.executable = executable if executable is not None else shutil.which("nvidia-smi")

@@ -9,7 +9,7 @@ service will never come up.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -30,7 +30,7 @@ from hestia.coroutines import as_deferred
 ATTEMPT_DELAY = 0.01
 
 
-def endpoint_for(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+def endpoint_for(reactor: IReactorTime, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     """A client endpoint to a backend that fails as fast as the network does."""
     if isIPAddress(host):
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)

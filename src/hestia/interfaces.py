@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
 
@@ -150,7 +151,7 @@ class IBackendFactory(Interface):
 
     name = Attribute("The backend's name: the value of C{ServiceConfig.backend}.")
 
-    def build(service: Any, reactor: Any, agent: Any) -> IBackend:
+    def build(service: Any, reactor: IReactorTime, agent: Any) -> IBackend:
         """
         Build a backend for C{service} (a L{hestia.config.ServiceConfig}).
 

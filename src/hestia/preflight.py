@@ -10,9 +10,9 @@ L{ConfigError}: one line naming the file and the key.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 
 from hestia.auth import parse_auth
 from hestia.config import Config, ConfigError
@@ -21,7 +21,7 @@ from hestia.tls import PREFIX as TLS_PREFIX
 from hestia.tls import _split_unescaped
 
 
-def check_listen(source: str, key: str, description: str, reactor: Any = None) -> None:
+def check_listen(source: str, key: str, description: str, reactor: IReactorTime | None = None) -> None:
     """
     Refuse an endpoint description Twisted cannot parse (C{tcp:abc}, C{bogus:1}).
 

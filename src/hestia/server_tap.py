@@ -19,8 +19,10 @@ from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
@@ -121,7 +123,8 @@ class HestiaSite(GuardedSite):
 
 
 def build_site(
-    gateway: Gateway, api: Any, authenticator: Authenticator, server: ServerConfig, reactor: Any = None
+    gateway: Gateway, api: IResource, authenticator: Authenticator, server: ServerConfig,
+    reactor: IReactorTime | None = None,
 ) -> HestiaSite:
     """
     The site Hestia serves: the proxy and the guarded API behind guarded channels.
@@ -139,8 +142,8 @@ class HestiaService(MultiService):
     """The whole gateway: its listening port plus the services it manages."""
 
     def __init__(
-        self, config: Config, listen: str | None = None, reactor: Any = None, log_format: str | None = None,
-        watch_config: bool = False,
+        self, config: Config, listen: str | None = None, reactor: IReactorTime | None = None,
+        log_format: str | None = None, watch_config: bool = False,
     ) -> None:
         """
         @param log_format: C{text} or C{json}, overriding C{server.log_format}.
@@ -183,12 +186,13 @@ class HestiaService(MultiService):
             endpoint, self.certificates = parse_listen(reactor, self.listen)
             self.port_service = StreamServerEndpointService(endpoint, self.site)
         else:
-            self.port_service = strports.service(with_backlog(self.listen), self.site, reactor=reactor)
+            self.port_service = strports.service(with_backlog(self.listen), self.site, reactor=IReactorCore(reactor))
         self.port_service.setServiceParent(self)
         if config.server.redirect_listen:
             redirect = Site(RedirectToHTTPS(https_port(self.listen)))
             redirect.noisy = False
-            strports.service(config.server.redirect_listen, redirect, reactor=reactor).setServiceParent(self)
+            redirecting = strports.service(config.server.redirect_listen, redirect, reactor=IReactorCore(reactor))
+            redirecting.setServiceParent(self)
         # Container label discovery (docker: {discover: true}) runs as a child service.
         self.discovery = discovery_service(self.gateway, config, reactor)
         if self.discovery is not None:
@@ -249,7 +253,7 @@ class HestiaService(MultiService):
             self.watcher.startService()
         if hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._reload_logged)
+                signal.SIGHUP, lambda signum, frame: IReactorThreads(self.reactor).callFromThread(self._reload_logged)
             )
 
     def reload(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from OpenSSL.SSL import Connection, Context
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime, IStreamServerEndpoint
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -124,7 +124,7 @@ def is_tls_listen(description: str) -> bool:
     return description.startswith(PREFIX)
 
 
-def parse_listen(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, CertificateStore]:
+def parse_listen(reactor: IReactorTime, description: str) -> tuple[IStreamServerEndpoint, CertificateStore]:
     """
     C{txsni:<certdir>:<endpoint>} -> (endpoint, its certificate store).
 

@@ -81,7 +81,7 @@ class QuietConnectionPool(HTTPConnectionPool):
 
 
 def make_agent(
-    reactor: Any, max_connections: int, connect_timeout: float = 5.0
+    reactor: IReactorTime, max_connections: int, connect_timeout: float = 5.0
 ) -> tuple[IAgent, HTTPConnectionPool]:
     """
     An HTTP/1.1 client with keep-alive to the backends.
@@ -102,7 +102,7 @@ def make_agent(
 class BackendEndpointFactory:
     """The endpoints the gateway's L{Agent} connects to backends with (see L{endpoint_for})."""
 
-    def __init__(self, reactor: Any, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
@@ -163,7 +163,7 @@ class AttemptEndpointFactory:
     L{ConnectRetry.timeout} and the backend's recent connect times.
     """
 
-    def __init__(self, reactor: Any, attempt: int, times: ConnectTimes, rule: ConnectRetry | None = None,
+    def __init__(self, reactor: IReactorTime, attempt: int, times: ConnectTimes, rule: ConnectRetry | None = None,
                  tls: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._attempt = attempt
@@ -183,7 +183,7 @@ class AttemptEndpointFactory:
         return endpoint
 
 
-def backend_endpoint(reactor: Any, base_url: str) -> IStreamClientEndpoint:
+def backend_endpoint(reactor: IReactorTime, base_url: str) -> IStreamClientEndpoint:
     """The endpoint of a dedicated connection to the backend at C{base_url} (TLS for https)."""
     parts = urlsplit(base_url)
     host = parts.hostname or "localhost"
@@ -203,7 +203,7 @@ class Upstream:
     @ivar pool: its connection pool (C{None} for an injected agent).
     """
 
-    def __init__(self, reactor: Any, server: ServerConfig, agent: IAgent | None = None,
+    def __init__(self, reactor: IReactorTime, server: ServerConfig, agent: IAgent | None = None,
                  pool: HTTPConnectionPool | None = None) -> None:
         self.reactor = reactor
         self._server = server

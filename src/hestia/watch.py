@@ -146,7 +146,7 @@ class InotifySource:
 
     MASK_NAMES = ("IN_CLOSE_WRITE", "IN_MOVED_TO", "IN_MOVED_FROM", "IN_CREATE", "IN_DELETE", "IN_ATTRIB")
 
-    def __init__(self, path: Path, reactor: Any = None) -> None:
+    def __init__(self, path: Path, reactor: IReactorTime | None = None) -> None:
         from twisted.internet import inotify
 
         self._inotify_module = inotify
@@ -255,7 +255,7 @@ class PollingSource:
             self._loop.stop()
 
 
-def change_source(path: Path, reactor: Any, use_inotify: bool | None = None) -> IChangeSource:
+def change_source(path: Path, reactor: IReactorTime, use_inotify: bool | None = None) -> IChangeSource:
     """inotify where the platform has it (and C{use_inotify} is not False), else polling."""
     if use_inotify is None:
         use_inotify = platform.supportsINotify()
@@ -274,7 +274,7 @@ class ConfigWatcher(Service):
     """
 
     def __init__(
-        self, path: str | Path, reactor: Any, reload: Callable[[], Any], source: IChangeSource | None = None,
+        self, path: str | Path, reactor: IReactorTime, reload: Callable[[], Any], source: IChangeSource | None = None,
         delay: float = DEBOUNCE_DELAY,
     ) -> None:
         # Absolute, but symlinks kept: a rename over the link's name must match.

@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -161,7 +161,7 @@ class _Run:
 
     def start(self, env: Mapping[str, str], cwd: str | None) -> None:
         executable, argv = session_command(self.command)
-        self.process = self.runner.reactor.spawnProcess(
+        self.process = IReactorProcess(self.runner.reactor).spawnProcess(
             _Protocol(self), executable, argv, env=dict(env), path=cwd, childFDs={0: "w", 1: "r", 2: "r"}
         )
         if self.timeout > 0:
@@ -239,7 +239,7 @@ class CommandRunner:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         service: str,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,

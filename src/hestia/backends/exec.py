@@ -80,7 +80,7 @@ class ExecBackend(MachineBackend):
 
     kind = "exec"
 
-    def __init__(self, service: ServiceConfig, reactor: Any, agent: IAgent) -> None:
+    def __init__(self, service: ServiceConfig, reactor: IReactorTime, agent: IAgent) -> None:
         self.settings = settings_of(service)
         super().__init__(
             service, reactor, agent,

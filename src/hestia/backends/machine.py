@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,7 +68,7 @@ class MachineBackend:
     def __init__(
         self,
         service: ServiceConfig,
-        reactor: Any,
+        reactor: IReactorTime,
         agent: IAgent,
         *,
         adopt: bool,

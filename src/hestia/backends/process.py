@@ -127,7 +127,7 @@ class ProcessBackend:
     kind = "process"
     has_lifecycle = True
 
-    def __init__(self, service: ServiceConfig, reactor: Any, agent: IAgent) -> None:
+    def __init__(self, service: ServiceConfig, reactor: IReactorTime, agent: IAgent) -> None:
         assert service.command is not None
         self.service = service
         self.url = service.url
@@ -167,7 +167,7 @@ class ProcessBackend:
         # printed, not the same lines again for every earlier retry.
         self.output.clear()
         self._protocol = protocol = _OutputCollector(self)
-        reactor: IReactorProcess = self._reactor
+        reactor = IReactorProcess(self._reactor)
         try:
             self._process = reactor.spawnProcess(
                 protocol,

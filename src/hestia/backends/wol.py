@@ -186,7 +186,7 @@ class WakeOnLanBackend(MachineBackend):
 
     kind = "wol"
 
-    def __init__(self, service: ServiceConfig, reactor: Any, agent: IAgent) -> None:
+    def __init__(self, service: ServiceConfig, reactor: IReactorTime, agent: IAgent) -> None:
         self.settings = settings_of(service)
         super().__init__(
             service, reactor, agent, adopt=self.settings.adopt, stop_on_shutdown=self.settings.stop_on_shutdown
@@ -205,7 +205,7 @@ class WakeOnLanBackend(MachineBackend):
         self._left = self.settings.packets
         try:
             # One port for this start's packets, closed once they are sent or the machine answers.
-            self._sender = open_sender(self._reactor, self.settings.address)
+            self._sender = open_sender(IReactorUDP(self._reactor), self.settings.address)
             self._send()
         except OSError as error:
             self._woken()

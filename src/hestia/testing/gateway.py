@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent, IResponse
@@ -61,7 +62,7 @@ DEFAULT_SERVICES: Mapping[str, Any] = {"echo": {"url": "http://backend:8000"}, "
 class GatewayFactory(Protocol):
     """Builds the gateway under test: L{Gateway} itself, or a subclass that records more."""
 
-    def __call__(self, config: Config, reactor: Any, *, agent: IAgent,
+    def __call__(self, config: Config, reactor: IReactorTime, *, agent: IAgent,
                  build_backend: Callable[[ServiceConfig], IBackend]) -> Gateway: ...
 
 

@@ -24,7 +24,7 @@ from typing import Any, cast
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -84,7 +84,8 @@ class MemoryUpgradeBackend:
 class MemoryUpstream(Upstream):
     """An upstream over an in-memory agent whose upgrade connections go to a L{MemoryUpgradeBackend}."""
 
-    def __init__(self, reactor: Any, server: ServerConfig, agent: IAgent, upgrades: MemoryUpgradeBackend) -> None:
+    def __init__(self, reactor: IReactorTime, server: ServerConfig, agent: IAgent,
+                 upgrades: MemoryUpgradeBackend) -> None:
         super().__init__(reactor, server, agent)
         self.upgrades = upgrades
 
@@ -168,7 +169,7 @@ class MemoryHestia:
         self.clients: list[MemoryClient] = []
         upgrades = self.upgrades
 
-        def recording_gateway(config: Config, reactor: Any, *, agent: IAgent,
+        def recording_gateway(config: Config, reactor: IReactorTime, *, agent: IAgent,
                               build_backend: Callable[[ServiceConfig], IBackend]) -> Gateway:
             upstream = MemoryUpstream(reactor, config.server, agent, upgrades)
             return RecordingGateway(config, reactor, build_backend=build_backend, upstream=upstream)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
@@ -75,7 +75,7 @@ _GONE_ACTIONS = {"die", "oom", "destroy", "remove"}
 _ENGINES: dict[tuple[int, str], DockerEngine] = {}
 
 
-def shared_engine(reactor: Any, host: str | None) -> DockerEngine:
+def shared_engine(reactor: IReactorTime, host: str | None) -> DockerEngine:
     """
     One client (one connection pool) per engine address and reactor.
 
@@ -113,7 +113,7 @@ class DockerBackend:
     has_lifecycle = True
 
     def __init__(
-        self, service: ServiceConfig, reactor: Any, agent: IAgent, engine: DockerEngine | None = None
+        self, service: ServiceConfig, reactor: IReactorTime, agent: IAgent, engine: DockerEngine | None = None
     ) -> None:
         self.service = service
         self.settings = settings_of(service)
@@ -416,7 +416,7 @@ class DockerBackendFactory:
     name = "docker"
 
     @staticmethod
-    def build(service: ServiceConfig, reactor: Any, agent: IAgent) -> DockerBackend:
+    def build(service: ServiceConfig, reactor: IReactorTime, agent: IAgent) -> DockerBackend:
         return DockerBackend(service, reactor, agent)
 
 

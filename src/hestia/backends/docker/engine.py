@@ -42,7 +42,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -217,7 +217,7 @@ class _EngineEndpointFactory:
     are all reused for the one engine.
     """
 
-    def __init__(self, reactor: Any, address: EngineAddress, connect_timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, address: EngineAddress, connect_timeout: float) -> None:
         self._reactor = reactor
         self._address = address
         self._timeout = connect_timeout
@@ -548,7 +548,7 @@ class DockerEngine:
         self,
         host: str | None = None,
         *,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         api_version: str | None = None,
         request_timeout: float = 30.0,
         connect_timeout: float = 10.0,
