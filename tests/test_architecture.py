@@ -262,3 +262,23 @@ def test_one_async_style() -> None:
              for path in PACKAGE.rglob("*.py")
              for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == "@inlineCallbacks"]
     assert found == []
+
+
+SEAM_NAMES = {"reactor", "store", "route", "routes", "gateway", "agent"}
+
+
+def test_no_any_for_routes_stores_or_the_reactor_at_module_seams() -> None:
+    """Parameters and attributes with these names are typed (Twisted's interfaces, IStateStore, Route)."""
+    untyped = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.arg) and node.arg.lstrip("_") in SEAM_NAMES:
+                annotation = node.annotation
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, (ast.Name, ast.Attribute)):
+                name = node.target.id if isinstance(node.target, ast.Name) else node.target.attr
+                annotation = node.annotation if name.lstrip("_") in SEAM_NAMES else None
+            else:
+                continue
+            if annotation is not None and "Any" in ast.unparse(annotation).replace("|", " ").split():
+                untyped.append(f"{module}:{node.lineno}")
+    assert untyped == []

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IAgent
 from zope.interface import Attribute, Interface
 
 
@@ -151,7 +152,7 @@ class IBackendFactory(Interface):
 
     name = Attribute("The backend's name: the value of C{ServiceConfig.backend}.")
 
-    def build(service: Any, reactor: IReactorTime, agent: Any) -> IBackend:
+    def build(service: Any, reactor: IReactorTime, agent: IAgent) -> IBackend:
         """
         Build a backend for C{service} (a L{hestia.config.ServiceConfig}).
 
