@@ -174,7 +174,7 @@ LAYERS: list[set[str]] = [
     {"hestia.ui", "hestia.proxy", "hestia.proxy._errors", "hestia.proxy._exchange", "hestia.proxy._resources",
      "hestia.api", "hestia.planning", "hestia.preflight", "hestia.simulation"},
     # 8 entry points and the test doubles.
-    {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.gateway",
+    {"hestia.server_tap", "hestia.cli", "hestia.testing", "hestia.testing.backends", "hestia.testing.conformance", "hestia.testing.gateway",
      "hestia.testing.site", "hestia.testing.upstream"},
 ]
 

@@ -7,18 +7,19 @@ without implementing it, fails here, not on the first request that needs it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent
-from twisted.internet.testing import MemoryReactorClock
-from twisted.web.resource import Resource
-from zope.interface.verify import verifyObject
+from zope.interface import provider
 
 from hestia.backends import BUILT_IN, ENTRY_POINT_GROUP, find_backend
-from hestia.interfaces import IAdoptableBackend, IBackend, IBackendFactory, IPersistentBackend
+from hestia.backends.static import StaticBackend
+from hestia.config import ServiceConfig
+from hestia.interfaces import IBackend, IBackendFactory
 from hestia.loader import parse_config
+from hestia.testing.conformance import NotConforming, verify_backend
 
 pytestmark = pytest.mark.unit
 
@@ -45,21 +46,48 @@ def test_the_entry_points_name_the_built_in_factories() -> None:
     assert {name: declared.get(name) for name in BUILT_IN} == BUILT_IN
 
 
-@pytest.mark.parametrize("kind", sorted(MINIMAL))
-def test_a_built_in_backend_provides_its_interfaces(kind: str) -> None:
+def service_of(kind: str) -> ServiceConfig:
     raw: dict[str, Any] = {"services": {"svc": MINIMAL[kind]}}
     if kind == "semaphore":
         raw["semaphore"] = SEMAPHORE
-    config = parse_config(raw, "conformance.yml", environ={"SEMAPHORE_API_TOKEN": "t0ken"})
-    service = config.services["svc"]
+    service = parse_config(raw, "conformance.yml", environ={"SEMAPHORE_API_TOKEN": "t0ken"}).services["svc"]
     assert service.backend == kind
-    factory = find_backend(kind)
-    verifyObject(IBackendFactory, factory)
-    backend = factory.build(service, MemoryReactorClock(), RequestTraversalAgent(Resource()))
-    verifyObject(IBackend, backend)
+    return service
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_a_built_in_backend_provides_its_interfaces(kind: str) -> None:
+    backend = verify_backend(find_backend(kind), service_of(kind))
     assert backend.kind == kind
-    assert backend.url == URL
-    assert isinstance(backend.has_lifecycle, bool) and backend.has_lifecycle is (kind != "static")
-    for optional in (IPersistentBackend, IAdoptableBackend):
-        if optional.providedBy(backend):
-            verifyObject(optional, backend)
+    assert backend.has_lifecycle is (kind != "static")
+
+
+class Forgetful(StaticBackend):
+    """A backend whose author forgot a method IBackend requires."""
+
+    set_exit_handler = None  # type: ignore[assignment]
+
+
+@provider(IBackendFactory)
+class ForgetfulFactory:
+    name = "static"
+
+    @staticmethod
+    def build(service: ServiceConfig, reactor: Any, agent: Any) -> IBackend:
+        return Forgetful(service, reactor, agent)
+
+
+@provider(IBackendFactory)
+class WrongURLFactory:
+    name = "static"
+
+    @staticmethod
+    def build(service: ServiceConfig, reactor: Any, agent: Any) -> IBackend:
+        return StaticBackend(replace(service, url="http://elsewhere:1"), reactor, agent)
+
+
+@pytest.mark.parametrize(("factory", "says"), [(ForgetfulFactory, "set_exit_handler"),
+                                                (WrongURLFactory, "http://elsewhere:1")])
+def test_the_check_a_third_party_runs_fails_on_a_broken_backend(factory: Any, says: str) -> None:
+    with pytest.raises(NotConforming, match=says):
+        verify_backend(factory, service_of("static"))

@@ -8,6 +8,8 @@ Test doubles for Hestia and for what plugs into it, in the spirit of L{treq.test
    the management API, a backend L{twisted.web.resource.Resource} behind.
  - Upstream doubles (L{hestia.testing.upstream}): agents that refuse, stall,
    truncate or reset, wrapped around the in-memory one.
+ - L{verify_backend} (L{hestia.testing.conformance}): what a backend promises,
+   checked as the gateway uses it; a third-party backend's tests run it.
  - L{MemoryHestia} (L{hestia.testing.site}): the daemon's whole site in memory,
    fed raw client bytes.
 
@@ -15,6 +17,7 @@ Integration tests use real processes instead (C{tests/support/}).
 """
 
 from hestia.testing.backends import FakeBackend
+from hestia.testing.conformance import NotConforming, verify_backend
 from hestia.testing.gateway import (
     ADMIN_TOKEN,
     ECHO_TOKEN,
@@ -49,6 +52,7 @@ __all__ = [
     "MemoryHestia",
     "MemoryUpgradeBackend",
     "MemoryUpstream",
+    "NotConforming",
     "RecordingBackend",
     "RecordingGateway",
     "RefusingAgent",
@@ -58,4 +62,5 @@ __all__ = [
     "TruncatingAgent",
     "UpgradeConnection",
     "statuses",
+    "verify_backend",
 ]
