@@ -41,7 +41,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from hestia.config import Config, ConfigError, Reader
-from hestia.errors import write_json
+from hestia.errors import refusal_document, write_json
 from hestia.interfaces import IHeadCheck
 from hestia.records import Denied, credentials_of
 
@@ -367,9 +367,7 @@ def _presented(request: Request, allow_bearer: bool) -> bytes | None:
 
 def write_denied(request: Request, denied: Denied, service: str | None = None) -> None:
     """Answer C{request} with C{denied}: JSON, C{WWW-Authenticate} on 401."""
-    body: dict[str, Any] = {"error": denied.reason, "service": service, "state": None}
-    if denied.retry_after is not None:
-        body["retry_after"] = max(1, round(denied.retry_after))
+    body = refusal_document(denied.reason, service, denied.retry_after)
     write_json(request, denied.status, body, retry_after=denied.retry_after)
 
 

@@ -124,6 +124,17 @@ class ResponseTimedOut(GatewayError):
     status = 504
 
 
+def refusal_document(reason: str, service: str | None = None, retry_after: float | None = None) -> dict[str, Any]:
+    """
+    The JSON of a refusal (authentication, request hygiene), the same whether it is
+    written to a request (L{write_json}) or as raw bytes before one exists (hestia.guard).
+    """
+    document: dict[str, Any] = {"error": reason, "service": service, "state": None}
+    if retry_after is not None:
+        document["retry_after"] = max(1, round(retry_after))
+    return document
+
+
 def write_json(
     request: Request,
     status: int,

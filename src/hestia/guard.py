@@ -64,7 +64,7 @@ from twisted.web.http import (
 from twisted.web.server import Request, Site
 
 from hestia.config import ServerConfig
-from hestia.errors import write_json
+from hestia.errors import refusal_document, write_json
 from hestia.interfaces import IHeadCheck
 
 log = Logger(namespace="hestia.guard")
@@ -121,14 +121,12 @@ class Refusal:
 
 def error_response(refused: Refusal) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection."""
-    document: dict[str, Any] = {"error": refused.reason, "service": refused.service, "state": None}
+    document = refusal_document(refused.reason, refused.service, refused.retry_after)
     extra = b""
     if refused.status == 401:
         extra += b'WWW-Authenticate: Bearer realm="hestia"\r\n'
     if refused.retry_after is not None:
-        seconds = max(1, round(refused.retry_after))
-        document["retry_after"] = seconds
-        extra += b"Retry-After: %d\r\n" % seconds
+        extra += b"Retry-After: %d\r\n" % document["retry_after"]
     body = json.dumps(document).encode("utf-8") + b"\n"
     return b"".join([
         b"HTTP/1.1 %d %s\r\n" % (refused.status, _REASONS.get(refused.status, b"Error")),
