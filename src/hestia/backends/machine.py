@@ -25,13 +25,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from hestia import health
 from hestia.backends.commands import CommandResult, CommandRunner
-from hestia.backends.deferreds import detached
+from hestia.backends.deferreds import Recall
 from hestia.config import ServiceConfig
 from hestia.coroutines import as_deferred
 from hestia.errors import StartFailed
@@ -88,9 +87,9 @@ class MachineBackend:
         self._adopting = False
         self._stops_begun = 0
         self._store: IStateStore | None = None
-        self._recall: Deferred[None] | None = None
         self._detached = False
         self._log = Logger(namespace=f"hestia.service.{service.name}")
+        self._recall = Recall(service.name, self._apply_record, self._log)
 
     # -- what subclasses provide ------------------------------------------------------
 
@@ -241,12 +240,7 @@ class MachineBackend:
 
     def _recalled(self) -> Deferred[None]:
         """Fires once what the store holds for this service has been read (once)."""
-        if self._recall is None:
-            if self._store is None:
-                self._recall = succeed(None)
-            else:
-                self._recall = self._store.load_services().addCallbacks(self._apply_record, self._recall_failed)
-        return detached(self._recall)
+        return self._recall(self._store)
 
     def _apply_record(self, records: dict[str, Any]) -> None:
         record = records.get(self.service.name) or {}
@@ -258,9 +252,6 @@ class MachineBackend:
             self.last_stop_error = data.get("last_stop_error")
             self._log.info("recalled {service}: {phase} (recorded {state})", service=self.service.name,
                            phase=phase, state=record.get("state"))
-
-    def _recall_failed(self, failure: Failure) -> None:
-        self._log.failure("cannot read the state of {service}", failure, service=self.service.name)
 
     def _save(self, state: str) -> Deferred[Any]:
         """Commit the machine's phase; fires once it is on disk."""

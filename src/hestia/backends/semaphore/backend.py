@@ -33,7 +33,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
 
 from hestia import health
-from hestia.backends.deferreds import detached
+from hestia.backends.deferreds import Recall
 from hestia.backends.semaphore.client import (
     FINISHED,
     NoSuchTask,
@@ -78,7 +78,6 @@ class SemaphoreBackend:
         self._agent = agent
         self.client = client or SemaphoreClient(settings.server, reactor, agent)
         self._store: IStateStore | None = None
-        self._recall: Deferred[None] | None = None
         self._recorded_state: str | None = None
         self._remote_url: str | None = None
         self._task_id: int | None = None
@@ -88,6 +87,7 @@ class SemaphoreBackend:
         self._output: list[str] = []
         self._detached = False
         self._log = Logger(namespace=f"hestia.service.{service.name}")
+        self._recall = Recall(service.name, self._apply_record, self._log)
 
     def __repr__(self) -> str:
         return f"<SemaphoreBackend {self.service.name} machine {self.settings.machine_id!r}>"
@@ -165,12 +165,7 @@ class SemaphoreBackend:
 
     def _recalled(self) -> Deferred[None]:
         """Fires once what the store holds for this service has been read (once)."""
-        if self._recall is None:
-            if self._store is None:
-                self._recall = succeed(None)
-            else:
-                self._recall = self._store.load_services().addCallbacks(self._apply_record, self._recall_failed)
-        return detached(self._recall)
+        return self._recall(self._store)
 
     def _apply_record(self, records: dict[str, Any]) -> None:
         record = records.get(self.service.name)
@@ -188,9 +183,6 @@ class SemaphoreBackend:
                 service=self.service.name, state=self._recorded_state, task=self._task_id,
                 phase=self._phase, url=self._remote_url,
             )
-
-    def _recall_failed(self, failure: Failure) -> None:
-        self._log.failure("cannot read the state of {service}", failure, service=self.service.name)
 
     def _save(self, state: str, url: str | None = None) -> Deferred[Any]:
         """Commit the current task facts; fires once they are on disk."""
