@@ -55,8 +55,12 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.queue.xǁWaitQueueǁ_timed_out": [
         ("pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires")],
     "hestia.headers.x_headers_for_backend": [
-        ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up")],
+        ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up"),
+        ('client_ip.encode("ascii", )', "client_ip is an IP address or 'unix': ASCII, so no error handler is needed")],
     "hestia.headers.x_join_url": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.headers.x__segment_climbs": [
+        ('.split("\\x00", )[0]', "the first piece of split(sep) is the first piece of split(sep, 1)")],
+    "hestia.headers.x_split_service_path": [('decode("ASCII")', "codec names are case-insensitive")],
     "hestia.config.reader.xǁReaderǁsize": [('or "B")[0].lower()', "the unit is lower-cased right after: 'B' is 'b'")],
     "hestia.config.reader.xǁReaderǁcheck_keys": [
         ("allowed, )", "only the best match (close[0]) is used; n=3 returns it first too")],
