@@ -46,6 +46,8 @@ CASE = "header names are case-insensitive in Headers"
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
+    "hestia.lifecycle.xǁLeaseǁ__init__": [
+        ("self._released = None", "the flag is only tested for truth: None and False are both false")],
     "hestia.lifecycle.xǁServiceLifecycleǁ_abandon_start": [
         ("self._generation += 2", "a generation only has to differ from the abandoned one")],
     "hestia.admission.xǁAdmissionǁ_cancelled": [
