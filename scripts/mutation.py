@@ -100,6 +100,21 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
+    "hestia.routing.xǁModelRouteǁacquire_passive": [
+        ("target.acquire_passive(None)", "every target ignores the request: a lifecycle leases any monitor when "
+                                         "ready, an instances or group route hands it to its lifecycles")],
+    "hestia.routing.xǁModelRouteǁstop": [
+        ("DeferredList(stops, )",
+         "a target's stop never fails (a failed stop is the FAILED state): no error to consume")],
+    "hestia.routing.xǁModelRouteǁwants_loading_events": [
+        ('split(b"?", 2)[0]', "the first piece of split(sep, 2) is the first piece of split(sep, 1)")],
+    "hestia.routing.xǁMultiInstanceRouteǁ__init__": [
+        ('_CompositeBackend("INSTANCES")',
+         "nothing reads a route's backend kind: its status() says 'instances' itself")],
+    "hestia.routing.xǁMultiInstanceRouteǁ_acquire": [
+        ("failure.check(CancelledError) and outer.called",
+         "an attempt fails with CancelledError only through cancel(), inside outer.cancel(), which fails outer with a "
+         "CancelledError either way; outer has fired before an attempt fails only in that case")],
     "hestia.groups.xǁGroupMemberRouteǁacquire": [
         ("self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
 }
