@@ -115,6 +115,20 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ("failure.check(CancelledError) and outer.called",
          "an attempt fails with CancelledError only through cancel(), inside outer.cancel(), which fails outer with a "
          "CancelledError either way; outer has fired before an attempt fails only in that case")],
+    "hestia.groups.xǁCoordinatorǁ__init__": [
+        ("self._routes: MutableMapping[str, Any] = None",
+         "read only by the start gate, which attach() installs after setting the routes")],
+    "hestia.groups.xǁCoordinatorǁshutdown": [
+        ("DeferredList(before, )", "a route's shutdown never fails (a lifecycle's stop never does, composites consume "
+                                   "their errors), and the last DeferredList consumes every one anyway")],
+    "hestia.groups.xǁExclusiveGroupǁ__init__": [
+        ("self.granted_at = None", "read only while a member holds the group, and what makes one the holder "
+                                   "(_grant, add) sets it first")],
+    "hestia.groups.xǁExclusiveGroupǁacquire": [
+        ("lifecycle.acquire(None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
+    "hestia.groups.xǁExclusiveGroupǁconsider": [
+        (".addErrback(None)", "stop()'s Deferred never fails (a failed stop is the FAILED state); addErrback(None) "
+                              "passes a result through")],
     "hestia.groups.xǁGroupMemberRouteǁacquire": [
         ("self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
 }
