@@ -90,7 +90,13 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
                               "Deferred drops the response that comes later")],
     "hestia.proxy.xǁExchangeǁ__init__": [
         ('"ASCII"', "codec names are case-insensitive"),
-        ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false")],
+        ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false"),
+        ("self._backend_headers: list[tuple[bytes, list[bytes]]] = None",
+         "read only by _send, which a request reaches through _forward's plain branch, which sets it (an upgrade "
+         "takes no admission turn, so its failed connect is not retried through _send)"),
+        ("self._body_at = 1.0", "read only by the body idle timer, which _start_body_idle_timer arms after setting")],
+    "hestia.proxy.x__describe_upstream_failure": [
+        ('"reasons", None)', "only tested for truth: a missing list and an empty one both fall through")],
     "hestia.proxy.xǁExchangeǁ_open_early": [
         ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first")],
     "hestia.proxy.xǁExchangeǁ_send": [
