@@ -46,6 +46,8 @@ CASE = "header names are case-insensitive in Headers"
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
+    "hestia.lifecycle.xǁLeaseǁ__init__": [
+        ("self._released = None", "the flag is only tested for truth: None and False are both false")],
     "hestia.lifecycle.xǁServiceLifecycleǁ_abandon_start": [
         ("self._generation += 2", "a generation only has to differ from the abandoned one")],
     "hestia.admission.xǁAdmissionǁ_cancelled": [
@@ -55,8 +57,12 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.queue.xǁWaitQueueǁ_timed_out": [
         ("pop(deferred, )", "a waiter's timer is cancelled whenever it leaves, so it is always there when it fires")],
     "hestia.headers.x_headers_for_backend": [
-        ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up")],
+        ('"REPLACE"', "client_ip is an IP address or 'unix': ASCII, so the error handler is never looked up"),
+        ('client_ip.encode("ascii", )', "client_ip is an IP address or 'unix': ASCII, so no error handler is needed")],
     "hestia.headers.x_join_url": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.headers.x__segment_climbs": [
+        ('.split("\\x00", )[0]', "the first piece of split(sep) is the first piece of split(sep, 1)")],
+    "hestia.headers.x_split_service_path": [('decode("ASCII")', "codec names are case-insensitive")],
     "hestia.config.reader.xǁReaderǁsize": [('or "B")[0].lower()', "the unit is lower-cased right after: 'B' is 'b'")],
     "hestia.config.reader.xǁReaderǁcheck_keys": [
         ("allowed, )", "only the best match (close[0]) is used; n=3 returns it first too")],
@@ -84,7 +90,13 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
                               "Deferred drops the response that comes later")],
     "hestia.proxy._exchange.xǁExchangeǁ__init__": [
         ('"ASCII"', "codec names are case-insensitive"),
-        ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false")],
+        ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false"),
+        ("self._backend_headers: list[tuple[bytes, list[bytes]]] = None",
+         "read only by _send, which a request reaches through _forward's plain branch, which sets it (an upgrade "
+         "takes no admission turn, so its failed connect is not retried through _send)"),
+        ("self._body_at = 1.0", "read only by the body idle timer, which _start_body_idle_timer arms after setting")],
+    "hestia.proxy._exchange.x__describe_upstream_failure": [
+        ('"reasons", None)', "only tested for truth: a missing list and an empty one both fall through")],
     "hestia.proxy._exchange.xǁExchangeǁ_open_early": [
         ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first")],
     "hestia.proxy._exchange.xǁExchangeǁ_send": [
@@ -94,6 +106,35 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy._resources.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
+    "hestia.routing.xǁModelRouteǁacquire_passive": [
+        ("target.acquire_passive(None)", "every target ignores the request: a lifecycle leases any monitor when "
+                                         "ready, an instances or group route hands it to its lifecycles")],
+    "hestia.routing.xǁModelRouteǁstop": [
+        ("DeferredList(stops, )",
+         "a target's stop never fails (a failed stop is the FAILED state): no error to consume")],
+    "hestia.routing.xǁModelRouteǁwants_loading_events": [
+        ('split(b"?", 2)[0]', "the first piece of split(sep, 2) is the first piece of split(sep, 1)")],
+    "hestia.routing.xǁMultiInstanceRouteǁ__init__": [
+        ('_CompositeBackend("INSTANCES")',
+         "nothing reads a route's backend kind: its status() says 'instances' itself")],
+    "hestia.routing.xǁMultiInstanceRouteǁ_acquire": [
+        ("failure.check(CancelledError) and outer.called",
+         "an attempt fails with CancelledError only through cancel(), inside outer.cancel(), which fails outer with a "
+         "CancelledError either way; outer has fired before an attempt fails only in that case")],
+    "hestia.groups.xǁCoordinatorǁ__init__": [
+        ("self._routes: MutableMapping[str, Any] = None",
+         "read only by the start gate, which attach() installs after setting the routes")],
+    "hestia.groups.xǁCoordinatorǁshutdown": [
+        ("DeferredList(before, )", "a route's shutdown never fails (a lifecycle's stop never does, composites consume "
+                                   "their errors), and the last DeferredList consumes every one anyway")],
+    "hestia.groups.xǁExclusiveGroupǁ__init__": [
+        ("self.granted_at = None", "read only while a member holds the group, and what makes one the holder "
+                                   "(_grant, add) sets it first")],
+    "hestia.groups.xǁExclusiveGroupǁacquire": [
+        ("lifecycle.acquire(None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
+    "hestia.groups.xǁExclusiveGroupǁconsider": [
+        (".addErrback(None)", "stop()'s Deferred never fails (a failed stop is the FAILED state); addErrback(None) "
+                              "passes a result through")],
     "hestia.groups.xǁGroupMemberRouteǁacquire": [
         ("self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
 }

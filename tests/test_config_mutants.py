@@ -401,3 +401,56 @@ def test_feature_sections_hold_only_feature_sections() -> None:
 
     config = parse_config({"server": {"listen": "tcp:9"}, "defaults": {}, "services": {}}, "f.yml", {})
     assert "server" not in config.sections and "defaults" not in config.sections
+
+
+def _reader_error(call: Any) -> tuple[str, str]:
+    from hestia.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        call()
+    return caught.value.key, caught.value.message
+
+
+def test_a_duration_bound_of_whole_days_over_one_day_is_written_in_seconds_and_days() -> None:
+    from hestia.config import Reader
+
+    reader = Reader("f.yml")
+    assert _reader_error(lambda: reader.duration(2592001, "k", maximum=2592000)) == (
+        "k", "must be at most 2592000 seconds (30 days), got int 2592001")
+    assert _reader_error(lambda: reader.duration("50h", "k", maximum=172800)) == (
+        "k", "must be at most 172800 seconds (2 days), got str '50h'")
+
+
+def test_a_whole_number_of_seconds_equal_to_the_maximum_is_allowed() -> None:
+    from hestia.config import Reader
+
+    assert Reader("f.yml").duration(86400, "k", maximum=86400) == 86400.0
+    assert Reader("f.yml").duration(2592000, "k") == 2592000.0  # the default bound, 30 days
+
+
+def test_integers_start_at_zero_and_name_the_key_past_the_maximum() -> None:
+    from hestia.config import Reader
+
+    reader = Reader("f.yml")
+    assert reader.integer(0, "k") == 0
+    assert reader.integer("0", "k") == 0
+    assert _reader_error(lambda: reader.integer(6, "server.limit", maximum=5)) == (
+        "server.limit", "must be at most 5, got int 6")
+
+
+def test_mapping_and_size_errors_say_what_was_given() -> None:
+    from hestia.config import Reader
+
+    reader = Reader("f.yml")
+    assert _reader_error(lambda: reader.mapping([1, 2], "server")) == ("server", "expected a mapping, got list [1, 2]")
+    assert _reader_error(lambda: reader.size("lots", "server.max_body", maximum=10)) == (
+        "server.max_body", "expected a size in bytes (or '512k', '10m', '4g'), got str 'lots'")
+    assert _reader_error(lambda: reader.size("2k", "server.max_body", maximum=1024)) == (
+        "server.max_body", "must be at most 1024 bytes, got str '2k'")
+
+
+def test_a_url_loses_only_its_trailing_slashes() -> None:
+    from hestia.config import Reader
+
+    assert Reader("f.yml").url("http://h:1/apiX/", "k") == "http://h:1/apiX"
+    assert Reader("f.yml").url("http://h:1/X//", "k") == "http://h:1/X"

@@ -212,3 +212,84 @@ def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely(
     assert b.state is State.STARTING and a.state is State.READY  # no group: nobody yields
     gw.up("b")
     assert got[0].url == "http://b:1"
+
+
+# -- fourth round (issue 21): the survivors of the seed-23 sample ---------------------------------
+
+
+def test_a_request_for_the_holder_of_an_uncontested_group_is_served_at_once() -> None:
+    gw = group_gw(min_residency=0)
+    a = gw.gateway.lifecycle("a")
+    outcome(a.start())
+    gw.up("a")
+    lease = outcome(a.acquire(None))
+    assert lease and lease[0].url == "http://a:1"
+    assert a.status()["queued"] == 0 and a.in_flight == 1
+
+
+def test_a_request_for_a_third_member_while_the_holder_yields_waits_for_the_group_itself() -> None:
+    gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+             "services": {"a": member("a"), "b": member("b"), "c": member("c")}})
+    a, c = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("c")
+    first = outcome(a.acquire(None))
+    gw.up("a")
+    outcome(gw.gateway.lifecycle("b").acquire(None))  # a must yield, but has a request in flight
+    assert a.status()["group"]["yielding"] is True
+    outcome(c.acquire(None))  # not a's request: c starts and queues for the group after b
+    assert c.state is State.STARTING and c.status()["group"]["waiting"] == ["b", "c"]
+    first[0].release()
+
+
+def test_a_held_request_refused_for_a_full_queue_is_told_to_retry_after_5_seconds() -> None:
+    gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+             "services": {"a": member("a", queue_limit=1), "b": member("b")}})
+    a = gw.gateway.lifecycle("a")
+    first = outcome(a.acquire(None))
+    gw.up("a")
+    outcome(gw.gateway.lifecycle("b").acquire(None))
+    outcome(a.acquire(None))  # held while a yields
+    refused = outcome(a.acquire(None))[0].value
+    assert refused.status == 503 and refused.retry_after == 5.0
+    first[0].release()
+
+
+def test_a_holder_ready_a_second_time_while_another_waits_yields_again() -> None:
+    gw = group_gw(min_residency=0)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.start())
+    gw.up("a")
+    gw.clock.advance(0)  # ready with nobody waiting: a keeps the group
+    outcome(a.stop())
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    outcome(a.start())  # a holds the group again
+    waiting = outcome(b.acquire(None))
+    gw.up("a")
+    gw.clock.advance(0)
+    assert a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    gw.up("b")
+    assert waiting[0].url == "http://b:1"
+
+
+def test_a_member_stopped_while_waiting_for_the_group_leaves_the_line() -> None:
+    gw = group_gw(min_residency=100)
+    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    outcome(a.start())
+    gw.up("a")
+    outcome(b.acquire(None))
+    assert a.status()["group"]["waiting"] == ["b"]
+    outcome(b.stop("api"))  # its start is abandoned while it waits
+    assert a.status()["group"]["waiting"] == []
+    gw.clock.advance(101)  # a's residency is over, but nobody waits: it keeps running
+    assert a.state is State.READY and gw.fakes["a"].stops == []
+
+
+def test_a_group_members_stop_defaults_to_the_api_reason() -> None:
+    gw = group_gw(min_residency=0)
+    a = gw.gateway.lifecycle("a")
+    outcome(a.start())
+    gw.up("a")
+    outcome(a.stop())
+    assert a.status()["state"] == "stopping" and a.status()["state_reason"] == "api"

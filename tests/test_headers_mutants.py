@@ -210,3 +210,28 @@ def test_lax_spellings_of_dot_dot_are_refused(rest: bytes) -> None:
 )
 def test_near_misses_are_not_climbing(rest: bytes) -> None:
     assert split_service_path(b"/services/app" + rest) == ("app", rest)
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        # 0x40 and 0xAE: an ASCII byte leads no sequence, so a continuation byte after it is not
+        # folded into one character with it (read as a 2-byte form, "@\xae" would be ".")
+        b"/@%AE@%AE/x",
+        # 0xF8 starts no UTF-8 sequence (the 4-byte leads end at 0xF7): "\xf8\x80\x80\xae" is
+        # four characters, not an overlong "."
+        b"/%F8%80%80%AE%F8%80%80%AE/x",
+    ],
+)
+def test_bytes_that_lead_no_utf8_sequence_stand_for_themselves(rest: bytes) -> None:
+    assert split_service_path(b"/services/app" + rest) == ("app", rest)
+
+
+def test_only_the_path_before_the_first_question_mark_is_checked_for_dot_dot() -> None:
+    # a second "?" is part of the query: the "/../" before it is no path segment
+    assert split_service_path(b"/services/app/a?next=/../b?c=1") == ("app", b"/a?next=/../b?c=1")
+
+
+def test_join_url_strips_only_slashes_from_the_base() -> None:
+    assert join_url("http://127.0.0.1:9/api-X/", b"/v1") == b"http://127.0.0.1:9/api-X/v1"
+    assert join_url("http://127.0.0.1:9/XX//", b"/v1") == b"http://127.0.0.1:9/XX/v1"

@@ -9,6 +9,7 @@ the observers) with a Clock and a FakeBackend: no processes, no sleeps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -568,7 +569,7 @@ def test_a_probe_error_fails_the_start() -> None:
 # -- second round (issue 21): observers, gates, reload's new backend, retire, what is logged ----------
 
 
-def logged(events: list[dict[str, Any]]) -> list[str]:
+def logged(events: Sequence[dict[str, Any]]) -> list[str]:
     from twisted.logger import formatEvent
 
     return [formatEvent(event) for event in events]
@@ -764,3 +765,110 @@ def test_requests_arriving_during_a_stop_start_it_again_as_requests() -> None:
     assert lifecycle.state is State.STOPPING and waiting == []
     backend.finish_stop()
     assert lifecycle.state is State.STARTING and lifecycle.state_reason == "request"
+
+
+# -- fourth round (issue 21): the survivors of the seed-23 sample -------------------------------------
+
+
+def test_a_failed_start_is_cleaned_up_with_the_services_stop_timeout() -> None:
+    lifecycle, backend, _, _ = make(stop_timeout=7)
+    waiting = outcome(lifecycle.acquire())
+    backend.starts[-1].errback(StartFailed("exit status 1"))
+    assert waiting[0].check(StartFailed)
+    assert backend.stop_timeouts == [7]
+
+
+def test_a_start_begun_late_on_the_clock_is_probed_every_5_ms_while_young() -> None:
+    # The gap grows with the time the start has taken, not with the clock's reading: a start
+    # begun at t=1000 s is as young as one begun at t=0.
+    lifecycle, backend, clock, _ = make(start_at=1000.0, health={"tcp": True, "interval": 2})
+    lifecycle.acquire()
+    backend.finish_start()
+    clock.advance(0)
+    assert len(backend.probes) == 1
+    backend.answer_probe(False)
+    clock.advance(0.005)
+    assert len(backend.probes) == 2
+    backend.answer_probe(False)
+    clock.advance(0.005)
+    assert len(backend.probes) == 3
+
+
+def test_a_crash_loop_is_logged_naming_the_service() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make()
+    with capturedLogs() as captured:
+        for _ in range(3):
+            fail_one_start(lifecycle, backend)
+            clock.advance(1)
+    assert "svc failed 3 times in 60s: not restarting it for 30s" in logged(captured)
+
+
+def test_each_transition_is_one_log_line_service_old_new_reason() -> None:
+    from twisted.logger import capturedLogs
+
+    lifecycle, backend, clock, _ = make()
+    with capturedLogs() as captured:
+        outcome(lifecycle.acquire())
+        become_ready(lifecycle, backend, clock)
+    lines = logged(captured)
+    assert "svc: stopped -> starting (request)" in lines
+    assert "svc: starting -> ready (started)" in lines
+
+
+def test_a_cooldown_after_failures_without_a_reason_says_start_failed() -> None:
+    lifecycle, backend, clock, _ = make()
+    for _ in range(3):
+        waiting = outcome(lifecycle.acquire())
+        backend.starts[-1].errback(StartFailed(""))  # a backend that gives no reason
+        backend.finish_stop()
+        assert waiting[0].check(StartFailed)
+        clock.advance(1)
+    refused = outcome(lifecycle.acquire())[0].value
+    assert refused.reason == "start failed (failed 3 times in 60s; not retrying for 29s)"
+
+
+def test_a_reload_hands_the_new_settings_to_a_reconfigurable_backend() -> None:
+    from zope.interface import implementer
+
+    from hestia.interfaces import IReconfigurableBackend
+
+    @implementer(IReconfigurableBackend)
+    class Reconfigurable(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reconfigured: list[Any] = []
+
+        def reconfigure(self, service: Any) -> None:
+            self.reconfigured.append(service)
+
+    def service(**overrides: Any) -> Any:
+        raw = {"url": "http://127.0.0.1:9", "command": ["true"], **overrides}
+        return parse_config({"services": {"svc": raw}}, "test.yml", environ={}).services["svc"]
+
+    backend = Reconfigurable()
+    lifecycle = ServiceLifecycle(service(), backend, Clock(), [])
+    lifecycle.reconfigure(service(health={"path": "/healthz"}))  # an in-place setting
+    assert [service.health.path for service in backend.reconfigured] == ["/healthz"]
+
+
+def test_a_restart_after_shutdown_says_the_gateway_is_shutting_down() -> None:
+    from hestia.errors import ServiceUnavailable
+
+    lifecycle, _, _, _ = make()
+    lifecycle.shutdown()
+    refused = outcome(lifecycle.restart())
+    assert refused[0].check(ServiceUnavailable)
+    assert refused[0].value.reason == "the gateway is shutting down"
+
+
+def test_the_last_second_of_a_cooldown_is_still_shown() -> None:
+    lifecycle, backend, clock, _ = make()
+    for _ in range(3):
+        fail_one_start(lifecycle, backend)
+    third = clock.seconds()
+    clock.advance(ServiceLifecycle.COOLDOWN - 0.5)
+    assert lifecycle.status()["cooldown_until"] == iso_time(third + ServiceLifecycle.COOLDOWN)
+    clock.advance(0.5)
+    assert lifecycle.status()["cooldown_until"] is None

@@ -391,3 +391,83 @@ def test_a_request_naming_the_real_model_is_forwarded_unchanged() -> None:
     body = b'{"model":"qwen2.5:7b"}'
     echoed = harness.json(harness.result(harness.request("POST", "/services/ai/api/generate", data=body)))
     assert echoed["body"] == body.decode()
+
+
+# -- fourth round (issue 21): the survivors of the seed-23 sample, on the routes themselves --------
+
+
+def model_gateway(**route: Any) -> Gw:
+    return Gw({"services": {
+        "ai": {"route_by": "model", **route},
+        "llama": {"url": "http://llama:1", "command": ["llama"], "models": ["llama3:latest", "llama3:8b"]},
+        "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
+    }})
+
+
+def dummy(method: bytes, body: bytes | None = None, **headers: str) -> Any:
+    from io import BytesIO
+
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request: Any = DummyRequest([])
+    request.method = method
+    request.content = BytesIO(body) if body is not None else None
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name.replace("_", "-"), [value])
+    return request
+
+
+def answered(route: Any, request: Any, rest: bytes) -> tuple[int, Any]:
+    assert route.intercept(request, rest) is True
+    return request.responseCode, json.loads(b"".join(request.written))
+
+
+def test_the_anthropic_model_list_is_one_whole_page_from_the_first_to_the_last_model() -> None:
+    route = model_gateway().gateway.lifecycle("ai")
+    code, listed = answered(route, dummy(b"GET", anthropic_version="2023-06-01"), b"/v1/models")
+    assert code == 200
+    assert {key: value for key, value in listed.items() if key != "data"} == {
+        "has_more": False, "first_id": "llama3:latest", "last_id": "qwen2.5:7b"}
+
+
+def test_a_query_that_is_not_utf8_is_read_with_replacement_characters() -> None:
+    route = model_gateway().gateway.lifecycle("ai")
+    code, error = answered(route, dummy(b"GET"), b"/api/show?model=caf\xe9")
+    assert (code, error) == (404, {"error": "model 'caf\ufffd' not found"})
+
+
+def test_the_model_lists_are_answered_whatever_the_query_holds() -> None:
+    route = model_gateway().gateway.lifecycle("ai")
+    code, tags = answered(route, dummy(b"GET"), b"/api/tags?a=1?b=2")
+    assert code == 200 and [model["name"] for model in tags["models"]] == ["llama3:latest", "llama3:8b", "qwen2.5:7b"]
+
+
+def test_loading_events_are_off_unless_the_route_asks_for_them() -> None:
+    streaming = b'{"model": "qwen2.5:7b", "stream": true}'
+    off: Any = model_gateway().gateway.lifecycle("ai")
+    assert off.wants_loading_events(dummy(b"POST", streaming), b"/v1/chat/completions") is False
+    on: Any = model_gateway(loading_events=True).gateway.lifecycle("ai")
+    assert on.wants_loading_events(dummy(b"POST", streaming), b"/v1/chat/completions") is True
+
+
+def test_a_multi_instance_status_numbers_its_instances() -> None:
+    gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]},
+                                               {"url": "http://b:1", "command": ["b"]}]}}})
+    assert [i["index"] for i in gw.gateway.lifecycle("web").status()["instances"]] == [0, 1]
+
+
+def test_a_strategy_passes_over_an_instance_that_is_cooling_down() -> None:
+    from hestia.errors import StartFailed
+
+    gw = Gw({"services": {"web": {"strategy": "least-pending", "instances": [
+        {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"]}]}}})
+    route: Any = gw.gateway.lifecycle("web")
+    for _ in range(3):  # three failed starts in a row: web.0 cools down
+        waiting = outcome(route.acquire(None))
+        gw.fakes["web.0"].starts[-1].errback(StartFailed("exit status 1"))
+        gw.fakes["web.0"].finish_stop()
+        assert waiting[0].check(StartFailed)
+        gw.clock.advance(1)
+    assert [view.cooling_down for view in route.views()] == [True, False]
+    outcome(route.acquire(None))
+    assert len(gw.fakes["web.0"].starts) == 3 and len(gw.fakes["web.1"].starts) == 1
