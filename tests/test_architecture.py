@@ -157,7 +157,7 @@ LAYERS: list[set[str]] = [
     # 3 backends: how a service is started and stopped.
     {"hestia.backends", "hestia.backends.commands", "hestia.backends.process", "hestia.backends.static",
      "hestia.backends.docker", "hestia.backends.docker.engine", "hestia.backends.docker.settings",
-     "hestia.backends.docker.backend",
+     "hestia.backends.docker.backend", "hestia.backends.docker.discovery", "hestia.backends.docker.reconnect",
      "hestia.backends.semaphore", "hestia.backends.semaphore.settings", "hestia.backends.semaphore.client", "hestia.backends.semaphore.backend",
      "hestia.backends.machine", "hestia.backends.wol", "hestia.backends.exec"},
     # 4 routes: one service's lifecycle, groups, multi-instance and model routes; their records.
@@ -168,7 +168,7 @@ LAYERS: list[set[str]] = [
     # 5 the registry of routes.
     {"hestia.gateway"},
     # 6 what observes or feeds the gateway, and the loader (which needs discovery's section).
-    {"hestia.discovery", "hestia.loader", "hestia.costs", "hestia.prewarm", "hestia.events_stream",
+    {"hestia.loader", "hestia.costs", "hestia.prewarm", "hestia.events_stream",
      "hestia.logs", "hestia.metrics", "hestia.reconcile"},
     # 7 the web layer: proxy, pages, the management API.
     {"hestia.ui", "hestia.proxy", "hestia.proxy._errors", "hestia.proxy._exchange", "hestia.proxy._resources",

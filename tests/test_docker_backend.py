@@ -33,9 +33,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from hestia.backends.docker import DockerSettings, parse_docker_section
+from hestia.backends.docker.discovery import DiscoverySettings, service_from_labels
 from hestia.backends.docker.engine import DockerEngine, NoSuchContainer
 from hestia.config import ConfigError, Reader, Tunables
-from hestia.discovery import DiscoverySettings, service_from_labels
 from hestia.gateway import Gateway
 from hestia.interfaces import IAdoptableBackend
 from hestia.loader import parse_config

@@ -250,7 +250,7 @@ def test_composite_routes_answer_monitors_without_starting_anything() -> None:
 @pytest.mark.parametrize(("top_level", "expected"), [(None, PassiveRule()), (False, None),
                                                      ({"paths": ["/ping"]}, PassiveRule(paths=("/ping",)))])
 def test_a_labelled_container_answers_monitors_by_the_top_level_rule(top_level: Any, expected: Any) -> None:
-    from hestia.discovery import DiscoverySettings, DockerDiscovery
+    from hestia.backends.docker.discovery import DiscoverySettings, DockerDiscovery
     from hestia.gateway import Gateway
 
     document: dict[str, Any] = {"services": {}}

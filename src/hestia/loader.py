@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hestia.backends.docker import parse_docker_section
+from hestia.backends.docker.discovery import parse_discovery_section
 from hestia.backends.exec import parse_exec_section
 from hestia.backends.semaphore.settings import resolve_semaphore
 from hestia.backends.wol import parse_wol_section
@@ -33,7 +34,6 @@ from hestia.config import (
     zero_config_services,
 )
 from hestia.costs_config import parse_cost_settings, parse_service_planning
-from hestia.discovery import parse_discovery_section
 from hestia.gpu import resolve_gpus
 from hestia.passive import resolve_passive
 from hestia.reload import parse_reload_section
@@ -77,7 +77,7 @@ def parse_document(core: CoreDocument, environ: Mapping[str, str]) -> Config:
     sections = dict(config.sections)
     costs = parse_cost_settings(reader, document)
     if "docker" in sections:
-        # Container label discovery (hestia.discovery owns the section).
+        # Container label discovery (hestia.backends.docker.discovery owns the section).
         sections["docker"] = parse_discovery_section(reader, sections["docker"], "docker")
     services = resolve_passive(reader.source, document.get("passive"), core.services_raw, services)
     sections["gpus"], services = resolve_gpus(reader.source, document.get("gpus"), core.services_raw, services)

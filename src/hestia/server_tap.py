@@ -27,10 +27,10 @@ from twisted.web.server import Site
 
 from hestia.api import ManagementAPI
 from hestia.auth import AdminGuard, Authenticator, parse_auth, secret_variables
+from hestia.backends.docker.discovery import discovery_service
 from hestia.backends.environment import hidden_variables, hide_from_children
 from hestia.config import Config, ConfigError, ServerConfig
 from hestia.coroutines import as_deferred
-from hestia.discovery import discovery_service
 from hestia.gateway import Gateway
 from hestia.guard import GuardedSite, Limits, raise_open_file_limit
 from hestia.logs import ServiceOutput, access_log, install_log_observer

@@ -5,10 +5,12 @@ Containers through the Docker Engine API (Podman's too): the backend family.
   socket, its errors, the event stream);
 - L{hestia.backends.docker.settings}: a service's C{docker:} section, validated;
 - L{hestia.backends.docker.backend}: the C{docker} backend and the engine each
-  host shares.
-
-Container label discovery builds services for the gateway, so it sits above
-the gateway, in L{hestia.discovery}, and uses both.
+  host shares;
+- L{hestia.backends.docker.discovery}: container label discovery, services
+  with no YAML (it changes the gateway's services through the small
+  C{ServiceRegistry} shape, so it needs nothing above the backends);
+- L{hestia.backends.docker.reconnect}: the one retry rule after a lost event
+  stream, for the backend and discovery alike.
 """
 
 from hestia.backends.docker.backend import DockerBackend, DockerBackendFactory

@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 from zope.interface import implementer, provider
@@ -54,6 +54,7 @@ from hestia.backends.docker.engine import (
     NoSuchContainer,
     parse_engine_host,
 )
+from hestia.backends.docker.reconnect import Reconnect
 from hestia.backends.docker.settings import DockerSettings, settings_of
 from hestia.config import ConfigError, ServiceConfig
 from hestia.errors import StartFailed
@@ -66,8 +67,6 @@ T = TypeVar("T")
 
 LOG_LINES_KEPT = 20
 # Re-subscribing to a restarted engine: quickly at first, then every 10 s at most.
-RECONNECT_FIRST = 0.25
-RECONNECT_MAX = 10.0
 # Actions after which the container is no longer running (Podman: die, cleanup).
 _GONE_ACTIONS = {"die", "oom", "destroy", "remove"}
 
@@ -128,8 +127,7 @@ class DockerBackend:
         # Exits are news only between a start and a stop (ours).
         self._watching = False
         self._stream: EventStream | None = None
-        self._reconnect_call: IDelayedCall | None = None
-        self._reconnect_delay = RECONNECT_FIRST
+        self._reconnect = Reconnect(reactor, lambda: self._run(self._resubscribe()))
         self.output: list[str] = []
         self._last_exit: str | None = None
         self._container_state: str | None = None
@@ -151,7 +149,7 @@ class DockerBackend:
 
     async def _start(self) -> None:
         self._watching = True
-        self._reconnect_delay = RECONNECT_FIRST
+        self._reconnect.succeeded()
         self._launched = True
         try:
             for member in self.settings.group:
@@ -213,7 +211,7 @@ class DockerBackend:
 
     async def _stop(self, timeout: float) -> None:
         self._watching = False
-        self._cancel_reconnect()
+        self._reconnect.cancel()
         await self._unsubscribe()
         if not self._launched:
             return
@@ -378,20 +376,9 @@ class DockerBackend:
         self._log.warn("lost the engine's event stream for {container}: {error}; reconnecting",
                        container=self._shown(self.settings.container), error=self._engine_error,
                        service=self.service.name)
-        self._schedule_reconnect()
+        self._reconnect.schedule()
 
-    def _schedule_reconnect(self) -> None:
-        self._cancel_reconnect()
-        delay, self._reconnect_delay = self._reconnect_delay, min(self._reconnect_delay * 2, RECONNECT_MAX)
-        self._reconnect_call = self._reactor.callLater(delay, lambda: self._run(self._reconnect()))
-
-    def _cancel_reconnect(self) -> None:
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-
-    async def _reconnect(self) -> None:
-        self._reconnect_call = None
+    async def _resubscribe(self) -> None:
         if not self._watching:
             return
         try:
@@ -399,10 +386,10 @@ class DockerBackend:
             info = await self.engine.inspect(self._container_ref)
         except ContainerEngineError as error:
             self._engine_error = str(error)
-            self._schedule_reconnect()
+            self._reconnect.schedule()
             return
         self._engine_error = None
-        self._reconnect_delay = RECONNECT_FIRST
+        self._reconnect.succeeded()
         self._remember(info)
         self._log.info("watching {container} again", container=self._shown(self.settings.container),
                        service=self.service.name)

@@ -27,31 +27,38 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hestia.backends.docker.backend import shared_engine
 from hestia.backends.docker.engine import ContainerEngineError, DockerEngine, EventStream
+from hestia.backends.docker.reconnect import Reconnect
 from hestia.backends.docker.settings import DockerSettings, parse_host, parse_stop_mode
 from hestia.config import SERVICE_NAME, Config, ConfigError, HealthCheck, Reader, ServiceConfig, Tunables
 from hestia.passive import default_passive_rule
-
-if TYPE_CHECKING:
-    from hestia.gateway import Gateway
 
 T = TypeVar("T")
 log = Logger(namespace="hestia.discovery")
 
 DISCOVERY_KEYS = {"discover", "host", "adopt", "stop_mode"}
 ENABLE_LABEL = "hestia.enable=true"
-RECONNECT_FIRST = 0.25
-RECONNECT_MAX = 10.0
 # Container events after which the labelled set may have changed.
 _RELEVANT = {"create", "destroy", "remove", "rename", "update"}
+
+
+class ServiceRegistry(Protocol):
+    """What discovery changes: the gateway's services (L{hestia.gateway.Gateway} has this shape)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    def add_service(self, service: ServiceConfig) -> bool: ...
+
+    def remove_service(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ class DockerDiscovery(Service):
 
     name = "docker-discovery"
 
-    def __init__(self, gateway: Gateway, settings: DiscoverySettings, reactor: IReactorTime,
+    def __init__(self, gateway: ServiceRegistry, settings: DiscoverySettings, reactor: IReactorTime,
                  engine: DockerEngine | None = None) -> None:
         self.gateway = gateway
         self.settings = settings
@@ -138,8 +145,7 @@ class DockerDiscovery(Service):
         self.owned: set[str] = set()
         self.last_error: str | None = None
         self._stream: EventStream | None = None
-        self._retry: IDelayedCall | None = None
-        self._delay = RECONNECT_FIRST
+        self._retry = Reconnect(reactor, lambda: self._run(self._connect()))
         self._syncing = False
         self._dirty = False
         self._warned: set[str] = set()
@@ -153,16 +159,13 @@ class DockerDiscovery(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._retry.cancel()
         stream, self._stream = self._stream, None
         if stream is not None:
             return stream.stop()
         return Deferred.fromCoroutine(_nothing())
 
     async def _connect(self) -> None:
-        self._retry = None
         if not self.running:
             return
         try:
@@ -189,8 +192,7 @@ class DockerDiscovery(Service):
         if error != self.last_error:
             log.warn("container discovery: {error}; retrying", error=error)
         self.last_error = error
-        self._retry = self.reactor.callLater(self._delay, lambda: self._run(self._connect()))
-        self._delay = min(self._delay * 2, RECONNECT_MAX)
+        self._retry.schedule()
 
     def _event(self, event: dict[str, Any]) -> None:
         if str(event.get("Action") or event.get("status") or "") in _RELEVANT:
@@ -213,7 +215,7 @@ class DockerDiscovery(Service):
                         await self._stream.stop()
                     return
                 self.last_error = None
-                self._delay = RECONNECT_FIRST
+                self._retry.succeeded()
                 self._apply(containers)
                 if not self._dirty:
                     return
@@ -254,7 +256,7 @@ async def _nothing() -> None:
     return None
 
 
-def discovery_service(gateway: Gateway, config: Config, reactor: IReactorTime) -> DockerDiscovery | None:
+def discovery_service(gateway: ServiceRegistry, config: Config, reactor: IReactorTime) -> DockerDiscovery | None:
     """The discovery service when C{docker: {discover: true}} asks for it."""
     settings = config.sections.get("docker")
     if isinstance(settings, DiscoverySettings) and settings.discover:
