@@ -322,7 +322,7 @@ def test_a_dropped_syn_is_retried_with_a_short_timeout_for_any_method() -> None:
     h.backend.finish(1)
     assert h.result(answer).code == 200
     assert h.metric("hestia_connect_retries_total", service="svc") == 3
-    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).window == 2  # 4 halved to 1, then one answer
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.route("svc")).window == 2  # 4 halved to 1, then one answer
 
 
 def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
@@ -342,7 +342,7 @@ def test_a_backend_that_keeps_refusing_gets_502_after_a_second() -> None:
     # Retried for a while (a backend re-binding its socket), then told at once.
     assert 0.3 < answered_at <= CONNECT_RETRY.refused_for
     assert h.metric("hestia_connect_retries_total", service="svc") >= 5
-    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.route("svc")).active == 0
 
 
 def test_no_response_within_response_timeout_is_504_and_frees_the_slot() -> None:
@@ -398,13 +398,13 @@ def test_a_response_body_silent_for_response_idle_timeout_is_cut_and_frees_the_s
     h.settle()
     assert len(body) == 1 and isinstance(body[0], Failure)  # truncated, not taken for a whole body
     body[0].trap(Exception)
-    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.lifecycle("svc")).active == 0
+    assert h.gateway.upstream.admission("http://127.0.0.1:9", h.gateway.route("svc")).active == 0
 
 
 def test_a_reload_in_place_applies_the_new_max_concurrency() -> None:
     h = holding({**PROCESS, "max_concurrency": 16})
     reloaded = parse_config({"services": {"svc": {**PROCESS, "max_concurrency": 2}}}, "test.yml", environ={})
-    h.gateway.lifecycle("svc").reconfigure(reloaded.services["svc"])
+    h.gateway.route("svc").reconfigure(reloaded.services["svc"])
     answers = [h.get(f"/services/svc/x{i}") for i in range(5)]
     h.start("svc")
     assert len(h.backend.held) == 2

@@ -148,7 +148,7 @@ def test_the_largest_accepted_values_still_serialise_as_json(tmp_path: Path) -> 
     clock = Clock()
     clock.advance(2_000_000_000)  # 2033: the idle deadline is then in 2033 + 30 days
     gateway = Gateway(config, clock)
-    json.dumps(gateway.lifecycle("web").status(), allow_nan=False)
+    json.dumps(gateway.route("web").status(), allow_nan=False)
     # What .inf or 1e300 broke: the idle deadline shown as a date.
     assert iso_time(clock.seconds() + MAX_DURATION) is not None
     assert config.services["web"].idle_timeout == MAX_DURATION

@@ -404,7 +404,7 @@ def gateway_with(document: dict[str, Any]) -> tuple[Any, dict[str, FakeBackend],
 
 
 def up(gateway: Any, backends: dict[str, FakeBackend], clock: Clock, name: str) -> Any:
-    waiting = gateway.lifecycle(name).acquire()
+    waiting = gateway.route(name).acquire()
     clock.advance(0)
     backends[name].finish_start()
     clock.advance(0)
@@ -426,17 +426,17 @@ def test_an_exclusive_group_and_a_device_together() -> None:
     })
     up(gateway, backends, clock, "a").release()
     up(gateway, backends, clock, "small").release()
-    assert gateway.lifecycle("a").state is State.READY  # 20 of 24: both fit by memory
-    waiting = gateway.lifecycle("b").acquire()  # would fit by memory beside small, not beside a: the group says one
+    assert gateway.route("a").state is State.READY  # 20 of 24: both fit by memory
+    waiting = gateway.route("b").acquire()  # would fit by memory beside small, not beside a: the group says one
     clock.advance(0)
-    assert gateway.lifecycle("a").state is State.STOPPING and gateway.lifecycle("small").state is State.READY
+    assert gateway.route("a").state is State.STOPPING and gateway.route("small").state is State.READY
     backends["a"].finish_stop()
     clock.advance(0)
     backends["b"].finish_start()
     clock.advance(0)
     backends["b"].answer_probe(True)
     assert waiting.called
-    status = gateway.lifecycle("b").status()
+    status = gateway.route("b").status()
     assert status["gpu"]["device_status"]["residents"] == {"small": 8 * GiB, "b": 12 * GiB}
     assert status["group"]["holder"] == "b"
 
@@ -450,9 +450,9 @@ def test_a_reload_keeps_what_runs_on_the_device() -> None:
     gateway, backends, clock = gateway_with(document)
     up(gateway, backends, clock, "a").release()
     gateway.apply(parse_config({**document, "defaults": {"queue_limit": 100}}, "hestia_config.yml", environ={}))
-    a = gateway.lifecycle("a")
+    a = gateway.route("a")
     assert a.state is State.READY and a.status()["gpu"]["device_status"]["residents"] == {"a": 16 * GiB}
-    gateway.lifecycle("b").acquire()
+    gateway.route("b").acquire()
     clock.advance(0)
     assert a.state is State.STOPPING  # the new wiring knows a holds 16 GiB
     assert backends["b"].starts == []

@@ -54,7 +54,7 @@ def test_a_dependency_cycle_is_refused_naming_it() -> None:
 
 def test_the_group_status_names_the_holder_and_who_waits() -> None:
     gw = group_gw(min_residency=100)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     assert a.status()["group"] == {"name": "gpu", "exclusive": True, "min_residency": 100.0, "holder": None,
                                    "yielding": False, "waiting": [], "swaps": 0}
     lease = outcome(a.acquire(None))
@@ -79,7 +79,7 @@ def test_the_group_status_names_the_holder_and_who_waits() -> None:
 def test_a_held_request_counts_in_the_members_queue_and_is_bounded() -> None:
     gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
              "services": {"a": member("a", queue_limit=1), "b": member("b")}})
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     first = outcome(a.acquire(None))
     gw.up("a")
     outcome(b.acquire(None))  # a must yield, but has a request in flight
@@ -94,13 +94,13 @@ def test_a_member_already_running_at_reload_keeps_the_group() -> None:
     raw = {"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
            "services": {"a": member("a"), "b": member("b")}}
     gw = Gw(raw)
-    a = gw.gateway.lifecycle("a")
+    a = gw.gateway.route("a")
     lease = outcome(a.acquire(None))
     gw.up("a")
     lease[0].release()
     gw.gateway.apply(parse_config(raw, "t.yml", {}))
-    assert gw.gateway.lifecycle("b").status()["group"]["holder"] == "a"
-    b = gw.gateway.lifecycle("b")
+    assert gw.gateway.route("b").status()["group"]["holder"] == "a"
+    b = gw.gateway.route("b")
     outcome(b.acquire(None))
     assert gw.fakes["b"].starts == []  # b waits for a, which yields at once (min_residency 0)
     assert b.state is State.STARTING and a.state is State.STOPPING and a.status()["state_reason"] == "exclusive"
@@ -111,7 +111,7 @@ def test_a_failed_dependency_fails_the_dependent_naming_it() -> None:
         "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"]},
         "db": {"url": "http://db:1", "command": ["db"]},
     }})
-    got = outcome(gw.gateway.lifecycle("app").acquire(None))
+    got = outcome(gw.gateway.route("app").acquire(None))
     gw.fakes["db"].starts[-1].errback(StartFailed("db exploded"))
     error = got[0].value
     assert isinstance(error, StartFailed)
@@ -124,7 +124,7 @@ def test_a_stopped_dependent_releases_its_dependency() -> None:
         "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"], "idle_timeout": 10},
         "db": {"url": "http://db:1", "command": ["db"], "idle_timeout": 10},
     }})
-    app, db = gw.gateway.lifecycle("app"), gw.gateway.lifecycle("db")
+    app, db = gw.gateway.route("app"), gw.gateway.route("db")
     lease = outcome(app.acquire(None))
     gw.up("db")
     gw.up("app")
@@ -137,7 +137,7 @@ def test_a_stopped_dependent_releases_its_dependency() -> None:
 
 def test_a_holder_that_becomes_ready_while_another_waits_yields_then() -> None:
     gw = group_gw(min_residency=0)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     outcome(a.start())
     waiting = outcome(b.acquire(None))
     assert a.state is State.STARTING and b.state is State.STARTING
@@ -154,7 +154,7 @@ def test_waiting_for_a_group_is_logged_with_its_holder() -> None:
     from twisted.logger import formatEvent, globalLogPublisher
 
     gw = group_gw(min_residency=100)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     outcome(a.acquire(None))
     gw.up("a")
     logged: list[dict[str, Any]] = []
@@ -172,7 +172,7 @@ def test_every_instance_of_a_dependent_waits_for_its_dependency() -> None:
                  "instances": [{"url": "http://p:1", "command": ["p"]}, {"url": "http://q:1", "command": ["q"]}]},
         "db": {"url": "http://db:1", "command": ["db"]},
     }})
-    got = outcome(gw.gateway.lifecycle("pool").acquire(None))
+    got = outcome(gw.gateway.route("pool").acquire(None))
     assert len(gw.fakes["db"].starts) == 1 and gw.fakes["pool.0"].starts == []
     gw.up("db")
     gw.up("pool.0")
@@ -183,7 +183,7 @@ def test_a_holder_yielding_its_group_is_logged_naming_who_gets_it() -> None:
     from twisted.logger import capturedLogs, formatEvent
 
     gw = group_gw(min_residency=0)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     outcome(a.start())
     outcome(b.acquire(None))
     with capturedLogs() as captured:
@@ -201,13 +201,13 @@ def test_a_bad_group_name_says_what_a_name_may_be() -> None:
 
 def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely() -> None:
     gw = group_gw(min_residency=100)
-    a = gw.gateway.lifecycle("a")
+    a = gw.gateway.route("a")
     outcome(a.acquire(None))
     gw.up("a")
     plain = {name: {k: v for k, v in member(name).items() if k != "group"} for name in ("a", "b")}
     gw.gateway.apply(parse_config({"services": plain}, "t.yml", {}))
     gw.clock.advance(0)
-    b = gw.gateway.lifecycle("b")
+    b = gw.gateway.route("b")
     got = outcome(b.acquire(None))
     assert b.state is State.STARTING and a.state is State.READY  # no group: nobody yields
     gw.up("b")
@@ -219,7 +219,7 @@ def test_a_reload_that_takes_services_out_of_their_group_lets_them_start_freely(
 
 def test_a_request_for_the_holder_of_an_uncontested_group_is_served_at_once() -> None:
     gw = group_gw(min_residency=0)
-    a = gw.gateway.lifecycle("a")
+    a = gw.gateway.route("a")
     outcome(a.start())
     gw.up("a")
     lease = outcome(a.acquire(None))
@@ -230,10 +230,10 @@ def test_a_request_for_the_holder_of_an_uncontested_group_is_served_at_once() ->
 def test_a_request_for_a_third_member_while_the_holder_yields_waits_for_the_group_itself() -> None:
     gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
              "services": {"a": member("a"), "b": member("b"), "c": member("c")}})
-    a, c = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("c")
+    a, c = gw.gateway.route("a"), gw.gateway.route("c")
     first = outcome(a.acquire(None))
     gw.up("a")
-    outcome(gw.gateway.lifecycle("b").acquire(None))  # a must yield, but has a request in flight
+    outcome(gw.gateway.route("b").acquire(None))  # a must yield, but has a request in flight
     assert a.status()["group"]["yielding"] is True
     outcome(c.acquire(None))  # not a's request: c starts and queues for the group after b
     assert c.state is State.STARTING and c.status()["group"]["waiting"] == ["b", "c"]
@@ -243,10 +243,10 @@ def test_a_request_for_a_third_member_while_the_holder_yields_waits_for_the_grou
 def test_a_held_request_refused_for_a_full_queue_is_told_to_retry_after_5_seconds() -> None:
     gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
              "services": {"a": member("a", queue_limit=1), "b": member("b")}})
-    a = gw.gateway.lifecycle("a")
+    a = gw.gateway.route("a")
     first = outcome(a.acquire(None))
     gw.up("a")
-    outcome(gw.gateway.lifecycle("b").acquire(None))
+    outcome(gw.gateway.route("b").acquire(None))
     outcome(a.acquire(None))  # held while a yields
     refused = outcome(a.acquire(None))[0].value
     assert refused.status == 503 and refused.retry_after == 5.0
@@ -255,7 +255,7 @@ def test_a_held_request_refused_for_a_full_queue_is_told_to_retry_after_5_second
 
 def test_a_holder_ready_a_second_time_while_another_waits_yields_again() -> None:
     gw = group_gw(min_residency=0)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     outcome(a.start())
     gw.up("a")
     gw.clock.advance(0)  # ready with nobody waiting: a keeps the group
@@ -275,7 +275,7 @@ def test_a_holder_ready_a_second_time_while_another_waits_yields_again() -> None
 
 def test_a_member_stopped_while_waiting_for_the_group_leaves_the_line() -> None:
     gw = group_gw(min_residency=100)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     outcome(a.start())
     gw.up("a")
     outcome(b.acquire(None))
@@ -288,7 +288,7 @@ def test_a_member_stopped_while_waiting_for_the_group_leaves_the_line() -> None:
 
 def test_a_group_members_stop_defaults_to_the_api_reason() -> None:
     gw = group_gw(min_residency=0)
-    a = gw.gateway.lifecycle("a")
+    a = gw.gateway.route("a")
     outcome(a.start())
     gw.up("a")
     outcome(a.stop())

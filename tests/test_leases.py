@@ -44,7 +44,7 @@ def test_every_lease_provides_ilease() -> None:
     gateway = Gateway(config, clock, build_backend=build)
     for name in ("member", "plain", "llm"):
         leased: list[object] = []
-        gateway.lifecycle(name).acquire(None).addCallback(leased.append)
+        gateway.route(name).acquire(None).addCallback(leased.append)
         if name == "member":  # a process: it starts first
             fakes["member"].finish_start()
             clock.advance(0.01)
@@ -55,7 +55,7 @@ def test_every_lease_provides_ilease() -> None:
         assert fallback is None or callable(fallback)
         lease.release()  # type: ignore[attr-defined]
         lease.release()  # type: ignore[attr-defined]  # idempotent
-        assert gateway.lifecycle(name).in_flight == 0, name
+        assert gateway.route(name).in_flight == 0, name
 
 
 @pytest.mark.unit

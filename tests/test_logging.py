@@ -268,7 +268,7 @@ def test_follow_resource_streams_and_unfollows_when_the_client_leaves() -> None:
     gateway = Gateway(config, clock, agent=object(), build_backend=lambda service: backend)  # type: ignore[arg-type]
     output = ServiceOutput(gateway)
     gateway.add_state_observer(output.state_changed)
-    gateway.lifecycle("svc").start("api")
+    gateway.route("svc").start("api")
     assert len(backend.listeners) == 1  # Attached on "starting", before the process runs.
     backend.listeners[0]("stdout", "old line")
     request = DummyRequest([b""])

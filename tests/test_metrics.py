@@ -313,7 +313,7 @@ def test_unit_stop_reasons(how: str, reason: str) -> None:
     from hestia.metrics import STOP_REASONS
 
     unit = Unit()
-    lifecycle = unit.gateway.lifecycle("svc")
+    lifecycle = unit.gateway.route("svc")
     lifecycle.start("api")
     unit.ready()
     if how == "idle":
@@ -338,7 +338,7 @@ def test_unit_start_results_and_the_exposition() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     unit = Unit()
-    lifecycle = unit.gateway.lifecycle("svc")
+    lifecycle = unit.gateway.route("svc")
     lifecycle.start("api").addErrback(lambda failure: None)
     unit.fakes["svc"].starts[-1].errback(RuntimeError("no such binary"))
     assert unit.sample("hestia_service_starts_total", service="svc", result="failure") == 1
@@ -373,10 +373,10 @@ def test_unit_exclusive_group_stop_reason() -> None:
         for name, port in (("a", 1), ("b", 2))
     }
     unit = Unit(services, groups={"gpu0": {"exclusive": True, "min_residency": 0}})
-    unit.gateway.lifecycle("a").start("api")
+    unit.gateway.route("a").start("api")
     unit.ready("a")
-    unit.gateway.lifecycle("b").start("api").addErrback(lambda failure: None)
+    unit.gateway.route("b").start("api").addErrback(lambda failure: None)
     unit.reactor.advance(0)
-    assert unit.gateway.lifecycle("a").state.value == "stopping"
+    assert unit.gateway.route("a").state.value == "stopping"
     assert unit.sample("hestia_service_stops_total", service="a", reason="exclusive") == 1
     assert unit.sample("hestia_service_stops_total", service="a", reason="api") == 0

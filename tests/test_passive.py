@@ -226,23 +226,23 @@ def test_composite_routes_answer_monitors_without_starting_anything() -> None:
     chat.method = b"POST"
     chat.content = BytesIO(b'{"model": "llama3:8b"}')
     routed = RouteRequest(chat, b"/api/chat", 0.0)
-    assert gateway.lifecycle("ai").acquire_passive(routed) is None
-    assert gateway.lifecycle("pool").acquire_passive(None) is None
+    assert gateway.route("ai").acquire_passive(routed) is None
+    assert gateway.route("pool").acquire_passive(None) is None
     assert all(backend.starts == [] for backend in backends.values())
     # Once the model's service is ready, the monitor is forwarded to it (on a lease that is not use).
-    llama = gateway.lifecycle("llama")
+    llama = gateway.route("llama")
     llama.start()
     backends["llama"].finish_start()
     clock.advance(0)
     backends["llama"].answer_probe(True)
-    leased = gateway.lifecycle("ai").acquire_passive(RouteRequest(chat, b"/api/chat", 0.0))
+    leased = gateway.route("ai").acquire_passive(RouteRequest(chat, b"/api/chat", 0.0))
     assert leased is not None and isinstance(leased.result, PassiveLease) and llama.in_flight == 0
-    pool = gateway.lifecycle("pool").instances
+    pool = gateway.route("pool").instances
     pool[1].start()
     backends["pool.1"].finish_start()
     clock.advance(0)
     backends["pool.1"].answer_probe(True)
-    leased = gateway.lifecycle("pool").acquire_passive(None)
+    leased = gateway.route("pool").acquire_passive(None)
     assert leased is not None and leased.result.url == pool[1].backend.url
 
 
@@ -261,4 +261,4 @@ def test_a_labelled_container_answers_monitors_by_the_top_level_rule(top_level: 
                       build_backend=lambda service: FakeBackend(service.url))
     discovery = DockerDiscovery(gateway, DiscoverySettings(discover=True), clock, engine=object())  # type: ignore[arg-type]
     discovery._apply([{"Id": "id-web", "Names": ["/web"], "Labels": {"hestia.port": "8000"}}])
-    assert gateway.lifecycle("web").config.passive == expected
+    assert gateway.route("web").config.passive == expected

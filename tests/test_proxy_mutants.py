@@ -279,7 +279,7 @@ def test_a_client_leaving_while_queued_gives_up_its_place() -> None:
     harness = echoing({"svc": {"url": "http://backend:8000", "command": "serve"}})
     waiting = harness.request("GET", "/services/svc/x")
     harness.settle()
-    lifecycle = harness.gateway.lifecycle("svc")
+    lifecycle = harness.gateway.route("svc")
     assert len(lifecycle.queue) == 1
     waiting.addErrback(lambda _: None)
     waiting.cancel()
@@ -811,4 +811,4 @@ def test_an_upgrade_the_backend_never_answers_is_a_504_at_response_timeout() -> 
     hestia.advance(1)
     assert statuses(client.received()) == [504]
     assert upgrade.transport.disconnecting
-    assert hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.route("echo").in_flight == 0

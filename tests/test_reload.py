@@ -327,7 +327,7 @@ class Fleet:
         return backend
 
     def ready(self, name: str) -> ServiceLifecycle:
-        lifecycle: ServiceLifecycle = self.gateway.lifecycle(name)
+        lifecycle: ServiceLifecycle = self.gateway.route(name)
         lifecycle.start()
         self.built[name][-1].finish_start()
         self.clock.advance(0)
@@ -347,7 +347,7 @@ def test_apply_keeps_the_lifecycle_and_reports_what_changed() -> None:
     assert summary["in_place"] == {"a": ["idle_timeout"]}
     assert summary["restart_pending"] == {"b": ["command"]}
     assert summary["unchanged"] == ["c"] and summary["changed"] == ["a", "b"]
-    assert fleet.gateway.lifecycle("a") is a and fleet.gateway.lifecycle("b") is b
+    assert fleet.gateway.route("a") is a and fleet.gateway.route("b") is b
     assert a.state is State.READY and b.state is State.READY
     assert not fleet.built["a"][0].stops and not fleet.built["b"][0].stops
 
@@ -375,20 +375,20 @@ def test_a_removed_service_finishes_its_requests_first() -> None:
 def test_instances_are_reconfigured_one_by_one() -> None:
     two = [proc("x"), proc("y")]
     fleet = Fleet({"m": {"instances": two, "idle_timeout": 60}})
-    first = list(fleet.gateway.lifecycle("m").instances)
+    first = list(fleet.gateway.route("m").instances)
     summary = fleet.gateway.apply(fleet.config({"m": {"instances": [proc("x"), proc("z")], "idle_timeout": 9}}))
-    after = list(fleet.gateway.lifecycle("m").instances)
+    after = list(fleet.gateway.route("m").instances)
     assert after == first  # the same lifecycles
     assert [lifecycle.config.idle_timeout for lifecycle in after] == [9, 9]
     assert after[1].pending_changes == ("command",) and not after[0].pending_changes
     assert summary["restart_pending"] == {"m": ["command"]}
-    status = fleet.gateway.lifecycle("m").status()
+    status = fleet.gateway.route("m").status()
     assert status["restart_pending"] is True and status["pending_changes"] == ["command"]
 
 
 def test_a_multi_instance_restart_goes_one_instance_at_a_time() -> None:
     fleet = Fleet({"m": {"instances": [proc("x"), proc("y")]}})
-    first, second = fleet.gateway.lifecycle("m").instances
+    first, second = fleet.gateway.route("m").instances
     one, two = fleet.built["m.0"][0], fleet.built["m.1"][0]
     for lifecycle, backend in ((first, one), (second, two)):
         lifecycle.start()
@@ -460,10 +460,10 @@ def test_a_second_restart_joins_the_first() -> None:
 
 def test_a_static_url_change_takes_effect_at_once() -> None:
     fleet = Fleet({"s": {"url": "http://127.0.0.1:7"}})
-    old = fleet.gateway.lifecycle("s")
+    old = fleet.gateway.route("s")
     summary = fleet.gateway.apply(fleet.config({"s": {"url": "http://127.0.0.1:8"}}))
     assert summary["replaced"] == {"s": ["url"]}
-    assert fleet.gateway.lifecycle("s") is not old
+    assert fleet.gateway.route("s") is not old
     assert old.state is State.READY and not fleet.built["s"][0].stops  # nothing to stop, nothing stopped
 
 
@@ -473,7 +473,7 @@ def test_a_model_router_change_stops_none_of_its_targets() -> None:
     target = fleet.ready("t")
     fleet.gateway.apply(fleet.config({**services, "t": proc(models=["m", "n"])}))
     assert target.state is State.READY and not fleet.built["t"][0].stops
-    assert fleet.gateway.lifecycle("r").models() == ["m", "n"]
+    assert fleet.gateway.route("r").models() == ["m", "n"]
 
 
 def test_a_service_put_back_while_its_old_run_drains_waits_for_it() -> None:
@@ -483,7 +483,7 @@ def test_a_service_put_back_while_its_old_run_drains_waits_for_it() -> None:
     lease = outcome(old.acquire())[0]
     fleet.gateway.apply(fleet.config({}))
     fleet.gateway.apply(fleet.config({"a": proc(stop_timeout=30)}))
-    new = fleet.gateway.lifecycle("a")
+    new = fleet.gateway.route("a")
     assert new is not old
     waiting = outcome(new.acquire())
     fleet.clock.advance(0)

@@ -93,7 +93,7 @@ def test_a_refused_upgrade_ends_the_request_and_frees_its_lease(hestia: MemoryHe
     hestia.upgrades.connections[0].answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
     hestia.settle()
     assert hestia.gateway.in_flight_requests == 0
-    assert hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.route("echo").in_flight == 0
 
 
 def test_a_refused_upgrade_does_not_forward_later_bytes_unparsed(hestia: MemoryHestia) -> None:
@@ -128,7 +128,7 @@ def test_a_refused_upgrade_whose_body_stalls_is_cut_at_response_idle_timeout(ans
     hestia.advance(2)
     assert client.closed
     assert upgrade.transport.disconnecting
-    assert hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.route("echo").in_flight == 0
     assert hestia.gateway.in_flight_requests == 0
 
 
@@ -559,7 +559,7 @@ def test_a_client_that_leaves_before_the_answer_drops_the_upgrade_connection(hes
     client.transport.loseConnection()
     hestia.settle()
     assert upgrade.transport.disconnecting
-    assert hestia.gateway.in_flight_requests == 0 and hestia.gateway.lifecycle("echo").in_flight == 0
+    assert hestia.gateway.in_flight_requests == 0 and hestia.gateway.route("echo").in_flight == 0
     upgrade.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
     assert not client.taken_over
 

@@ -155,7 +155,7 @@ def test_instance_errors_name_the_instance() -> None:
 def test_multi_instance_status_and_stop_and_shutdown() -> None:
     gw = Gw({"services": {"web": {"strategy": "round-robin", "idle_timeout": 10, "instances": [
         {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"], "cost": 3}]}}})
-    route = gw.gateway.lifecycle("web")
+    route = gw.gateway.route("web")
     lease = outcome(route.acquire(None))
     gw.clock.advance(2)
     gw.up("web.0")
@@ -175,7 +175,7 @@ def test_multi_instance_status_and_stop_and_shutdown() -> None:
 def test_a_failed_instance_shows_its_error_on_the_route() -> None:
     gw = Gw({"services": {"web": {"strategy": "failover", "instances": [
         {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"]}]}}})
-    route = gw.gateway.lifecycle("web")
+    route = gw.gateway.route("web")
     got = outcome(route.acquire(None))
     gw.fakes["web.0"].starts[-1].errback(Exception("no disk"))
     gw.up("web.1")
@@ -187,7 +187,7 @@ def test_the_fallback_keeps_the_request_for_the_strategy() -> None:
     seen: list[Any] = []
     gw = Gw({"services": {"web": {"strategy": "failover", "instances": [
         {"url": "http://a:1"}, {"url": "http://b:1"}]}}})
-    route = gw.gateway.lifecycle("web")
+    route = gw.gateway.route("web")
     strategy = route.strategy
     original = strategy.choose
 
@@ -221,7 +221,7 @@ def model_harness() -> MemoryGateway:
 
 def test_a_bare_model_name_means_its_latest_tag() -> None:
     harness = model_harness()
-    route = harness.gateway.lifecycle("ai")
+    route = harness.gateway.route("ai")
     assert route.target_for("llama3").name == "llama"
     assert route.target_for("qwen2.5") is None  # no qwen2.5:latest
     assert route.target_for("llama3:70b") is None
@@ -230,7 +230,7 @@ def test_a_bare_model_name_means_its_latest_tag() -> None:
 
 def test_model_route_status_lists_each_targets_models() -> None:
     harness = model_harness()
-    status = harness.gateway.lifecycle("ai").status()
+    status = harness.gateway.route("ai").status()
     assert status["targets"] == [
         {"name": "llama", "state": "stopped", "models": ["llama3:latest", "llama3:8b"]},
         {"name": "qwen", "state": "stopped", "models": ["qwen2.5:7b"]},
@@ -262,7 +262,7 @@ def test_a_path_naming_no_model_is_404_and_a_model_path_without_one_400() -> Non
 
 def test_model_route_stop_stops_every_target_and_start_starts_none() -> None:
     harness = model_harness()
-    route = harness.gateway.lifecycle("ai")
+    route = harness.gateway.route("ai")
     assert outcome(route.start()) == [None] and harness.fakes["llama"].starts == []
     assert outcome(route.stop("api")) == [None]
     assert outcome(route.shutdown()) == [None]
@@ -273,7 +273,7 @@ def test_model_list_paths_are_exact_and_untagged_models_match_themselves() -> No
         "ai": {"route_by": "model"},
         "phi": {"url": "http://phi:1", "command": ["phi"], "models": ["phi"]},
     })
-    route = harness.gateway.lifecycle("ai")
+    route = harness.gateway.route("ai")
     assert route.target_for("phi").name == "phi"  # listed without a tag: found as written
     near = harness.result(harness.request("GET", "/services/ai/api/tagsX"))
     assert near.code == 404 and "names no model" in harness.json(near)["error"]
@@ -281,15 +281,15 @@ def test_model_list_paths_are_exact_and_untagged_models_match_themselves() -> No
 
 def test_route_statuses_say_what_they_are() -> None:
     harness = model_harness()
-    assert harness.gateway.lifecycle("ai").status()["route_by"] == "model"
+    assert harness.gateway.route("ai").status()["route_by"] == "model"
     gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
-    status = gw.gateway.lifecycle("web").status()
+    status = gw.gateway.route("web").status()
     assert status["restart_pending"] is False and status["pending_changes"] == []
 
 
 def test_a_request_leaving_a_multi_instance_route_leaves_the_instances_queue() -> None:
     gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
-    route = gw.gateway.lifecycle("web")
+    route = gw.gateway.route("web")
     waiting = route.acquire(None)
     assert len(route.instances[0].queue) == 1
     waiting.addErrback(lambda _: None)
@@ -325,7 +325,7 @@ def test_a_strategy_that_chooses_no_instance_is_a_start_failure_naming_the_servi
 
     gw = Gw({"services": {"pool": {"strategy": "failover", "instances": [
         {"url": "http://p:1", "command": ["p"]}, {"url": "http://q:1", "command": ["q"]}]}}})
-    route = gw.gateway.lifecycle("pool")
+    route = gw.gateway.route("pool")
 
     class Nobody:
         def choose(self, views: Any, request: Any) -> Any:
@@ -355,7 +355,7 @@ def test_the_anthropic_model_list_has_anthropics_shape() -> None:
 
 def test_a_multi_instance_route_status_is_named() -> None:
     gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]}]}}})
-    assert gw.gateway.lifecycle("web").status()["name"] == "web"
+    assert gw.gateway.route("web").status()["name"] == "web"
 
 
 def alias_harness() -> MemoryGateway:
@@ -423,7 +423,7 @@ def answered(route: Any, request: Any, rest: bytes) -> tuple[int, Any]:
 
 
 def test_the_anthropic_model_list_is_one_whole_page_from_the_first_to_the_last_model() -> None:
-    route = model_gateway().gateway.lifecycle("ai")
+    route = model_gateway().gateway.route("ai")
     code, listed = answered(route, dummy(b"GET", anthropic_version="2023-06-01"), b"/v1/models")
     assert code == 200
     assert {key: value for key, value in listed.items() if key != "data"} == {
@@ -431,29 +431,29 @@ def test_the_anthropic_model_list_is_one_whole_page_from_the_first_to_the_last_m
 
 
 def test_a_query_that_is_not_utf8_is_read_with_replacement_characters() -> None:
-    route = model_gateway().gateway.lifecycle("ai")
+    route = model_gateway().gateway.route("ai")
     code, error = answered(route, dummy(b"GET"), b"/api/show?model=caf\xe9")
     assert (code, error) == (404, {"error": "model 'caf\ufffd' not found"})
 
 
 def test_the_model_lists_are_answered_whatever_the_query_holds() -> None:
-    route = model_gateway().gateway.lifecycle("ai")
+    route = model_gateway().gateway.route("ai")
     code, tags = answered(route, dummy(b"GET"), b"/api/tags?a=1?b=2")
     assert code == 200 and [model["name"] for model in tags["models"]] == ["llama3:latest", "llama3:8b", "qwen2.5:7b"]
 
 
 def test_loading_events_are_off_unless_the_route_asks_for_them() -> None:
     streaming = b'{"model": "qwen2.5:7b", "stream": true}'
-    off: Any = model_gateway().gateway.lifecycle("ai")
+    off: Any = model_gateway().gateway.route("ai")
     assert off.wants_loading_events(dummy(b"POST", streaming), b"/v1/chat/completions") is False
-    on: Any = model_gateway(loading_events=True).gateway.lifecycle("ai")
+    on: Any = model_gateway(loading_events=True).gateway.route("ai")
     assert on.wants_loading_events(dummy(b"POST", streaming), b"/v1/chat/completions") is True
 
 
 def test_a_multi_instance_status_numbers_its_instances() -> None:
     gw = Gw({"services": {"web": {"instances": [{"url": "http://a:1", "command": ["a"]},
                                                {"url": "http://b:1", "command": ["b"]}]}}})
-    assert [i["index"] for i in gw.gateway.lifecycle("web").status()["instances"]] == [0, 1]
+    assert [i["index"] for i in gw.gateway.route("web").status()["instances"]] == [0, 1]
 
 
 def test_a_strategy_passes_over_an_instance_that_is_cooling_down() -> None:
@@ -461,7 +461,7 @@ def test_a_strategy_passes_over_an_instance_that_is_cooling_down() -> None:
 
     gw = Gw({"services": {"web": {"strategy": "least-pending", "instances": [
         {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"]}]}}})
-    route: Any = gw.gateway.lifecycle("web")
+    route: Any = gw.gateway.route("web")
     for _ in range(3):  # three failed starts in a row: web.0 cools down
         waiting = outcome(route.acquire(None))
         gw.fakes["web.0"].starts[-1].errback(StartFailed("exit status 1"))

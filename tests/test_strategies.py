@@ -221,7 +221,7 @@ def test_prefer_warm_cold_starts_the_cheapest_and_fails_over_to_the_next() -> No
         {"url": "http://gpu-vm:1", "cost": 10, "command": ["vm"]},
         {"url": "http://local:1", "cost": 1, "command": ["local"]},
     ]}}})
-    route = gw.gateway.lifecycle("llm")
+    route = gw.gateway.route("llm")
     got = results(route.acquire(None))
     assert route.instances[1].state is State.STARTING and route.instances[0].state is State.STOPPED
     gw.fakes["llm.1"].starts[-1].errback(Exception("no GPU"))  # the cheap one fails to start...
@@ -241,7 +241,7 @@ def test_prefer_warm_cold_starts_the_cheapest_and_fails_over_to_the_next() -> No
 def test_round_robin_spreads_and_each_instance_has_its_own_idle_clock() -> None:
     gw = Gw({"services": {"web": {"strategy": "round-robin", "idle_timeout": 10, "instances": [
         {"url": "http://a:1", "command": ["a"]}, {"url": "http://b:1", "command": ["b"]}]}}})
-    route = gw.gateway.lifecycle("web")
+    route = gw.gateway.route("web")
     first, second = results(route.acquire(None)), results(route.acquire(None))
     gw.up("web.0")
     gw.up("web.1")
@@ -334,7 +334,7 @@ def group_gw(min_residency: float = 5) -> Gw:
 
 def test_exclusive_group_swaps_only_after_in_flight_requests_finish() -> None:
     gw = group_gw(min_residency=0)
-    a, b = gw.gateway.lifecycle("a"), gw.gateway.lifecycle("b")
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
     lease_a = results(a.acquire(None))
     gw.up("a")
     got_b = results(b.acquire(None))
@@ -355,7 +355,7 @@ def test_exclusive_group_swaps_only_after_in_flight_requests_finish() -> None:
 
 def test_alternating_load_loses_nothing_and_swaps_are_bounded_by_residency() -> None:
     gw = group_gw(min_residency=5)
-    routes = {name: gw.gateway.lifecycle(name) for name in "ab"}
+    routes = {name: gw.gateway.route(name) for name in "ab"}
     answered = {"a": 0, "b": 0}
     failed: list[Any] = []
     sent = 0
@@ -400,7 +400,7 @@ def test_dependency_is_ready_before_the_dependent_and_outlives_it() -> None:
         "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"], "idle_timeout": 10},
         "db": {"url": "http://db:1", "command": ["db"], "idle_timeout": 10},
     }})
-    app, db = gw.gateway.lifecycle("app"), gw.gateway.lifecycle("db")
+    app, db = gw.gateway.route("app"), gw.gateway.route("db")
     got = results(app.acquire(None))
     assert db.state is State.STARTING and gw.fakes["app"].starts == []  # db first
     gw.up("db")
@@ -419,7 +419,7 @@ def test_shutdown_stops_dependents_first() -> None:
         "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"]},
         "db": {"url": "http://db:1", "command": ["db"]},
     }})
-    results(gw.gateway.lifecycle("app").acquire(None))
+    results(gw.gateway.route("app").acquire(None))
     gw.up("db")
     gw.up("app")
     done = results(gw.gateway.shutdown())

@@ -279,7 +279,7 @@ def test_event_hub_streams_changes_beats_and_forgets_closed_streams() -> None:
     stream = hub.stream(request, "svc")
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/event-stream; charset=utf-8"]
     assert b"event: status" in b"".join(request.written)
-    gateway.lifecycle("svc").start("api")
+    gateway.route("svc").start("api")
     text = b"".join(request.written).decode()
     assert "event: state" in text and '"new":"starting"' in text
     clock.advance(EventHub.HEARTBEAT)

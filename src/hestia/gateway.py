@@ -101,8 +101,6 @@ class Gateway:
         except KeyError:
             raise UnknownService("no such service", service=name) from None
 
-    # The name of route() before routes were more than one service's lifecycle.
-    lifecycle = route
 
     def add_state_observer(self, observer: Observer) -> None:
         """Tell C{observer} of every transition of every service, present and future."""
@@ -138,7 +136,7 @@ class Gateway:
         if service.backend in ("instances", "route"):
             from hestia.routing import build_route
 
-            route = build_route(service, self.config.routing, self._build, self.lifecycle, self.reactor.seconds)
+            route = build_route(service, self.config.routing, self._build, self.route, self.reactor.seconds)
         else:
             route = self._build(service)
         self.services[service.name] = route
@@ -335,7 +333,7 @@ class Gateway:
             return lifecycle
 
         self.services[service.name] = build_route(
-            service, self.config.routing, reuse, self.lifecycle, self.reactor.seconds
+            service, self.config.routing, reuse, self.route, self.reactor.seconds
         )
         for leftover in old.values():
             in_place.add("instances")
