@@ -168,24 +168,19 @@ class StallingAgent(_Misbehaving):
 
 
 @implementer(IAgent)
-class ResettingAgent(_Misbehaving):
+class ResettingAgent(RefusingAgent):
     """
     A backend that accepts the connection and resets it before any response.
 
     Unlike a refused connect the request may have reached the backend, so the
     proxy must not retry it.
+
+    @param error: what the broken request fails with (a reset connection by default).
     """
 
     def __init__(self, inner: IAgent | None = None, times: int | None = None, *,
                  only: Iterable[bytes | str] | None = None, error: ErrorFactory = _reset) -> None:
-        super().__init__(inner, times, only)
-        self.error = error
-
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
-                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
-        if self._spoils(uri):
-            return fail(self.error())
-        return self._pass_on(method, uri, headers, bodyProducer)
+        super().__init__(inner, times, only=only, error=error)
 
 
 @implementer(IAgent)
