@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.interfaces import IListeningPort
@@ -21,7 +19,6 @@ from twisted.web import resource, server
 
 from .admin import AdminEndpoints
 from .api import SemaphoreEndpoints
-from .common import JSON
 from .pool import TaskPool
 from .replies import NOT_DONE, ApiError, Ctx, Reply
 from .spec import Operation
@@ -34,20 +31,9 @@ class SemaphoreDouble(AdminEndpoints, SemaphoreEndpoints, TaskPool):
     `runner.TaskRunner`) are mixins on one `state.DoubleState`: one object, as before the split.
     """
 
-    def __init__(
-        self,
-        *,
-        token: str,
-        state_dir: str | Path,
-        project_id: int = 1,
-        scenario: JSON | None = None,
-        spec_path: str | Path | None = None,
-        reactor: Any = None,
-        keep_vms_on_exit: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(token=token, state_dir=state_dir, project_id=project_id, scenario=scenario,
-                         spec_path=spec_path, reactor=reactor, keep_vms_on_exit=keep_vms_on_exit, log=log)
+    def __init__(self, **settings: Any) -> None:
+        """C{settings}: those of L{DoubleState} (token, state_dir, project_id, scenario, spec_path, ...)."""
+        super().__init__(**settings)
         self._handlers = self._build_handlers()
         self.resource = _Root(self)
 
