@@ -188,26 +188,27 @@ class MemoryGateway:
     def get(self, path: str, **kwargs: Any) -> Deferred[IResponse]:
         return self.request("GET", path, **kwargs)
 
-    def result(self, deferred: Deferred[Any]) -> Any:
-        """What C{deferred} fired with once everything settled; raises the failure if it failed."""
+    def _outcome(self, deferred: Deferred[Any]) -> Any:
+        """What C{deferred} fired with (a L{Failure} if it failed), once everything settled."""
         self.settle()
         results: list[Any] = []
         deferred.addBoth(results.append)
         self.settle()
         assert results, "no result yet"
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
         return results[0]
+
+    def result(self, deferred: Deferred[Any]) -> Any:
+        """What C{deferred} fired with once everything settled; raises the failure if it failed."""
+        outcome = self._outcome(deferred)
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        return outcome
 
     def failure(self, deferred: Deferred[Any]) -> Failure:
         """The L{Failure} C{deferred} ended with once everything settled (an assertion error if it succeeded)."""
-        self.settle()
-        results: list[Any] = []
-        deferred.addBoth(results.append)
-        self.settle()
-        assert results, "no result yet"
-        assert isinstance(results[0], Failure), f"succeeded with {results[0]!r}"
-        return results[0]
+        outcome = self._outcome(deferred)
+        assert isinstance(outcome, Failure), f"succeeded with {outcome!r}"
+        return outcome
 
     def json(self, response: IResponse) -> Any:
         """The body of C{response}, as JSON."""
