@@ -1,0 +1,259 @@
+"""
+Round 26 (issue 15 redesign) attacked from outside: the authenticator passed in,
+C{may_see_output}, the C{Upstream}, the C{async def} conversions.
+
+Each finding is a strict xfail whose reason starts with C{finding:}; the other
+tests pin what held (security properties no earlier test pinned).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from hestia.errors import StartFailed
+from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
+
+GET = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n"
+SECRET = "token=s3cr3t-output"
+BROWSER = b"Accept: text/html\r\nSec-Fetch-Mode: navigate\r\n"
+
+
+def token(value: str) -> bytes:
+    return b"X-Hestia-Token: " + value.encode() + b"\r\n"
+
+
+def bearer(value: str) -> bytes:
+    return b"Authorization: Bearer " + value.encode() + b"\r\n"
+
+
+def get(hestia: MemoryHestia, path: bytes, headers: bytes = b"", host: bytes = b"gw") -> bytes:
+    return hestia.request(GET % (path, host, headers)).received()
+
+
+def body_of(raw: bytes) -> bytes:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        return out
+    return body
+
+
+def forwarded_headers(hestia: MemoryHestia) -> list[dict[bytes, list[bytes]]]:
+    return [{name.lower(): values for name, values in seen.requestHeaders.getAllRawHeaders()}
+            for seen in hestia.backend.seen]
+
+
+# -- host-routed services (hosts:) go through the authenticator -----------------------------------
+
+
+HOSTED = {"echo": {"url": "http://backend:8000", "hosts": ["echo.example"]},
+          "other": {"url": "http://backend:8001", "hosts": ["other.example"]}}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"DELETE"])
+def test_a_host_routed_request_without_a_token_is_401_and_never_forwarded(method: bytes) -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    raw = hestia.request(method + b" /anything HTTP/1.1\r\nHost: echo.example\r\n\r\n").received()
+    assert statuses(raw) == [401], raw
+    assert hestia.backend.seen == []
+
+
+@pytest.mark.unit
+def test_a_host_routed_request_with_a_token_for_another_service_is_403() -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    raw = get(hestia, b"/x", token(ECHO_TOKEN), host=b"other.example")
+    assert statuses(raw) == [403], raw
+    assert hestia.backend.seen == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("credential", [token(ECHO_TOKEN), bearer(ECHO_TOKEN)])
+def test_a_host_routed_request_with_its_token_is_forwarded_without_the_token(credential: bytes) -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    raw = get(hestia, b"/x", credential, host=b"echo.example:8080")
+    assert statuses(raw) == [200], raw
+    [headers] = forwarded_headers(hestia)
+    assert b"x-hestia-token" not in headers and b"authorization" not in headers
+    assert ECHO_TOKEN.encode() not in b"".join(value for values in headers.values() for value in values)
+
+
+@pytest.mark.unit
+def test_a_host_routed_body_without_a_token_is_refused_before_it_is_read() -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    client = hestia.request(b"POST /x HTTP/1.1\r\nHost: echo.example\r\nContent-Length: 100000\r\n\r\n")
+    assert statuses(client.received()) == [401], client.received()
+    assert hestia.backend.seen == []
+
+
+@pytest.mark.unit
+def test_a_host_routed_upgrade_without_a_token_opens_no_backend_connection() -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    raw = get(hestia, b"/socket", b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+              host=b"echo.example")
+    assert statuses(raw) == [401], raw
+    assert hestia.upgrades.connections == []
+
+
+@pytest.mark.unit
+def test_a_host_routed_upgrade_with_a_token_uses_the_upgrade_endpoint_without_the_token() -> None:
+    hestia = MemoryHestia(HOSTED, auth=True)
+    get(hestia, b"/socket", token(ECHO_TOKEN) + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\n", host=b"echo.example")
+    [connection] = hestia.upgrades.connections
+    sent = connection.sent()
+    assert sent.startswith(b"GET /socket HTTP/1.1\r\n"), sent
+    assert ECHO_TOKEN.encode() not in sent and b"x-hestia-token" not in sent.lower()
+
+
+# -- /services/<name> spellings and methods: the authenticator decides every one -----------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", [b"/services/echo", b"/services/echo?x=1", b"/services/echo/", b"/services/echo/a%2fb",
+                                  b"/services/echo//x", b"/services/echo/;x"])
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"PUT", b"PATCH", b"TRACE"])
+def test_every_method_and_spelling_needs_a_token(path: bytes, method: bytes) -> None:
+    hestia = MemoryHestia(auth=True)
+    raw = hestia.request(method + b" " + path + b" HTTP/1.1\r\nHost: gw\r\n\r\n").received()
+    assert statuses(raw)[:1] in ([401], [400], [405]), raw
+    assert hestia.backend.seen == [] and hestia.upgrades.connections == []
+
+
+# -- a model route's intercept and passive monitors come after the authenticator ----------------------------
+
+
+MODELS = {"echo": {"route_by": "model"},
+          "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"]},
+          "other": {"url": "http://backend:8001"}}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", [b"/services/echo/v1/models", b"/services/echo/api/tags", b"/services/echo/api/ps"])
+def test_a_model_list_needs_a_token(path: bytes) -> None:
+    hestia = MemoryHestia(MODELS, auth=True)
+    raw = get(hestia, path)
+    assert statuses(raw) == [401], raw
+    assert b"qwen" not in raw
+    assert statuses(get(hestia, path, token(ECHO_TOKEN)))[:1] in ([200], [404])
+
+
+@pytest.mark.unit
+def test_an_unknown_model_is_not_told_to_a_client_without_a_token() -> None:
+    hestia = MemoryHestia(MODELS, auth=True)
+    raw = hestia.request(b"POST /services/echo/api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 17\r\n\r\n{\"model\": \"nope\"}").received()
+    assert statuses(raw) == [401], raw
+    assert b"qwen" not in raw and hestia.fakes["qwen"].starts == []
+
+
+@pytest.mark.unit
+def test_a_passive_monitor_without_a_token_is_401_and_not_told_the_state() -> None:
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000", "command": ["x"]},
+                           "other": {"url": "http://backend:8001"}}, auth=True)
+    raw = get(hestia, b"/services/echo/health", b"User-Agent: Uptime-Kuma/1.0\r\n")
+    assert statuses(raw) == [401], raw
+    assert b"stopped" not in raw and b"x-hestia-state" not in raw.lower()
+
+
+# -- a service's output (detail) and the waiting page --------------------------------------------------------
+
+
+def _fail_every_start(hestia: MemoryHestia) -> None:
+    for _ in range(5):
+        hestia.settle()
+        for fake in hestia.fakes.values():
+            if fake.starts and not fake.starts[-1].called:
+                fake.output = [SECRET]
+                fake.exit("exit status 1")
+    hestia.settle()
+
+
+INSTANCES = {"echo": {"instances": [{"url": "http://first:1", "command": ["a"]},
+                                    {"url": "http://second:2", "command": ["b"]}]},
+             "other": {"url": "http://backend:8001"}}
+PROCESS = {"echo": {"url": "http://backend:8000", "command": ["x"]}, "other": {"url": "http://backend:8001"}}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("services", [PROCESS, INSTANCES], ids=["process", "instances"])
+def test_a_failed_starts_output_is_not_in_the_error_to_a_service_token(services: dict[str, Any]) -> None:
+    hestia = MemoryHestia(services, auth=True)
+    client = hestia.request(GET % (b"/services/echo/x", b"gw", token(ECHO_TOKEN)))
+    _fail_every_start(hestia)
+    raw = client.received()
+    assert statuses(raw) == [502], raw
+    assert SECRET.encode() not in raw and b"detail" not in body_of(raw)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("services", [PROCESS, INSTANCES], ids=["process", "instances"])
+def test_a_failed_starts_output_is_in_the_error_to_an_admin_token(services: dict[str, Any]) -> None:
+    hestia = MemoryHestia(services, auth=True)
+    client = hestia.request(GET % (b"/services/echo/x", b"gw", token(ADMIN_TOKEN)))
+    _fail_every_start(hestia)
+    raw = client.received()
+    assert statuses(raw) == [502], raw
+    assert json.loads(body_of(raw))["detail"] == [SECRET]
+
+
+def _waiting_page(services: dict[str, Any], credential: bytes) -> bytes:
+    hestia = MemoryHestia(services, auth=True)
+    first = hestia.request(GET % (b"/services/echo/x", b"gw", token(ADMIN_TOKEN)))
+    _fail_every_start(hestia)
+    assert statuses(first.received()) == [502]
+    raw = get(hestia, b"/services/echo/", credential + BROWSER)
+    assert statuses(raw) == [503] and b"x-hestia-waiting: echo" in raw.lower(), raw
+    return raw
+
+
+@pytest.mark.unit
+def test_the_waiting_page_shows_a_process_services_output_to_an_admin_only() -> None:
+    assert SECRET.encode() not in _waiting_page(PROCESS, token(ECHO_TOKEN))
+    assert SECRET.encode() in _waiting_page(PROCESS, token(ADMIN_TOKEN))
+
+
+@pytest.mark.unit
+@pytest.mark.xfail(strict=True, reason="finding: the waiting page of an instances: service embeds each instance's "
+                   "status whole (hestia.ui.waiting_page pops only the top-level last_error_detail), so a "
+                   "service-scoped token reads every instance's last start output")
+def test_the_waiting_page_hides_an_instances_output_from_a_service_token() -> None:
+    raw = _waiting_page(INSTANCES, token(ECHO_TOKEN))
+    assert SECRET.encode() not in raw, re.findall(rb"last_error_detail[^\]]*\]", raw)
+
+
+# -- the management API stays admin-only and its open routes tell nothing a service printed -----------------
+
+
+@pytest.mark.unit
+def test_v1_health_without_a_token_holds_no_service_output() -> None:
+    hestia = MemoryHestia(PROCESS, auth=True)
+    client = hestia.request(GET % (b"/services/echo/x", b"gw", token(ADMIN_TOKEN)))
+    _fail_every_start(hestia)
+    assert statuses(client.received()) == [502]
+    raw = get(hestia, b"/v1/health")
+    assert statuses(raw) == [200], raw
+    assert SECRET.encode() not in raw
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", [b"/v1/services/echo/status", b"/v1/services/echo/logs", b"/v1/services",
+                                  b"/v1/services/echo/events", b"/v1//services/echo/status", b"/v1/health/../services"])
+def test_v1_with_a_service_token_is_refused_and_holds_no_output(path: bytes) -> None:
+    hestia = MemoryHestia(PROCESS, auth=True)
+    client = hestia.request(GET % (b"/services/echo/x", b"gw", token(ADMIN_TOKEN)))
+    _fail_every_start(hestia)
+    raw = get(hestia, path, token(ECHO_TOKEN))
+    assert statuses(raw)[:1] in ([403], [404], [400]), raw
+    assert SECRET.encode() not in raw
+    assert client.received()
