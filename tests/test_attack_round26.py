@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from hestia.errors import StartFailed
 from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
 
 GET = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n"
@@ -257,3 +256,103 @@ def test_v1_with_a_service_token_is_refused_and_holds_no_output(path: bytes) -> 
     assert statuses(raw)[:1] in ([403], [404], [400]), raw
     assert SECRET.encode() not in raw
     assert client.received()
+
+
+# -- a reload that changes the tokens reaches the proxy resources already built ------------------------------
+
+
+def _daemon_config(path: Any, tokens: list[dict[str, Any]], state: Any) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "server": {"state_path": str(state), "listen": "tcp:0:interface=127.0.0.1"},
+        "services": {"echo": {"url": "http://127.0.0.1:9"}, "other": {"url": "http://127.0.0.1:9"}},
+        "auth": {"tokens": tokens},
+    }))
+
+
+def _daemon_request(service: Any, credential: bytes, path: bytes = b"/services/echo/x") -> bytes:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
+    protocol = service.site.buildProtocol(transport.getPeer())
+    protocol.makeConnection(transport)
+    protocol.dataReceived(GET % (path, b"gw", credential))
+    raw = bytes(transport.value())
+    protocol.connectionLost(Failure(ConnectionDone()))
+    return raw
+
+
+@pytest.mark.unit
+def test_a_reload_that_replaces_a_token_takes_effect_on_services_already_served(tmp_path: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from hestia.auth import digest
+    from hestia.preflight import load_checked
+    from hestia.server_tap import HestiaService
+
+    old, new = "old-token-0123456789", "new-token-0123456789"
+    config_file = tmp_path / "hestia.yml"
+    _daemon_config(config_file, [{"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]},
+                                 {"name": "laptop", "token_sha256": digest(old).hex(), "services": ["echo"]}],
+                   tmp_path / "state.db")
+    service = HestiaService(load_checked(str(config_file)), reactor=MemoryReactorClock())
+    # Built and cached before the reload: the proxy resource of echo holds the authenticator.
+    assert statuses(_daemon_request(service, token(new))) == [401]
+    assert statuses(_daemon_request(service, token(old)))[:1] not in ([401], [403])
+    _daemon_config(config_file, [{"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]},
+                                 {"name": "laptop", "token_sha256": digest(new).hex(), "services": ["other"]}],
+                   tmp_path / "state.db")
+    service.reload()
+    assert statuses(_daemon_request(service, token(old))) == [401]  # the replaced token is refused at once
+    assert statuses(_daemon_request(service, token(new))) == [403]  # and the new one's grants are the new ones
+    assert statuses(_daemon_request(service, token(new), b"/services/other/x"))[:1] not in ([401], [403])
+    assert statuses(_daemon_request(service, token(ECHO_TOKEN), b"/v1/services")) == [401]
+
+
+@pytest.mark.unit
+def test_a_reload_that_turns_auth_off_and_on_again_reaches_the_proxy(tmp_path: Any) -> None:
+    import yaml
+    from twisted.internet.testing import MemoryReactorClock
+
+    from hestia.auth import digest
+    from hestia.preflight import load_checked
+    from hestia.server_tap import HestiaService
+
+    config_file = tmp_path / "hestia.yml"
+    tokens = [{"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]}]
+    _daemon_config(config_file, tokens, tmp_path / "state.db")
+    service = HestiaService(load_checked(str(config_file)), reactor=MemoryReactorClock())
+    assert statuses(_daemon_request(service, b"")) == [401]
+    raw = yaml.safe_load(config_file.read_text())
+    del raw["auth"]
+    config_file.write_text(yaml.safe_dump(raw))
+    service.reload()
+    assert statuses(_daemon_request(service, b""))[:1] not in ([401], [403])
+    _daemon_config(config_file, tokens, tmp_path / "state.db")
+    service.reload()
+    assert statuses(_daemon_request(service, b"")) == [401]
+
+
+# -- the upstream: shutdown closes the pool, an upgrade gets its own connection from upgrade_endpoint -------
+
+
+@pytest.mark.unit
+def test_shutdown_closes_the_upstreams_pool() -> None:
+    from twisted.internet.defer import succeed
+    from twisted.internet.testing import MemoryReactorClock
+
+    from hestia.gateway import Gateway
+    from hestia.loader import parse_config
+
+    config = parse_config({"services": {"echo": {"url": "http://127.0.0.1:9"}}}, "test.yml", environ={})
+    gateway = Gateway(config, MemoryReactorClock())
+    assert gateway.upstream.pool is not None
+    closed: list[bool] = []
+    gateway.upstream.pool.closeCachedConnections = lambda: closed.append(True) or succeed(None)  # type: ignore[method-assign]
+    done: list[object] = []
+    gateway.shutdown().addBoth(done.append)
+    assert closed == [True] and done == [None]
