@@ -558,3 +558,25 @@ def test_no_token_is_ever_logged_or_recorded(credential: bytes, path: bytes) -> 
         assert secret not in text, text[:300]
     for record in hestia.memory.records:
         assert secret.decode() not in repr(record)
+
+
+# -- HTTP/2 to a host-routed service ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("credentials, status", [([], 401), ([(b"x-hestia-token", b"wrong")], 401),
+                                                 ([(b"x-hestia-token", ECHO_TOKEN.encode())], 403),
+                                                 ([(b"authorization", b"Bearer " + ADMIN_TOKEN.encode())], 200)])
+def test_an_http2_stream_to_a_host_routed_service_is_authenticated(credentials: list[tuple[bytes, bytes]],
+                                                                    status: int) -> None:
+    from test_request_hardening import H2Client
+
+    hestia = MemoryHestia(HOSTED, auth=True)
+    client = H2Client(hestia)
+    client.h2.send_headers(1, [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"),
+                               (b":authority", b"other.example"), *credentials], end_stream=True)
+    client.flush()
+    assert client.statuses() == [status]
+    assert len(hestia.backend.seen) == (status == 200)
+    for headers in forwarded_headers(hestia):
+        assert b"authorization" not in headers and b"x-hestia-token" not in headers
