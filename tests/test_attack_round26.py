@@ -586,6 +586,46 @@ def test_an_http2_stream_to_a_host_routed_service_is_authenticated(credentials: 
         assert b"authorization" not in headers and b"x-hestia-token" not in headers
 
 
+# -- through a route_by: model router, the serving target's settings ---------------------------------------------
+
+
+def _turn_wait(router: dict[str, Any], target: dict[str, Any], path: str = "/services/ai/api/chat") -> Any:
+    from hestia.testing import MemoryGateway, StallingAgent
+
+    memory = MemoryGateway({"ai": {"route_by": "model", **router},
+                            "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"],
+                                     "max_concurrency": 1, **target}},
+                           agent=lambda inner: StallingAgent(inner, times=1))
+    body = b'{"model": "qwen2.5:7b"}'
+    first = memory.request("POST", path, data=body)  # holds the one turn: its backend never answers
+    first.addErrback(lambda failure: None)
+    memory.settle()
+    memory.start("qwen")
+    second = memory.request("POST", path, data=body)
+    seen: list[Any] = []
+    second.addBoth(seen.append)
+    memory.advance(6)
+    return memory, seen
+
+
+@pytest.mark.unit
+def test_a_targets_queue_timeout_bounds_the_wait_for_a_turn_when_asked_directly() -> None:
+    memory, seen = _turn_wait({}, {"queue_timeout": 5}, "/services/qwen/api/chat")
+    assert [answer.code for answer in seen] == [504]
+    assert memory.json(seen[0])["error"] == "request waited 5s for a turn with the backend (1 in progress)"
+
+
+@pytest.mark.unit
+@pytest.mark.xfail(strict=True, reason="finding: through a route_by: model router the wait for a turn with the "
+                   "target's backend (and the connect retries) is bounded by the router's queue_timeout "
+                   "(Exchange._queue_deadline reads self.lifecycle.config, default 120s), not the target's: the "
+                   "same bug as the response_timeout one fixed this round")
+def test_a_targets_queue_timeout_bounds_the_wait_for_a_turn_through_a_model_router() -> None:
+    memory, seen = _turn_wait({}, {"queue_timeout": 5})
+    assert [answer.code for answer in seen] == [504]
+    assert memory.json(seen[0])["error"] == "request waited 5s for a turn with the backend (1 in progress)"
+
+
 # -- the same on a real Hestia (twistd hestia, a real backend, a real exec: command) ------------------------------
 
 
