@@ -265,6 +265,17 @@ def test_v1_with_a_service_token_is_refused_and_holds_no_output(path: bytes) -> 
 # -- a reload that changes the tokens reaches the proxy resources already built ------------------------------
 
 
+@pytest.fixture
+def daemon_globals() -> Iterator[None]:
+    """HestiaService sets the process-wide list of hidden variables: put it back afterwards."""
+    from hestia.backends import environment
+
+    saved = set(environment._hidden)
+    yield
+    environment._hidden.clear()
+    environment._hidden.update(saved)
+
+
 def _daemon_config(path: Any, tokens: list[dict[str, Any]], state: Any) -> None:
     import yaml
 
@@ -291,7 +302,8 @@ def _daemon_request(service: Any, credential: bytes, path: bytes = b"/services/e
 
 
 @pytest.mark.unit
-def test_a_reload_that_replaces_a_token_takes_effect_on_services_already_served(tmp_path: Any) -> None:
+def test_a_reload_that_replaces_a_token_takes_effect_on_services_already_served(tmp_path: Any,
+                                                                                daemon_globals: None) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from hestia.auth import digest
@@ -318,7 +330,7 @@ def test_a_reload_that_replaces_a_token_takes_effect_on_services_already_served(
 
 
 @pytest.mark.unit
-def test_a_reload_that_turns_auth_off_and_on_again_reaches_the_proxy(tmp_path: Any) -> None:
+def test_a_reload_that_turns_auth_off_and_on_again_reaches_the_proxy(tmp_path: Any, daemon_globals: None) -> None:
     import yaml
     from twisted.internet.testing import MemoryReactorClock
 
