@@ -738,3 +738,14 @@ def test_live_a_reload_that_replaces_a_token_reaches_the_proxy_at_once(live: Liv
     assert live.get(b"/services/echo/echo", token(LIVE_LAPTOP)).status == 401
     assert live.get(b"/echo", token(LIVE_LAPTOP), host=b"echo.example").status == 401
     assert live.get(b"/echo", token(LIVE_NEW), host=b"echo.example").status == 200
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason="finding: the waiting page shows a service-scoped token the status' "
+                   "last_error (an exec: start failure's reason, ending with the command's last output line); "
+                   "only last_error_detail is removed")
+def test_live_the_waiting_page_hides_an_exec_failures_output_from_a_service_token(live: Live) -> None:
+    live.get(b"/services/box2/x", token(LIVE_LAPTOP))  # failed once (the test above may have run already)
+    page = live.get(b"/services/box2/", token(LIVE_LAPTOP) + BROWSER)
+    assert page.status == 503 and page.header_values("x-hestia-waiting") == ["box2"], page
+    assert SECRET.encode() not in page.body, page.body[:200]
