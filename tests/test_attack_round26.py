@@ -700,8 +700,8 @@ def test_live_a_host_routed_request_needs_a_token_and_the_token_stays_in_hestia(
     assert len(live.echo.requests()) == before
     assert live.get(b"/echo", bearer(LIVE_LAPTOP), host=b"echo.example").status == 200
     assert live.get(b"/echo", token(LIVE_LAPTOP), host=b"ECHO.example:1").status == 200
-    seen = live.echo.requests()[before:]
-    assert len(seen) == 2
+    seen = [entry for entry in live.echo.requests()[before:] if entry["path"] != "/health"]
+    assert [entry["path"] for entry in seen] == ["/echo", "/echo"]
     for entry in seen:
         names = {name.lower() for name, _ in entry["headers"]}
         assert "authorization" not in names and "x-hestia-token" not in names
@@ -727,6 +727,17 @@ def test_live_an_exec_start_failure_hides_its_output_from_a_service_token(live: 
 
 
 @pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason="finding: the waiting page shows a service-scoped token the status' "
+                   "last_error (an exec: start failure's reason, ending with the command's last output line); "
+                   "only last_error_detail is removed")
+def test_live_the_waiting_page_hides_an_exec_failures_output_from_a_service_token(live: Live) -> None:
+    live.get(b"/services/box2/x", token(LIVE_LAPTOP))  # failed once (the test above may have run already)
+    page = live.get(b"/services/box2/", token(LIVE_LAPTOP) + BROWSER)
+    assert page.status == 503 and page.header_values("x-hestia-waiting") == ["box2"], page
+    assert SECRET.encode() not in page.body, re.findall(rb".{80}" + re.escape(SECRET.encode()) + rb".{20}", page.body)
+
+
+@pytest.mark.integration
 def test_live_a_reload_that_replaces_a_token_reaches_the_proxy_at_once(live: Live) -> None:
     assert live.get(b"/services/echo/echo", token(LIVE_LAPTOP)).status == 200
     assert live.get(b"/services/echo/echo", token(LIVE_NEW)).status == 401
@@ -738,14 +749,8 @@ def test_live_a_reload_that_replaces_a_token_reaches_the_proxy_at_once(live: Liv
     assert live.get(b"/services/echo/echo", token(LIVE_LAPTOP)).status == 401
     assert live.get(b"/echo", token(LIVE_LAPTOP), host=b"echo.example").status == 401
     assert live.get(b"/echo", token(LIVE_NEW), host=b"echo.example").status == 200
+    live.hestia.write_config({**_live_config(live.echo, LIVE_LAPTOP, live.tmp),
+                              "server": {"listen": live.hestia.listen}})
+    live.hestia.signal(signal.SIGHUP)
+    assert wait_for(lambda: live.get(b"/services/echo/echo", token(LIVE_LAPTOP)).status == 200, 10.0)
 
-
-@pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="finding: the waiting page shows a service-scoped token the status' "
-                   "last_error (an exec: start failure's reason, ending with the command's last output line); "
-                   "only last_error_detail is removed")
-def test_live_the_waiting_page_hides_an_exec_failures_output_from_a_service_token(live: Live) -> None:
-    live.get(b"/services/box2/x", token(LIVE_LAPTOP))  # failed once (the test above may have run already)
-    page = live.get(b"/services/box2/", token(LIVE_LAPTOP) + BROWSER)
-    assert page.status == 503 and page.header_values("x-hestia-waiting") == ["box2"], page
-    assert SECRET.encode() not in page.body, page.body[:200]
