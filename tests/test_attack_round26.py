@@ -638,6 +638,43 @@ def test_a_targets_queue_timeout_bounds_the_wait_for_a_turn_through_a_model_rout
     assert memory.json(seen[0])["error"] == "request waited 5s for a turn with the backend (1 in progress)"
 
 
+# -- an instances: service's admission-window errors name the service the client asked for ----------------------
+
+
+def _pool_turns() -> tuple[Any, Any, list[Any]]:
+    from hestia.testing import MemoryGateway, StallingAgent
+
+    memory = MemoryGateway({"pool": {"instances": [{"url": "http://first:1", "command": ["a"]}],
+                                     "max_concurrency": 1, "queue_limit": 1, "queue_timeout": 5}},
+                           agent=lambda inner: StallingAgent(inner, times=1))
+    holding = memory.get("/services/pool/x")  # the one turn, never answered
+    holding.addErrback(lambda failure: None)
+    memory.settle()
+    memory.start("pool.0")
+    waiting = memory.get("/services/pool/x")
+    seen: list[Any] = []
+    waiting.addBoth(seen.append)
+    full = memory.result(memory.get("/services/pool/x"))
+    return memory, full, seen
+
+
+@pytest.mark.unit
+@pytest.mark.xfail(strict=True, reason="finding: an instances: service's admission-window errors (queue full 503, "
+                   "turn wait 504) still name the instance as the service ('service': 'pool.0', unknown to /v1): "
+                   "the window's describe lambda in Upstream._new_admission is the instance's; this round's fix "
+                   "(in_instance) covers only the lifecycle's own errors. tests/test_proxy_errors.py "
+                   "test_a_full_admission_queue_is_a_json_503_with_retry_after pins the old naming")
+def test_an_instances_admission_errors_name_the_service_and_the_instance() -> None:
+    memory, full, seen = _pool_turns()
+    assert full.code == 503
+    assert memory.json(full) == {"error": "queue full: 1 requests already waiting for the backend",
+                                 "service": "pool", "instance": "pool.0", "state": "ready", "retry_after": 1}
+    memory.advance(6)
+    assert [answer.code for answer in seen] == [504]
+    assert memory.json(seen[0]) == {"error": "request waited 5s for a turn with the backend (1 in progress)",
+                                    "service": "pool", "instance": "pool.0", "state": "ready"}
+
+
 # -- the same on a real Hestia (twistd hestia, a real backend, a real exec: command) ------------------------------
 
 
