@@ -276,17 +276,17 @@ def daemon_globals() -> Iterator[None]:
     environment._hidden.update(saved)
 
 
-def _daemon_config(path: Any, tokens: list[dict[str, Any]], state: Any) -> None:
+def _daemon_config(path: Any, tokens: list[dict[str, Any]], state: Any, echo: dict[str, Any] | None = None) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump({
         "server": {"state_path": str(state), "listen": "tcp:0:interface=127.0.0.1"},
-        "services": {"echo": {"url": "http://127.0.0.1:9"}, "other": {"url": "http://127.0.0.1:9"}},
+        "services": {"echo": {"url": "http://127.0.0.1:9", **(echo or {})}, "other": {"url": "http://127.0.0.1:9"}},
         "auth": {"tokens": tokens},
     }))
 
 
-def _daemon_request(service: Any, credential: bytes, path: bytes = b"/services/echo/x") -> bytes:
+def _daemon_request(service: Any, credential: bytes, path: bytes = b"/services/echo/x", host: bytes = b"gw") -> bytes:
     from twisted.internet.address import IPv4Address
     from twisted.internet.error import ConnectionDone
     from twisted.internet.testing import StringTransport
@@ -295,7 +295,7 @@ def _daemon_request(service: Any, credential: bytes, path: bytes = b"/services/e
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
     protocol = service.site.buildProtocol(transport.getPeer())
     protocol.makeConnection(transport)
-    protocol.dataReceived(GET % (path, b"gw", credential))
+    protocol.dataReceived(GET % (path, host, credential))
     raw = bytes(transport.value())
     protocol.connectionLost(Failure(ConnectionDone()))
     return raw
@@ -352,6 +352,27 @@ def test_a_reload_that_turns_auth_off_and_on_again_reaches_the_proxy(tmp_path: A
     service.reload()
     assert statuses(_daemon_request(service, b"")) == [401]
 
+
+@pytest.mark.unit
+def test_a_reload_that_moves_a_services_hosts_moves_its_authentication_too(tmp_path: Any,
+                                                                            daemon_globals: None) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from hestia.auth import digest
+    from hestia.preflight import load_checked
+    from hestia.server_tap import HestiaService
+
+    config_file = tmp_path / "hestia.yml"
+    tokens = [{"name": "admin", "token_sha256": digest(ADMIN_TOKEN).hex(), "scopes": ["admin"]},
+              {"name": "echo", "token_sha256": digest(ECHO_TOKEN).hex(), "services": ["echo"]}]
+    _daemon_config(config_file, tokens, tmp_path / "state.db", {"hosts": ["old.example"]})
+    service = HestiaService(load_checked(str(config_file)), reactor=MemoryReactorClock())
+    assert statuses(_daemon_request(service, b"", b"/x", b"old.example")) == [401]
+    _daemon_config(config_file, tokens, tmp_path / "state.db", {"hosts": ["new.example"]})
+    service.reload()
+    assert statuses(_daemon_request(service, b"", b"/x", b"new.example")) == [401]
+    assert statuses(_daemon_request(service, token(ECHO_TOKEN), b"/x", b"old.example")) == [404]
+    assert statuses(_daemon_request(service, token(ECHO_TOKEN), b"/x", b"new.example"))[:1] not in ([401], [403])
 
 # -- the upstream: shutdown closes the pool, an upgrade gets its own connection from upgrade_endpoint -------
 
@@ -552,7 +573,7 @@ def test_an_exec_start_failures_output_is_not_in_the_error_to_a_service_token() 
                                         bearer("wrong-but-secret-5678"), token(ECHO_TOKEN)])
 @pytest.mark.parametrize("path", [b"/services/echo/x", b"/services/other/x", b"/v1/services", b"/services/nope/x",
                                   b"/services/echo/../v1", b"/v1/health"])
-def test_no_token_is_ever_logged_or_recorded(credential: bytes, path: bytes) -> None:
+def test_no_token_is_ever_logged_recorded_or_echoed(credential: bytes, path: bytes) -> None:
     from twisted.logger import formatEvent, globalLogPublisher
 
     events: list[dict[str, Any]] = []
@@ -569,6 +590,7 @@ def test_no_token_is_ever_logged_or_recorded(credential: bytes, path: bytes) -> 
         globalLogPublisher.removeObserver(events.append)
     assert client.received()
     secret = credential.split(b" ")[-1].strip()
+    assert secret not in client.received()  # never echoed back either
     for event in events:
         text = (formatEvent(event) + repr(event)).encode("utf-8", "replace")
         assert secret not in text, text[:300]
