@@ -864,3 +864,65 @@ def test_a_cancelled_http_probe_fails_with_cancelled_error() -> None:
     probing.addBoth(seen.append)
     probing.cancel()
     assert len(seen) == 1 and not isinstance(seen[0], bool) and seen[0].check(CancelledError), seen
+
+
+# -- a Semaphore start cancelled while it re-probes a machine whose start task had finished ---------------------
+
+
+class _SemaphoreClient:
+    """A Semaphore whose recorded start task 7 has succeeded; counts the start tasks launched."""
+
+    def __init__(self) -> None:
+        self.launched: list[int] = []
+
+    def task(self, task_id: int) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed({"id": task_id, "status": "success"})
+
+    def follow(self, task_id: int, waiting_timeout: float | None = None, on_update: Any = None) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed({"id": task_id, "status": "success"})
+
+    def output(self, task_id: int) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(["done"])
+
+    def launch(self, template: int, environment: dict[str, Any], message: str = "") -> Any:
+        from twisted.internet.defer import succeed
+
+        self.launched.append(template)
+        return succeed({"id": 99, "status": "waiting"})
+
+    def detach(self) -> None:
+        pass
+
+
+@pytest.mark.unit
+@pytest.mark.xfail(strict=True, reason="finding: a Semaphore start cancelled (a stop while starting, an abandoned "
+                   "start) while it probes the machine of an already finished start task launches a new start "
+                   "task anyway: health.probe turns the CancelledError into False, so SemaphoreBackend._start "
+                   "goes on to _launch_start, provisioning a machine nobody wants, and its Deferred fires success")
+def test_a_cancelled_semaphore_start_launches_no_start_task() -> None:
+    from twisted.internet.task import Clock
+
+    from hestia.backends.semaphore.backend import SemaphoreBackend
+    from hestia.loader import parse_config
+
+    config = parse_config({
+        "semaphore": {"base_url": "http://semaphore:3000", "project_id": 1, "token_env": "SEM_TOKEN"},
+        "services": {"vm": {"url": "http://vm:1", "health": {"path": "/health"},
+                            "semaphore": {"machine_id": "m-vm", "start_template_id": 1, "stop_template_id": 2}}},
+    }, "test.yml", environ={"SEM_TOKEN": "a-semaphore-token-0123456789"})
+    agent, client = _PendingAgent(), _SemaphoreClient()
+    backend = SemaphoreBackend(config.services["vm"], Clock(), agent, client=client)  # type: ignore[arg-type]
+    backend._phase, backend._task_id = "start", 7  # recalled: start task 7 was launched before
+    starting = backend.start()
+    seen: list[Any] = []
+    starting.addBoth(seen.append)
+    assert agent.cancelled == 0 and not seen  # probing the machine task 7 brought up
+    starting.cancel()
+    assert agent.cancelled == 1
+    assert client.launched == [], "a start task was launched after the start was cancelled"
