@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from support.hestiaproc import BackendSpec, HestiaProcess, raw_request, reap_leftovers, wait_for
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
 from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
 
@@ -52,7 +54,7 @@ def body_of(raw: bytes) -> bytes:
 
 
 def forwarded_headers(hestia: MemoryHestia) -> list[dict[bytes, list[bytes]]]:
-    return [{name.lower(): values for name, values in seen.requestHeaders.getAllRawHeaders()}
+    return [{name.lower(): list(values) for name, values in seen.requestHeaders.getAllRawHeaders()}
             for seen in hestia.backend.seen]
 
 
@@ -389,7 +391,12 @@ def test_shutdown_closes_the_upstreams_pool() -> None:
     gateway = Gateway(config, MemoryReactorClock())
     assert gateway.upstream.pool is not None
     closed: list[bool] = []
-    gateway.upstream.pool.closeCachedConnections = lambda: closed.append(True) or succeed(None)  # type: ignore[method-assign]
+
+    def close() -> Any:
+        closed.append(True)
+        return succeed(None)
+
+    gateway.upstream.pool.closeCachedConnections = close  # type: ignore[method-assign]
     done: list[object] = []
     gateway.shutdown().addBoth(done.append)
     assert closed == [True] and done == [None]
@@ -548,7 +555,8 @@ def _exec_start_failure(credential: str) -> dict[str, Any]:
     hestia.settle()
     raw = client.received()
     assert statuses(raw) == [502], raw
-    return json.loads(body_of(raw))  # type: ignore[no-any-return]
+    document: dict[str, Any] = json.loads(body_of(raw))
+    return document
 
 
 @pytest.mark.unit
@@ -578,7 +586,8 @@ def test_no_token_is_ever_logged_recorded_or_echoed(credential: bytes, path: byt
     from twisted.logger import formatEvent, globalLogPublisher
 
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer: Any = events.append
+    globalLogPublisher.addObserver(observer)
     try:
         hestia = MemoryHestia(PROCESS | {"other": {"url": "http://backend:8001"}}, auth=True)
         client = hestia.request(GET % (path, b"gw", credential))
@@ -588,7 +597,7 @@ def test_no_token_is_ever_logged_recorded_or_echoed(credential: bytes, path: byt
         hestia.settle()
         hestia.advance(5)
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     assert client.received()
     secret = credential.split(b" ")[-1].strip()
     assert secret not in client.received()  # never echoed back either
@@ -819,6 +828,7 @@ def test_live_a_reload_that_replaces_a_token_reaches_the_proxy_at_once(live: Liv
 # -- a health probe that is cancelled ------------------------------------------------------------------------------
 
 
+@implementer(IAgent)
 class _PendingAgent:
     """An agent whose requests never answer; cancelling one is counted."""
 
