@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -936,3 +937,27 @@ def test_a_cancelled_semaphore_start_launches_no_start_task() -> None:
     starting.cancel()
     assert agent.cancelled == 1
     assert client.launched == [], "a start task was launched after the start was cancelled"
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason="finding: on a real Hestia, an admin whose POST /v1/services/<name>/restart"
+                   "?wait=true connection closes during the stop leaves the service stopped: the restart never "
+                   "starts it again")
+def test_live_a_restart_whose_client_leaves_during_the_stop_still_starts_the_service(tmp_path: Path) -> None:
+    slow = BackendSpec("slow", tmp_path)
+    hestia = HestiaProcess({"defaults": {"idle_timeout": 0},
+                            "services": {"slow": {**slow.service("--ignore-sigterm"), "stop_timeout": 2}}},
+                           tmp_path / "hestia").start()
+    try:
+        assert raw_request(hestia.port, b"GET /services/slow/health HTTP/1.1\r\nHost: gw").status == 200
+        with socket.create_connection(("127.0.0.1", hestia.port), timeout=5.0) as sock:
+            sock.sendall(b"POST /v1/services/slow/restart?wait=true HTTP/1.1\r\nHost: gw\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+            assert wait_for(lambda: hestia.state("slow") == "stopping", 5.0)
+        # The admin's client gave up (closed); the stop takes stop_timeout (SIGTERM is ignored), then SIGKILL.
+        wait_for(lambda: hestia.state("slow") == "ready", 10.0)
+        assert hestia.state("slow") == "ready", hestia.status("slow")
+    finally:
+        hestia.stop()
+        wait_for(lambda: not slow.running(), 5.0)
+        reap_leftovers(str(tmp_path))
