@@ -230,6 +230,15 @@ def test_the_waiting_page_shows_a_process_services_output_to_an_admin_only() -> 
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("host, path", [(b"gw", b"/services/echo/"), (b"echo.example", b"/")])
+def test_no_waiting_page_and_no_start_for_a_browser_without_a_token(host: bytes, path: bytes) -> None:
+    hestia = MemoryHestia({**PROCESS, "echo": {**PROCESS["echo"], "hosts": ["echo.example"]}}, auth=True)
+    raw = get(hestia, path, BROWSER, host=host)
+    assert statuses(raw) == [401], raw
+    assert b"x-hestia-waiting" not in raw.lower() and b"<html" not in raw.lower()
+    assert hestia.fakes["echo"].starts == []
+
+@pytest.mark.unit
 @pytest.mark.xfail(strict=True, reason="finding: the waiting page of an instances: service embeds each instance's "
                    "status whole (hestia.ui.waiting_page pops only the top-level last_error_detail), so a "
                    "service-scoped token reads every instance's last start output")
