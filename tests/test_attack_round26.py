@@ -869,10 +869,6 @@ def test_cancelling_an_http_probe_cancels_its_request_and_its_timer() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding (low): probe_http's 'except Exception: return False' swallows the "
-                   "CancelledError of a cancelled probe: its Deferred fires False, so an async caller that is "
-                   "cancelled while awaiting it (docker's _probe goes on to inspect, machine's recorded_up probes "
-                   "again) carries on as if the service had answered 'not yet'; nothing cancels a probe today")
 def test_a_cancelled_http_probe_fails_with_cancelled_error() -> None:
     from twisted.internet.defer import CancelledError
     from twisted.internet.task import Clock
@@ -921,10 +917,6 @@ class _SemaphoreClient:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: a Semaphore start cancelled (a stop while starting, an abandoned "
-                   "start) while it probes the machine of an already finished start task launches a new start "
-                   "task anyway: health.probe turns the CancelledError into False, so SemaphoreBackend._start "
-                   "goes on to _launch_start, provisioning a machine nobody wants, and its Deferred fires success")
 def test_a_cancelled_semaphore_start_launches_no_start_task() -> None:
     from twisted.internet.task import Clock
 

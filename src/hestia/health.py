@@ -13,7 +13,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -54,6 +54,8 @@ async def probe_http(agent: IAgent, reactor: IReactorTime, url: str, timeout: fl
         body = readBody(response)
         body.addTimeout(timeout, reactor)
         await body
+    except CancelledError:
+        raise  # the caller gave up (a stop, an abandoned start): not "not up yet"
     except Exception:
         return False
     return 200 <= response.code < 300
@@ -68,6 +70,8 @@ async def probe_tcp(reactor: IReactorTime, url: str, timeout: float) -> bool:
     try:
         # Factory.forProtocol(Protocol) builds plain Protocols.
         protocol = cast(Protocol, await endpoint.connect(Factory.forProtocol(Protocol)))
+    except CancelledError:
+        raise
     except Exception:
         return False
     if protocol.transport is not None:
