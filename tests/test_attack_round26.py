@@ -239,9 +239,6 @@ def test_no_waiting_page_and_no_start_for_a_browser_without_a_token(host: bytes,
     assert hestia.fakes["echo"].starts == []
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: the waiting page of an instances: service embeds each instance's "
-                   "status whole (hestia.ui.waiting_page pops only the top-level last_error_detail), so a "
-                   "service-scoped token reads every instance's last start output")
 def test_the_waiting_page_hides_an_instances_output_from_a_service_token() -> None:
     raw = _waiting_page(INSTANCES, token(ECHO_TOKEN))
     assert SECRET.encode() not in raw, re.findall(rb"last_error_detail[^\]]*\]", raw)
@@ -575,9 +572,6 @@ def test_an_exec_start_failures_output_lines_are_shown_to_an_admin() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: an exec:/machine start failure's reason is "
-                   "CommandResult.summary, which ends with the command's last output line (and holds the whole "
-                   "command line): a service-scoped token gets in 'error' what 'detail' was hidden for")
 def test_an_exec_start_failures_output_is_not_in_the_error_to_a_service_token() -> None:
     document = _exec_start_failure(ECHO_TOKEN)
     assert "detail" not in document
@@ -796,8 +790,6 @@ def test_live_an_exec_start_failure_shows_its_output_to_the_admin(live: Live) ->
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="finding: an exec: start failure's 'error' ends with the command's last "
-                   "output line (CommandResult.summary): a service-scoped token reads the output 'detail' hides")
 def test_live_an_exec_start_failure_hides_its_output_from_a_service_token(live: Live) -> None:
     response = live.get(b"/services/box2/x", token(LIVE_LAPTOP))
     assert response.status == 502, response
@@ -806,9 +798,6 @@ def test_live_an_exec_start_failure_hides_its_output_from_a_service_token(live: 
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="finding: the waiting page shows a service-scoped token the status' "
-                   "last_error (an exec: start failure's reason, ending with the command's last output line); "
-                   "only last_error_detail is removed")
 def test_live_the_waiting_page_hides_an_exec_failures_output_from_a_service_token(live: Live) -> None:
     live.get(b"/services/box2/x", token(LIVE_LAPTOP))  # failed once (the test above may have run already)
     page = live.get(b"/services/box2/", token(LIVE_LAPTOP) + BROWSER)

@@ -308,7 +308,7 @@ def test_exec_failing_stop_is_the_last_error_and_recorded(hestia: Any, tmp_path:
         assert gateway.http.get("/services/vm/health", timeout=60).status_code == 200
         status = gateway.wait_state("vm", "failed", timeout=20)
         assert "exit status 3" in status["last_error"]
-        assert "not authorized to stop i-0hestia" in status["last_error"]
+        assert "not authorized to stop i-0hestia" in status["last_error_detail"][-1]  # output: admin only
         assert "may still be awake" in status["last_error"]
         assert status["details"]["machine"] == "may be awake (stop failed)"
         assert "not authorized to stop i-0hestia" in gateway.log_text()

@@ -682,6 +682,8 @@ class ServiceLifecycle:
             self._set_state(State.STOPPED, reason, duration=duration)
         else:
             self.last_error = f"stop failed: {failure.getErrorMessage()}"
+            # A backend's own stop error carries the command's output apart (admin tokens only).
+            self.last_error_detail = failure.value.detail if isinstance(failure.value, GatewayError) else []
             self._set_state(State.FAILED, "stop failed", duration=duration, error=self.last_error)
         for watcher in self._take(self._stop_watchers):
             watcher.callback(None)

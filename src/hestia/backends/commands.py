@@ -108,11 +108,14 @@ class CommandResult:
         """The last non-blank line of output: usually the reason it failed."""
         return next((line.strip() for line in reversed(self.lines) if line.strip()), "")
 
+    def reason(self, what: str) -> str:
+        """C{stop command ssh box suspend: exit status 255}: what a client may be told (no output)."""
+        return f"{what} {describe_command(self.command)}: {self.describe()}"
+
     def summary(self, what: str) -> str:
-        """C{stop command ssh box suspend: exit status 255: ssh: connect ... refused}."""
-        text = f"{what} {describe_command(self.command)}: {self.describe()}"
+        """C{stop command ssh box suspend: exit status 255: ssh: connect ... refused}: for the log."""
         last = self.last_line()
-        return f"{text}: {last}" if last else text
+        return f"{self.reason(what)}: {last}" if last else self.reason(what)
 
 
 class _Protocol(ProcessProtocol):

@@ -33,7 +33,7 @@ from hestia.backends.commands import CommandResult, CommandRunner
 from hestia.backends.deferreds import Recall
 from hestia.config import ServiceConfig
 from hestia.coroutines import as_deferred
-from hestia.errors import StartFailed
+from hestia.errors import GatewayError, StartFailed
 from hestia.interfaces import IAdoptableBackend, IPersistentBackend, IReconfigurableBackend, IStateStore
 
 AWAKE = "awake"
@@ -44,8 +44,15 @@ PHASES = (AWAKE, SLEEP_FAILED)
 RECORDED_UP_PROBES = 3
 
 
-class StopFailed(Exception):
-    """The stop command failed: the machine may still be awake (and costing)."""
+class StopFailed(GatewayError):
+    """
+    The stop command failed: the machine may still be awake (and costing).
+
+    Its reason holds no output (anyone granted the service may read it on the
+    waiting page); the command's last lines are its C{detail}, for admin tokens.
+    """
+
+    status = 502
 
 
 
@@ -205,16 +212,17 @@ class MachineBackend:
         if result is None:
             self._log.info("{service}: no stop command, the machine is left as it is", service=self.service.name)
         elif not result.succeeded:
-            await self._sleep_failed(result.summary("stop command"))
+            self._log.error("{service}: {error}", service=self.service.name, error=result.summary("stop command"))
+            await self._sleep_failed(result.reason("stop command"), list(result.lines[-20:]))
         await self._forget()
 
     @as_deferred
-    async def _sleep_failed(self, reason: str) -> Any:
+    async def _sleep_failed(self, reason: str, detail: list[str] | None = None) -> Any:
         self.phase = SLEEP_FAILED
         self.last_stop_error = f"{reason} (the machine may still be awake)"
         self._log.error("{service}: {error}", service=self.service.name, error=self.last_stop_error)
         await self._save("failed")  # The next gateway tries again (hestia.reconcile).
-        raise StopFailed(self.last_stop_error)
+        raise StopFailed(self.last_stop_error, detail=detail)
 
     def reconfigure(self, service: ServiceConfig) -> None:
         # IReconfigurableBackend (issue 19): a reload's in-place settings (the health check).
@@ -273,4 +281,5 @@ class MachineBackend:
 
 def start_failed(result: CommandResult, what: str) -> StartFailed:
     """The error a failed start command gives waiting clients."""
-    return StartFailed(result.summary(what), detail=list(result.lines[-20:]))
+    # The output is the detail (admin tokens only): the reason is what anyone granted the service reads.
+    return StartFailed(result.reason(what), detail=list(result.lines[-20:]))

@@ -90,6 +90,10 @@ def _script_json(data: Any) -> str:
     return json.dumps(data).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
+# The status fields the waiting page reads (waiting.html), all it gets without an admin token.
+PUBLIC_STATUS = ("name", "state", "state_reason", "last_error", "last_start_duration")
+
+
 def waiting_page(lifecycle: Route, now: float, show_output: bool = True) -> bytes:
     """
     The waiting page for C{lifecycle}, with its status embedded.
@@ -99,7 +103,9 @@ def waiting_page(lifecycle: Route, now: float, show_output: bool = True) -> byte
     """
     status = lifecycle.status()
     if not show_output:
-        status.pop("last_error_detail", None)
+        # What the page shows and nothing more: a route's status also holds its
+        # instances' output, commands and settings, which are for admin tokens.
+        status = {key: status.get(key) for key in PUBLIC_STATUS}
     data = {
         "name": lifecycle.name,
         "elapsed": max(0.0, now - lifecycle.state_since),
