@@ -463,10 +463,6 @@ def test_a_restart_without_wait_is_not_undone_by_its_client_leaving() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: POST /v1/services/<name>/restart?wait=true whose client leaves "
-                   "during the stop cancels the restart chain (Klein cancels the route's Deferred, the await "
-                   "cancels lifecycle.restart's chain): the service is stopped and never started again, where "
-                   "start?wait=true and stop go on")
 def test_a_restart_with_wait_is_finished_when_its_client_leaves_during_the_stop() -> None:
     memory = _ready_process()
     fake = memory.fakes["svc"]
@@ -480,8 +476,6 @@ def test_a_restart_with_wait_is_finished_when_its_client_leaves_during_the_stop(
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: a restart?wait=true whose client leaves while the service drains "
-                   "is abandoned (the drain waiter is cancelled): no stop, no start, pending_changes stay pending")
 def test_a_restart_with_wait_is_finished_when_its_client_leaves_during_the_drain() -> None:
     from hestia.testing import MemoryGateway, StallingAgent
 
@@ -501,9 +495,6 @@ def test_a_restart_with_wait_is_finished_when_its_client_leaves_during_the_drain
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: one admin leaving a restart?wait=true fails every other "
-                   "restart?wait=true that joined it: the first one's CancelledError reaches the joiners, a text/html "
-                   "500 and a logged traceback")
 def test_a_restart_joined_by_a_second_admin_answers_it_when_the_first_leaves() -> None:
     from hestia.testing import MemoryGateway, StallingAgent
 
@@ -930,9 +921,6 @@ def test_a_cancelled_semaphore_start_launches_no_start_task() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="finding: on a real Hestia, an admin whose POST /v1/services/<name>/restart"
-                   "?wait=true connection closes during the stop leaves the service stopped: the restart never "
-                   "starts it again")
 def test_live_a_restart_whose_client_leaves_during_the_stop_still_starts_the_service(tmp_path: Path) -> None:
     slow = BackendSpec("slow", tmp_path)
     hestia = HestiaProcess({"defaults": {"idle_timeout": 0},

@@ -18,7 +18,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from hestia import __version__
-from hestia.coroutines import as_deferred
+from hestia.coroutines import as_deferred, shielded
 from hestia.errors import BadRequest, GatewayError, ServiceUnavailable, UnknownService
 from hestia.lifecycle import State
 from hestia.state import StateStoreError, StoreClosed
@@ -240,7 +240,8 @@ class ManagementAPI:
         self.gateway.route(name)
         restarting: Deferred[None] = self.gateway.restart(name)
         if _flag(request, b"wait"):
-            await restarting
+            # A client that leaves stops waiting; the restart goes on (or the service stays stopped).
+            await shielded(restarting)
             return json_body(request, self.gateway.route(name).status(), 200)
         restarting.addErrback(lambda failure: None)  # Seen in status and the log.
         return json_body(request, self.gateway.route(name).status(), 202)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -29,3 +30,27 @@ def as_deferred(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, De
         return Deferred.fromCoroutine(function(*args, **kwargs))
 
     return run
+
+
+def shielded(work: Deferred[T]) -> Deferred[T]:
+    """
+    A L{Deferred} of C{work}'s result whose cancellation leaves C{work} going.
+
+    For work that must finish whoever waits for it (a restart asked for with
+    C{?wait=true}: Klein cancels the route's Deferred when its client leaves, and a
+    cancelled restart would leave the service stopped).  C{work} must be the
+    caller's own: its result is consumed here, and a failure after the waiter left
+    is dropped (the work reports it itself: status, log).
+    """
+    waiter: Deferred[T] = Deferred()
+
+    def relay(result: T | Failure) -> None:
+        if waiter.called:  # the waiter was cancelled
+            return
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+
+    work.addBoth(relay)
+    return waiter
