@@ -519,11 +519,6 @@ def test_a_restart_joined_by_a_second_admin_answers_it_when_the_first_leaves() -
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: cancelling one state store call that waits for open() (an "
-                   "/v1/.../events or /v1/costs client that leaves while the file opens) cancels the store's "
-                   "shared open Deferred for every other caller: start-up logs 'cannot open the state database', "
-                   "and a real migration failure after that is lost (the machine backend's recall waits through "
-                   "hestia.backends.deferreds.detached for this reason; StateStore.open hands out the shared one)")
 def test_a_cancelled_store_read_leaves_the_shared_open_alone() -> None:
     from twisted.internet.defer import Deferred
 

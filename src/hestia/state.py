@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -321,7 +321,11 @@ class StateStore:
             cp_openfun=_configure,
             isolation_level=None,  # Autocommit; transactions are explicit where needed.
         )
+        # The one schema check, read by every caller; each waits on its own Deferred,
+        # so a caller that gives up (a client that left) cancels nothing for the others.
         self._opened: Deferred[int] | None = None
+        self._open_outcome: list[int | Failure] = []
+        self._open_waiters: list[Deferred[int]] = []
         self._pending: set[Deferred[Any]] = set()
         self._closing = False
 
@@ -345,9 +349,25 @@ class StateStore:
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 except OSError as error:
                     self._opened = fail(StateStoreError(self.path, f"cannot create its directory: {error}"))
-                    return self._opened
-            self._opened = self._run(_migrate)
-        return self._opened
+            if self._opened is None:
+                self._opened = self._run(_migrate)
+            self._opened.addBoth(self._open_ended)
+        if self._open_outcome:
+            outcome = self._open_outcome[0]
+            return fail(outcome) if isinstance(outcome, Failure) else succeed(outcome)
+        waiter: Deferred[int] = Deferred()
+        self._open_waiters.append(waiter)
+        return waiter
+
+    def _open_ended(self, outcome: int | Failure) -> None:
+        self._open_outcome.append(outcome)
+        for waiter in self._open_waiters:
+            if not waiter.called:  # not cancelled
+                if isinstance(outcome, Failure):
+                    waiter.errback(outcome)
+                else:
+                    waiter.callback(outcome)
+        self._open_waiters.clear()
 
     def track(self, write: Deferred[Any]) -> Deferred[Any]:
         """Remember a write until it ends, so that L{flush} can wait for it."""
