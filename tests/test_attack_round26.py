@@ -650,10 +650,6 @@ def test_a_targets_queue_timeout_bounds_the_wait_for_a_turn_when_asked_directly(
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: through a route_by: model router the wait for a turn with the "
-                   "target's backend (and the connect retries) is bounded by the router's queue_timeout "
-                   "(Exchange._queue_deadline reads self.lifecycle.config, default 120s), not the target's: the "
-                   "same bug as the response_timeout one fixed this round")
 def test_a_targets_queue_timeout_bounds_the_wait_for_a_turn_through_a_model_router() -> None:
     memory, seen = _turn_wait({}, {"queue_timeout": 5})
     assert [answer.code for answer in seen] == [504]
@@ -681,11 +677,6 @@ def _pool_turns() -> tuple[Any, Any, list[Any]]:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="finding: an instances: service's admission-window errors (queue full 503, "
-                   "turn wait 504) still name the instance as the service ('service': 'pool.0', unknown to /v1): "
-                   "the window's describe lambda in Upstream._new_admission is the instance's; this round's fix "
-                   "(in_instance) covers only the lifecycle's own errors. tests/test_proxy_errors.py "
-                   "test_a_full_admission_queue_is_a_json_503_with_retry_after pins the old naming")
 def test_an_instances_admission_errors_name_the_service_and_the_instance() -> None:
     memory, full, seen = _pool_turns()
     assert full.code == 503

@@ -299,9 +299,9 @@ def test_a_full_admission_queue_is_a_json_503_with_retry_after(route: RouteType)
     response = memory.result(route.send(memory))
     assert response.code == 503
     assert response.headers.getRawHeaders("retry-after") == ["1"]
-    # The backend's admission window belongs to the lifecycle that owns its URL.
+    # The backend's admission window belongs to the lifecycle that owns its URL (an instance is named as such).
     assert memory.json(response) == {"error": "queue full: 1 requests already waiting for the backend",
-                                     "service": route.lifecycles[0], "state": "ready", "retry_after": 1}
+                                     **route.naming(route.lifecycles[0]), "state": "ready", "retry_after": 1}
     assert not waiting and not outcome(in_progress)
 
 

@@ -28,6 +28,7 @@ from hestia.errors import (
     QueueFull,
     ResponseTimedOut,
     UpstreamUnreachable,
+    in_instance,
 )
 from hestia.headers import (
     HOP_BY_HOP,
@@ -250,8 +251,8 @@ class Exchange:
     # -- turns with the backend (issue 13: hestia.admission) -------------------------
 
     def _queue_deadline(self) -> float | None:
-        """When this request's time in the queue ends: arrival + C{queue_timeout}."""
-        timeout = self.lifecycle.config.queue_timeout
+        """When this request's time in the queue ends: arrival + the serving service's C{queue_timeout}."""
+        timeout = (self.lifecycle.config if self._lease is None else self._lease.config).queue_timeout
         return self.record.began + timeout if timeout > 0 else None
 
     def _take_turn(self, admission: Admission, first: bool = False) -> None:
@@ -542,6 +543,9 @@ class Exchange:
         error = failure.value
         if not isinstance(error, GatewayError):
             error = self._upstream_error(failure)
+        if error.service is not None and error.service not in self.gateway.services:
+            # An instance's own error (its queue, its admission window): name the service asked for.
+            error = in_instance(error, self.lifecycle.name)
         self.record.status = error.status
         self.record.error = error.reason
         self.record.error_kind = self.record.error_kind or type(error).__name__
