@@ -346,3 +346,44 @@ def test_any_file_is_a_config_or_one_config_error(tmp_path_factory: pytest.TempP
         load_config(str(path), {})
     except ConfigError as error:
         assert "\n" not in str(error) and str(error).startswith(f"{path}: ")
+
+
+# -- a bad value from the environment names its variable (found following the README, round 26) --
+
+
+@pytest.mark.parametrize(("variable", "value", "key"), [
+    ("WEB_IDLE_TIMEOUT", "soon", "services.web.idle_timeout"),
+    ("WEB_URL", "localhost:8765", "services.web.url"),
+    ("WEB_KEEP_WARM", "maybe", "services.web.keep_warm"),
+])
+def test_a_bad_value_from_the_environment_names_its_variable(variable: str, value: str, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"services": {"web": {"url": "http://127.0.0.1:1", "command": ["serve"]}}}, "hestia.yml",
+                     environ={variable: value})
+    assert raised.value.key == key and raised.value.message.endswith(f"(from ${variable})")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_bad_value_written_in_the_file_names_no_variable() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"services": {"web": {"url": "http://127.0.0.1:1", "idle_timeout": "soon"}}}, "hestia.yml",
+                     environ={"WEB_URL": "http://127.0.0.1:2"})
+    assert raised.value.key == "services.web.idle_timeout" and "(from $" not in str(raised.value)
+
+
+def test_a_bad_hestia_listen_is_blamed_on_the_variable_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "hestia.yml"
+    path.write_text("services:\n  web: {url: 'http://127.0.0.1:1'}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_checked(str(path), environ={"HESTIA_LISTEN": "8081"})
+    assert str(raised.value).startswith("$HESTIA_LISTEN: not a listening endpoint")
+
+
+def test_the_shipped_ollama_binds_where_its_url_says_whatever_the_shell_exported() -> None:
+    """README: `export OLLAMA_HOST=http://localhost:8080/services/ollama` is for clients; a Hestia started
+    from that shell passes its environment on, and `ollama serve` binds to OLLAMA_HOST."""
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(str(root / "hestia_config.yml"),
+                         environ={"OLLAMA_HOST": "http://localhost:8080/services/ollama"})
+    ollama = config.services["ollama"]
+    assert "http://" + ollama.env["OLLAMA_HOST"] == ollama.url

@@ -9,6 +9,7 @@ L{ConfigError}: one line naming the file and the key.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from twisted.internet.endpoints import serverFromString
@@ -55,6 +56,9 @@ def load_checked(
     parse_auth(config, environ)  # Token files and variables must be there now.
     if listen is not None:
         check_listen("--listen", "", listen)
+    elif (environ if environ is not None else os.environ).get("HESTIA_LISTEN"):
+        # The value is not in the file: name where it came from.
+        check_listen("$HESTIA_LISTEN", "", config.server.listen)
     else:
         check_listen(config.source, "server.listen", config.server.listen)
     if config.server.redirect_listen:

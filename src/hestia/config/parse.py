@@ -27,6 +27,7 @@ from hestia.config.model import (
     TOP_LEVEL_KEYS,
     TUNABLE_KEYS,
     Config,
+    ConfigError,
     HealthCheck,
     ServerConfig,
     ServiceConfig,
@@ -110,7 +111,22 @@ def parse_service(
         raise reader.fail(key, "service names must match [a-z0-9][a-z0-9_-]*")
     section = dict(reader.mapping(raw, key))
     reader.check_keys(section, SERVICE_KEYS | BACKEND_SECTIONS, key)
-    section.update(_environment_overrides(name, environ))
+    overrides = _environment_overrides(name, environ)
+    section.update(overrides)
+    try:
+        return _parse_service(reader, name, section, defaults, environ, key)
+    except ConfigError as error:
+        # A value from the environment is not in the file: say where it came from.
+        field = error.key.removeprefix(key + ".").split(".", 1)[0]
+        if field in overrides and error.key.startswith(key + "."):
+            variable = f"{env_prefix(name)}_{field.upper()}"
+            raise ConfigError(error.source, error.key, f"{error.message} (from ${variable})") from None
+        raise
+
+
+def _parse_service(
+    reader: Reader, name: str, section: dict[str, Any], defaults: Tunables, environ: Mapping[str, str], key: str
+) -> ServiceConfig:
     _semaphore_environment(reader, name, section, environ, key)
 
     routing = {routing_key: section[routing_key] for routing_key in ROUTING_KEYS & set(section)}
