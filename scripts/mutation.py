@@ -43,6 +43,8 @@ MUTMUT = [str(Path(sys.executable).with_name("mutmut"))]
 # mutated line contains, why that change is equivalent).  A surviving mutant of that function
 # whose change does not contain the text is counted like any other.
 CASE = "header names are case-insensitive in Headers"
+PORT_UNUSED = ("BrowserLikePolicyForHTTPS.creatorForNetloc ignores the port (the TLS name is the host's), and no "
+               "other policy is ever passed")
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
@@ -104,6 +106,10 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy._resources.xǁServiceProxyResourceǁ__init__": [
         ("        None,", "ReverseProxyResource's host is never read: render and getChild are Hestia's own")],
     "hestia.proxy._resources.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.upstream.xǁBackendEndpointFactoryǁendpointForURI": [
+        ('decode("ASCII")', "codec names are case-insensitive"),
+        ("creatorForNetloc(uri.host, None)", PORT_UNUSED)],
+    "hestia.upstream.xǁAttemptEndpointFactoryǁendpointForURI": [("creatorForNetloc(uri.host, None)", PORT_UNUSED)],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
     "hestia.routing.xǁModelRouteǁacquire_passive": [
