@@ -48,6 +48,7 @@ CODEC = "codec names are case-insensitive"
 REASONS = "every ResponseFailed (ResponseNeverReceived too) sets reasons in __init__: the default is never used"
 UNREAD_HOST = "ReverseProxyResource's host is never read: render and getChild are Hestia's own"
 UNREAD_GATEWAY = "nothing reads a ServicesResource's gateway: getChild asks its ServiceResources"
+TIMEOUT_IS_CONNECT = "twisted.internet.error.TimeoutError is a ConnectError: checking ConnectError alone matches it"
 CAST = "typing.cast returns its second argument unchanged at run time"
 PORT_UNUSED = ("BrowserLikePolicyForHTTPS.creatorForNetloc ignores the port (the TLS name is the host's), and no "
                "other policy is ever passed")
@@ -105,7 +106,11 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
          "takes no admission turn, so its failed connect is not retried through _send)"),
         ("self._body_at = 1.0", "read only by the body idle timer, which _start_body_idle_timer arms after setting"),
         ("self._body_at = None", "read only by the body idle timer, which _start_body_idle_timer arms after setting")],
-    "hestia.proxy._exchange.x__connect_failure": [('"reasons", None)', REASONS)],
+    "hestia.proxy._exchange.x__connect_failure": [('"reasons", None)', REASONS),
+                                                ("check(ConnectError, None)", TIMEOUT_IS_CONNECT),
+                                                ("check(ConnectError, )", TIMEOUT_IS_CONNECT)],
+    "hestia.proxy._exchange.xǁExchangeǁ_fail_over": [("check(ConnectError, None)", TIMEOUT_IS_CONNECT),
+                                                    ("check(ConnectError, )", TIMEOUT_IS_CONNECT)],
     "hestia.proxy._exchange.x__refused": [('"reasons", )', REASONS), ('"reasons", None)', REASONS)],
     "hestia.proxy._exchange.xǁExchangeǁ_take_turn": [
         ("self._failed(Failure(None))", "inside the except block a Failure of nothing takes the exception being "

@@ -1089,6 +1089,7 @@ def test_an_upgrade_goes_with_the_backends_host_and_a_refused_one_is_recorded() 
     from hestia.testing import MemoryHestia, statuses
 
     hestia = MemoryHestia({"echo": {"url": "http://backend:8000"}})
+    hestia.reactor.advance(100)  # times are differences, not reactor times
     client = hestia.request(UPGRADE)
     [upgrade] = hestia.upgrades.connections
     assert b"\r\nHost: backend:8000\r\n" in upgrade.sent()

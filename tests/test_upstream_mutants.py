@@ -89,6 +89,16 @@ def test_the_own_client_connects_with_a_5s_timeout_and_keeps_the_connection_for_
     assert outcome(second).code == 200
 
 
+def test_the_own_client_keeps_at_most_max_backend_connections_idle_per_backend() -> None:
+    reactor, upstream = own(max_backend_connections=1)
+    pending = [upstream.agent.request(b"GET", b"http://10.0.0.7:8123/" + name) for name in (b"a", b"b")]
+    first, second = connect(reactor, 0), connect(reactor, 1)
+    for transport, request in zip((first, second), pending):
+        transport.protocol.dataReceived(OK)
+        assert outcome(readBody(outcome(request))) == b"ok"
+    assert first.disconnecting and not second.disconnecting  # one idle connection kept, the other closed
+
+
 def test_a_request_a_reused_connection_loses_unanswered_is_sent_again_on_a_new_one() -> None:
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
