@@ -101,6 +101,7 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy._exchange.xǁExchangeǁ__init__": [
         ('"ASCII"', "codec names are case-insensitive"),
         ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false"),
+        ("self._early = None", FALSY),
         ("self._backend_headers: list[tuple[bytes, list[bytes]]] = None",
          "read only by _send, which a request reaches through _forward's plain branch, which sets it (an upgrade "
          "takes no admission turn, so its failed connect is not retried through _send)"),
@@ -129,7 +130,7 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ('self._pending = ""', "reassigned below before anything reads it, or the client is gone and nothing will")],
     "hestia.proxy._resources.xǁServiceProxyResourceǁ__init__": [
         ("        None,", UNREAD_HOST), ('target.hostname and "localhost"', UNREAD_HOST),
-        ("target.port and 80", UNREAD_HOST),
+        ("target.port and 80", UNREAD_HOST), ('"XXlocalhostXX"', UNREAD_HOST), ("target.port or 81", UNREAD_HOST),
         ('encode("ASCII")', CODEC)],
     "hestia.proxy._resources.xǁServiceProxyResourceǁ_route": [('encode("ASCII")', CODEC)],
     "hestia.proxy._resources.xǁServicesResourceǁ__init__": [("self.gateway = None", UNREAD_GATEWAY)],
@@ -138,7 +139,10 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
         ("Authenticator(AuthConfig(), None)", "with no tokens authentication is off: check_service and check_admin "
                                               "return before the clock is read (only a failed token reads it)")],
     "hestia.proxy._resources.xǁGatewayRootǁgetChildWithDefault": [
-        ('getHeader(b"HOST")', "Request.getHeader looks names up case-insensitively")],
+        ('getHeader(b"HOST")', "Request.getHeader looks names up case-insensitively"),
+        ("getChildWithDefault(path, None)", "Resource.getChildWithDefault passes the request only to getChild, and "
+                                            "GatewayRoot.getChild does not read it")],
+    "hestia.proxy._resources.xǁErrorResourceǁrender": [('b"X-REQUEST-ID"', CASE)],
     "hestia.proxy._resources.x__refusing": [
         ("error.reason, None, error.service)",
          "every error _refusing is given is an UnknownService (ServicesResource's, ErrorResource's), which never has "
@@ -147,7 +151,11 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.upstream.xǁBackendEndpointFactoryǁendpointForURI": [
         ('decode("ASCII")', "codec names are case-insensitive"),
         ("creatorForNetloc(uri.host, None)", PORT_UNUSED)],
-    "hestia.upstream.xǁAttemptEndpointFactoryǁendpointForURI": [("creatorForNetloc(uri.host, None)", PORT_UNUSED)],
+    "hestia.upstream.xǁAttemptEndpointFactoryǁendpointForURI": [("creatorForNetloc(uri.host, None)", PORT_UNUSED),
+                                                                ('decode("ASCII")', CODEC)],
+    "hestia.upstream.xǁUpstreamǁagent_for_attempt": [
+        ("min(attempt, 13)", "CONNECT_RETRY.timeout reaches max_timeout (5 s) by attempt 7 at the latest "
+                             "(0.05 s x 2**7): attempts 12 and 13 connect with the same timeout")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
     "hestia.routing.xǁModelRouteǁacquire_passive": [
