@@ -43,6 +43,15 @@ MUTMUT = [str(Path(sys.executable).with_name("mutmut"))]
 # mutated line contains, why that change is equivalent).  A surviving mutant of that function
 # whose change does not contain the text is counted like any other.
 CASE = "header names are case-insensitive in Headers"
+FALSY = "the flag is only tested for truth: None and False are both false"
+CODEC = "codec names are case-insensitive"
+REASONS = "every ResponseFailed (ResponseNeverReceived too) sets reasons in __init__: the default is never used"
+UNREAD_HOST = "ReverseProxyResource's host is never read: render and getChild are Hestia's own"
+UNREAD_GATEWAY = "nothing reads a ServicesResource's gateway: getChild asks its ServiceResources"
+TIMEOUT_IS_CONNECT = "twisted.internet.error.TimeoutError is a ConnectError: checking ConnectError alone matches it"
+CAST = "typing.cast returns its second argument unchanged at run time"
+PORT_UNUSED = ("BrowserLikePolicyForHTTPS.creatorForNetloc ignores the port (the TLS name is the host's), and no "
+               "other policy is ever passed")
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
@@ -82,7 +91,8 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.guard.xǁGuardedRequestǁprocess": [
         ("APPLICATION/JSON", "media types are case-insensitive (RFC 9110, 8.3.1)")],
     "hestia.proxy._exchange.x__client_headers": [('b"CONNECTION"', CASE)],
-    "hestia.proxy._errors.x_write_error": [('b"RETRY-AFTER"', CASE), ('b"CONTENT-TYPE"', CASE),
+    "hestia.proxy._errors.x_write_error": [('"_disconnected", None)', FALSY),
+                                           ('b"RETRY-AFTER"', CASE), ('b"CONTENT-TYPE"', CASE),
                                            ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE), ('b"SERVER"', CASE)],
     "hestia.proxy._exchange.xǁExchangeǁ_respond": [
         ('b"CONTENT-LENGTH"', CASE), ('b"X-REQUEST-ID"', CASE),
@@ -91,19 +101,61 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.proxy._exchange.xǁExchangeǁ__init__": [
         ('"ASCII"', "codec names are case-insensitive"),
         ("self._answered_by_gateway = None", "the flag is only tested for truth: None and False are both false"),
+        ("self._early = None", FALSY),
         ("self._backend_headers: list[tuple[bytes, list[bytes]]] = None",
          "read only by _send, which a request reaches through _forward's plain branch, which sets it (an upgrade "
          "takes no admission turn, so its failed connect is not retried through _send)"),
-        ("self._body_at = 1.0", "read only by the body idle timer, which _start_body_idle_timer arms after setting")],
+        ("self._body_at = 1.0", "read only by the body idle timer, which _start_body_idle_timer arms after setting"),
+        ("self._body_at = None", "read only by the body idle timer, which _start_body_idle_timer arms after setting")],
+    "hestia.proxy._exchange.x__connect_failure": [('"reasons", None)', REASONS),
+                                                ("check(ConnectError, None)", TIMEOUT_IS_CONNECT),
+                                                ("check(ConnectError, )", TIMEOUT_IS_CONNECT)],
+    "hestia.proxy._exchange.xǁExchangeǁ_fail_over": [("check(ConnectError, None)", TIMEOUT_IS_CONNECT),
+                                                    ("check(ConnectError, )", TIMEOUT_IS_CONNECT)],
+    "hestia.proxy._exchange.x__refused": [('"reasons", )', REASONS), ('"reasons", None)', REASONS)],
+    "hestia.proxy._exchange.xǁExchangeǁ_take_turn": [
+        ("self._failed(Failure(None))", "inside the except block a Failure of nothing takes the exception being "
+                                        "handled: the same QueueFull"),
+        ("if first and admission.try_take()", "wait() admits at once when there is room (queue_limit is at least 1, "
+                                              "and nobody waits while there is room): the same turn try_take gives")],
+    "hestia.proxy._exchange.xǁExchangeǁ_body_idle": [("cast(None, ", CAST)],
+    "hestia.proxy._exchange.xǁExchangeǁ_finished": [("cast(None, ", CAST)],
     "hestia.proxy._exchange.x__describe_upstream_failure": [
         ('"reasons", None)', "only tested for truth: a missing list and an empty one both fall through")],
     "hestia.proxy._exchange.xǁExchangeǁ_open_early": [
-        ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first")],
+        ("now=None", "LoopingCall.start only tests now for truth: None and False both wait a period first"),
+        ('b"CONTENT-TYPE"', CASE), ('b"CACHE-CONTROL"', CASE), ('b"X-REQUEST-ID"', CASE), ('b"X-HESTIA-STATE"', CASE),
+        ('removeHeader(b"SERVER")', CASE)],
     "hestia.proxy._exchange.xǁExchangeǁ_send": [
         ('self._pending = ""', "reassigned below before anything reads it, or the client is gone and nothing will")],
     "hestia.proxy._resources.xǁServiceProxyResourceǁ__init__": [
-        ("        None,", "ReverseProxyResource's host is never read: render and getChild are Hestia's own")],
+        ("        None,", UNREAD_HOST), ('target.hostname and "localhost"', UNREAD_HOST),
+        ("target.port and 80", UNREAD_HOST), ('"XXlocalhostXX"', UNREAD_HOST), ("target.port or 81", UNREAD_HOST),
+        ('encode("ASCII")', CODEC)],
+    "hestia.proxy._resources.xǁServiceProxyResourceǁ_route": [('encode("ASCII")', CODEC)],
+    "hestia.proxy._resources.xǁServicesResourceǁ__init__": [("self.gateway = None", UNREAD_GATEWAY)],
+    "hestia.proxy._resources.xǁGatewayRootǁ__init__": [
+        ("ServicesResource(None,", UNREAD_GATEWAY),
+        ("Authenticator(AuthConfig(), None)", "with no tokens authentication is off: check_service and check_admin "
+                                              "return before the clock is read (only a failed token reads it)")],
+    "hestia.proxy._resources.xǁGatewayRootǁgetChildWithDefault": [
+        ('getHeader(b"HOST")', "Request.getHeader looks names up case-insensitively"),
+        ("getChildWithDefault(path, None)", "Resource.getChildWithDefault passes the request only to getChild, and "
+                                            "GatewayRoot.getChild does not read it")],
+    "hestia.proxy._resources.xǁErrorResourceǁrender": [('b"X-REQUEST-ID"', CASE)],
+    "hestia.proxy._resources.x__refusing": [
+        ("error.reason, None, error.service)",
+         "every error _refusing is given is an UnknownService (ServicesResource's, ErrorResource's), which never has "
+         "a retry_after")],
     "hestia.proxy._resources.xǁServicesResourceǁgetChild": [('"ASCII"', "codec names are case-insensitive")],
+    "hestia.upstream.xǁBackendEndpointFactoryǁendpointForURI": [
+        ('decode("ASCII")', "codec names are case-insensitive"),
+        ("creatorForNetloc(uri.host, None)", PORT_UNUSED)],
+    "hestia.upstream.xǁAttemptEndpointFactoryǁendpointForURI": [("creatorForNetloc(uri.host, None)", PORT_UNUSED),
+                                                                ('decode("ASCII")', CODEC)],
+    "hestia.upstream.xǁUpstreamǁagent_for_attempt": [
+        ("min(attempt, 13)", "CONNECT_RETRY.timeout reaches max_timeout (5 s) by attempt 7 at the latest "
+                             "(0.05 s x 2**7): attempts 12 and 13 connect with the same timeout")],
     "hestia.routing.x__write_json": [
         ('b"head"', "Twisted's Request.write sends no body for HEAD whatever the caller does")],
     "hestia.routing.xǁModelRouteǁacquire_passive": [

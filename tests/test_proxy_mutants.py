@@ -812,3 +812,340 @@ def test_an_upgrade_the_backend_never_answers_is_a_504_at_response_timeout() -> 
     assert statuses(client.received()) == [504]
     assert upgrade.transport.disconnecting
     assert hestia.gateway.route("echo").in_flight == 0
+
+
+# -- round G (issue 21): the proxy package's survivors, seeds 23 and 11 --------------------------
+
+
+class Answer:
+    """An IResponse with the headers (and the connection headers) the test chooses, and a body it drives."""
+
+    phrase, length = b"OK", UNKNOWN_LENGTH
+
+    def __init__(self, headers: dict[bytes, list[bytes]], connection: dict[bytes, list[bytes]] | None = None,
+                 code: int = 200) -> None:
+        self.code = code
+        self.headers = Headers(headers)
+        if connection is not None:
+            self.connection_headers = Headers(connection)
+        self.protocol: Any = None
+        self.transport = StringTransport()
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 -- Twisted's name
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+def rendered(answer: Answer) -> tuple[DummyRequest, list[Any]]:
+    """A GET to web rendered on a DummyRequest, answered by C{answer}: the request and its registered producers."""
+    agent = StallingAgent()
+    harness = echoing({"web": {"url": "http://backend:8000"}}, agent=lambda inner: agent)
+    request = dummy()
+    request.uri, request.method = b"/services/web/x", b"GET"
+    request.isSecure = lambda: False  # type: ignore[method-assign]
+    producers: list[Any] = []
+    request.registerProducer = lambda producer, streaming: producers.append(producer)  # type: ignore[method-assign]
+    request.unregisterProducer = lambda: producers.clear()  # type: ignore[method-assign]
+    ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
+    harness.settle()
+    agent.sent[0].callback(answer)
+    return request, producers
+
+
+def test_headers_the_backends_connection_header_names_are_dropped() -> None:
+    request, _ = rendered(Answer({b"connection": [b"x-private"], b"x-private": [b"secret"], b"x-public": [b"ok"]}))
+    headers = request.responseHeaders
+    assert not headers.hasHeader(b"x-private") and not headers.hasHeader(b"connection")
+    assert headers.getRawHeaders(b"x-public") == [b"ok"]
+
+
+def test_a_content_length_filed_with_the_connection_headers_reaches_the_client_once() -> None:
+    # Hestia's own client (hestia.upstream._ClientProtocol) files Content-Length with them.
+    request, _ = rendered(Answer({b"x-public": [b"ok"]}, connection={b"content-length": [b"3", b"4"]}))
+    assert request.responseHeaders.getRawHeaders(b"content-length") == [b"4"]
+
+
+def test_a_client_that_cannot_keep_up_pauses_the_backend_connection() -> None:
+    answer = Answer({b"content-type": [b"text/plain"]})
+    request, producers = rendered(answer)
+    assert producers == [answer.transport]  # the client's channel pauses it when its buffer fills
+    producers[0].pauseProducing()
+    assert answer.transport.producerState == "paused"
+
+
+def test_a_tcp_clients_address_is_recorded_and_forwarded() -> None:
+    harness = echoing({"web": {"url": "http://backend:8000"}})
+    records = recording(harness)
+    response = harness.result(harness.request("GET", "/services/web/x"))
+    echoed = harness.json(response)
+    forwarded = {name.lower(): values for name, values in echoed["headers"]}["x-forwarded-for"]
+    harness.settle()
+    [record] = records
+    assert record.client != "unix" and forwarded == [record.client]
+
+
+def test_the_record_names_the_token_a_request_came_with() -> None:
+    from hestia.testing import ECHO_TOKEN, MemoryHestia, statuses
+
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000"}}, auth=True)
+    client = hestia.request(b"GET /services/echo/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                            + ECHO_TOKEN.encode() + b"\r\n\r\n")
+    hestia.settle()
+    assert statuses(client.received()) == [200]
+    assert [record.token_name for record in hestia.memory.records] == ["echo"]
+
+
+def test_a_request_without_a_token_is_a_401_naming_the_service() -> None:
+    from hestia.testing import MemoryHestia, statuses
+
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000"}}, auth=True)
+    client = hestia.request(b"GET /services/echo/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    hestia.settle()
+    received = client.received()
+    assert statuses(received) == [401]
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["service"] == "echo"
+
+
+def test_a_response_timeout_is_recorded_and_logged_with_the_service_method_and_path() -> None:
+    from test_admission import holding
+    from twisted.logger import capturedLogs, formatEvent
+
+    harness = holding({"url": "http://127.0.0.1:9", "response_timeout": 5}, agent=lambda traversal: StallingAgent())
+    hung = harness.get("/services/svc/hung")
+    harness.settle()
+    with capturedLogs() as captured:
+        harness.reactor.advance(5)
+    assert harness.result(hung).code == 504
+    harness.settle()
+    [record] = harness.records
+    assert (record.status, record.error_kind) == (504, "response_timeout")
+    assert "svc: no response within 5.0s to GET /services/svc/hung: answered 504" in [
+        formatEvent(event) for event in captured]
+
+
+def started_stream(harness: MemoryGateway) -> tuple[list[bytes], Deferred[Any]]:
+    """A held loading-events stream to qwen, whose start then completes: its chunks and its end."""
+    response = harness.result(harness.request("POST", "/services/ai/v1/chat/completions", data=STREAM))
+    chunks: list[bytes] = []
+    done = response.collect(chunks.append)
+    fake = harness.fakes["qwen"]
+    fake.finish_start()
+    harness.reactor.advance(0.01)
+    harness.settle()
+    fake.answer_probe(True)
+    harness.settle()
+    return chunks, done
+
+
+def last_error_event(chunks: list[bytes]) -> Any:
+    last = b"".join(chunks).split(b"\n\n")[-2]
+    assert last.startswith(b"data: ")
+    return json.loads(last[len(b"data: "):])["error"]
+
+
+def test_an_early_stream_the_backend_never_answers_ends_with_a_response_timeout_event() -> None:
+    harness = echoing({
+        "ai": {"route_by": "model", "loading_events": True},
+        "qwen": {"url": "http://qwen:1", "command": ["qwen"], "models": ["qwen2.5:7b"], "response_timeout": 5},
+    }, agent=lambda inner: StallingAgent())
+    chunks, done = started_stream(harness)
+    harness.reactor.advance(5)
+    harness.settle()
+    harness.result(done)
+    assert last_error_event(chunks) == {"message": "backend sent no response within response_timeout 5s",
+                                        "type": "server_error", "param": None, "code": "ResponseTimedOut"}
+
+
+class Refusing(Resource):
+    """A backend that answers every request with C{code} and C{body}."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, body: bytes) -> None:
+        super().__init__()
+        self.code, self.body = code, body
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.code)
+        return self.body
+
+
+def test_an_early_stream_refused_with_an_openai_error_passes_that_error_on() -> None:
+    error = {"message": "bad model", "type": "invalid_request_error", "param": "model", "code": "nope"}
+    harness = loading_harness(backend=Refusing(400, json.dumps({"error": error}).encode()))
+    chunks, done = started_stream(harness)
+    harness.result(done)
+    assert last_error_event(chunks) == error
+
+
+def test_an_early_streams_refusal_that_is_not_utf8_is_shown_readably() -> None:
+    harness = loading_harness(backend=Refusing(500, b"\xff\xfe bad"))
+    chunks, done = started_stream(harness)
+    harness.result(done)
+    assert last_error_event(chunks)["message"] == "backend answered 500: \ufffd\ufffd bad"
+
+
+def test_an_early_streams_refusal_whose_body_breaks_off_says_its_status() -> None:
+    agent = StallingAgent()
+    harness = loading_harness(agent=lambda inner: agent)
+    chunks, done = started_stream(harness)
+    refusal = FakeResponse(Failure(ResponseFailed([Failure(ConnectionLost("reset"))])))
+    refusal.code = 503
+    agent.sent[-1].callback(refusal)
+    harness.settle()
+    harness.result(done)
+    assert last_error_event(chunks) == {"message": "backend answered 503: ", "type": "server_error", "param": None,
+                                        "code": None}
+
+
+def test_a_connect_timeout_fails_over_to_the_next_instance() -> None:
+    harness = echoing({"pool": {"strategy": "failover",
+                                "instances": [{"url": "http://first:1"}, {"url": "http://second:2"}]}},
+                      agent=lambda inner: RefusingAgent(inner, only={b"http://first:1"}, error=TimeoutError))
+    response = harness.result(harness.request("GET", "/services/pool/x"))
+    assert response.code == 200
+    assert harness.agent.asked == [b"http://first:1/x", b"http://second:2/x"]  # type: ignore[attr-defined]
+
+
+def test_with_no_queue_timeout_a_request_waits_for_its_turn_as_long_as_it_takes() -> None:
+    from test_admission import holding
+
+    harness = holding({"url": "http://127.0.0.1:9", "max_concurrency": 1, "queue_timeout": 0})
+    first, second = harness.get("/services/svc/1"), harness.get("/services/svc/2")
+    harness.settle()
+    harness.reactor.advance(3600)
+    harness.settle()
+    assert len(harness.backend.held) == 1  # type: ignore[attr-defined]
+    assert harness.status("svc")["concurrency"]["waiting"] == 1  # still waiting: no 503, no 504
+    harness.backend.finish(1)  # type: ignore[attr-defined]
+    harness.settle()
+    harness.backend.finish(1)  # type: ignore[attr-defined]
+    assert harness.result(first).code == 200 and harness.result(second).code == 200
+
+
+def test_a_model_routes_body_is_cut_at_the_serving_services_idle_timeout() -> None:
+    from test_admission import HeldBackend
+
+    harness = MemoryGateway({
+        "ai": {"route_by": "model"},
+        "qwen": {"url": "http://qwen:1", "models": ["qwen2.5:7b"], "response_idle_timeout": 3},
+    }, backend=HeldBackend())
+    answer = harness.request("POST", "/services/ai/v1/chat/completions", data=b'{"model": "qwen2.5:7b"}')
+    harness.settle()
+    [held] = harness.backend.held  # type: ignore[attr-defined]
+    held.write(b"first")
+    response = harness.result(answer)
+    body: list[Any] = []
+    response.content().addBoth(body.append)
+    harness.reactor.advance(3)  # qwen's 3 s, not the router's default of 300
+    harness.settle()
+    assert len(body) == 1 and isinstance(body[0], Failure)
+    body[0].trap(Exception)
+
+
+def test_each_connect_retry_uses_the_next_attempts_client_in_the_same_window() -> None:
+    from test_admission import HeldBackend
+
+    harness = MemoryGateway({"svc": {"url": "http://127.0.0.1:9", "queue_timeout": 30}}, backend=HeldBackend(),
+                            agent=lambda inner: RefusingAgent(inner, times=2, error=TimeoutError))
+    upstream = harness.gateway.upstream
+    attempts: list[int] = []
+    agent_for = upstream.agent_for_attempt
+    upstream.agent_for_attempt = lambda attempt: attempts.append(attempt) or agent_for(attempt)  # type: ignore[method-assign]
+    answer = harness.get("/services/svc/x")
+    for _ in range(40):
+        harness.settle()
+        harness.reactor.advance(0.05)
+    assert attempts == [0, 1, 2]  # the connect timeout grows by attempt (hestia.upstream)
+    assert len(harness.backend.held) == 1  # type: ignore[attr-defined]
+    assert harness.status("svc")["concurrency"]["active"] == 1  # the retry's turn is in svc's window
+    harness.backend.finish(1)  # type: ignore[attr-defined]
+    assert harness.result(answer).code == 200
+
+
+def test_a_client_leaving_during_the_connect_retry_pause_gives_up_its_retry() -> None:
+    from test_admission import HeldBackend
+
+    harness = MemoryGateway({"svc": {"url": "http://127.0.0.1:9", "max_concurrency": 1, "queue_timeout": 30}},
+                            backend=HeldBackend(),
+                            agent=lambda inner: RefusingAgent(inner, only={b"http://127.0.0.1:9/a"}, error=TimeoutError))
+    leaving = harness.get("/services/svc/a")
+    waiting = harness.get("/services/svc/b")
+    harness.settle()  # a's connect failed: b has the turn, a waits out its pause
+    assert len(harness.backend.held) == 1  # type: ignore[attr-defined]
+    leaving.addErrback(lambda _: None)
+    leaving.cancel()
+    harness.settle()
+    harness.reactor.advance(1)
+    harness.settle()
+    assert harness.status("svc")["concurrency"]["waiting"] == 0  # a's retry did not come back for a turn
+    harness.backend.finish(1)  # type: ignore[attr-defined]
+    assert harness.result(waiting).code == 200
+
+
+def test_an_upgrade_goes_with_the_backends_host_and_a_refused_one_is_recorded() -> None:
+    from test_request_hardening import UPGRADE
+
+    from hestia.testing import MemoryHestia, statuses
+
+    hestia = MemoryHestia({"echo": {"url": "http://backend:8000"}})
+    hestia.reactor.advance(100)  # times are differences, not reactor times
+    client = hestia.request(UPGRADE)
+    [upgrade] = hestia.upgrades.connections
+    assert b"\r\nHost: backend:8000\r\n" in upgrade.sent()
+    hestia.advance(2)
+    upgrade.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    hestia.settle()
+    upgrade.close()
+    hestia.settle()
+    assert statuses(client.received()) == [403]
+    [record] = hestia.memory.records
+    assert (record.status, record.upstream) == (403, 2.0)
+    assert record.bytes == 2  # the refusal's body, relayed
+
+
+def test_a_path_escaping_its_service_is_a_400_saying_so() -> None:
+    harness = echoing({"web": {"url": "http://backend:8000"}})
+    request = dummy()
+    request.uri, request.method = b"/services/web/..%2f..%2fv1/services", b"GET"
+    ServiceProxyResource(harness.gateway, "web", OPEN).render(request)
+    assert request.responseCode == 400
+    assert json.loads(b"".join(request.written))["error"] == "path escapes /services/web/"
+
+
+def test_a_host_routed_monitor_request_goes_without_a_prefix() -> None:
+    harness = echoing({"web": {"url": "http://backend:8000", "hosts": ["web.example"],
+                               "passive": {"paths": ["/healthz"]}}})
+    request = dummy()
+    request.uri, request.method = b"/healthz", b"GET"
+    request.isSecure = lambda: False  # type: ignore[method-assign]
+    request.registerProducer = lambda producer, streaming: None  # type: ignore[method-assign]
+    request.unregisterProducer = lambda: None  # type: ignore[method-assign]
+    ServiceProxyResource(harness.gateway, "web", OPEN, host_routed=True).render(request)
+    harness.settle()
+    echoed = json.loads(b"".join(request.written))
+    headers = {name.lower() for name, _ in echoed["headers"]}
+    assert echoed["uri"] == "/healthz" and "x-forwarded-prefix" not in headers
+
+
+def test_the_head_check_of_an_unknown_service_names_it() -> None:
+    from hestia.proxy import GatewayRoot
+
+    harness = echoing({"web": {"url": "http://backend:8000"}})
+    request = dummy()
+    services = GatewayRoot(harness.gateway, Resource()).getChildWithDefault(b"services", request)
+    denied = services.getChild(b"nope", request).check_head(request)
+    assert (denied.status, denied.reason, denied.service) == (404, "no such service", "nope")
+
+
+def test_a_services_proxy_resource_is_built_once_per_route() -> None:
+    from hestia.loader import parse_config
+    from hestia.proxy import GatewayRoot
+
+    harness = echoing({"web": {"url": "http://backend:8000"}})
+    resources = GatewayRoot(harness.gateway, Resource()).resources
+    first = resources.get("web")
+    assert resources.get("web") is first and resources.get("web", host_routed=True) is not first
+    harness.gateway.apply(parse_config({"services": {"web": {"url": "http://backend:9000"}}}, "t.yml", {}))
+    harness.settle()
+    assert resources.get("web") is not first  # a reload's new route: a new resource
