@@ -54,7 +54,13 @@ PORT_UNUSED = ("BrowserLikePolicyForHTTPS.creatorForNetloc ignores the port (the
                "other policy is ever passed")
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
-        ('self._start_reason = "XXXX"', "read only after _begin_start has set it")],
+        ('self._start_reason = "XXXX"', "read only after _begin_start has set it"),
+        ('self._pending: Deferred[Any] | None = ""',
+         "read only by _abandon_start, which runs only for a start begun, and every start sets it first")],
+    "hestia.lifecycle.xǁServiceLifecycleǁrelease_hold": [
+        ("if not self.holds or not (self._idle_call",
+         "no idle timer runs while a hold is held (hold cancels it, _arm_idle_timer refuses with holds): with "
+         "holds left the extra _arm_idle_timer call does nothing, without holds both conditions are true")],
     "hestia.lifecycle.xǁLeaseǁ__init__": [
         ("self._released = None", "the flag is only tested for truth: None and False are both false")],
     "hestia.lifecycle.xǁServiceLifecycleǁ_abandon_start": [

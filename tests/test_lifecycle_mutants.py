@@ -872,3 +872,108 @@ def test_the_last_second_of_a_cooldown_is_still_shown() -> None:
     assert lifecycle.status()["cooldown_until"] == iso_time(third + ServiceLifecycle.COOLDOWN)
     clock.advance(0.5)
     assert lifecycle.status()["cooldown_until"] is None
+
+
+# -- round H: the survivors of seed 31 ---------------------------------------------------------
+
+
+def test_a_fresh_service_shows_an_empty_error_detail() -> None:
+    lifecycle, _, _, _ = make()
+    assert lifecycle.status()["last_error_detail"] == []
+
+
+def test_a_fresh_service_shut_down_before_any_start_cancels_nothing() -> None:
+    lifecycle, backend, _, _ = make()
+    done = outcome(lifecycle.shutdown())
+    assert done == [None] and backend.starts == [] and lifecycle.state is State.STOPPED
+
+
+def test_a_start_timeout_of_one_second_is_kept() -> None:
+    lifecycle, backend, clock, _ = make(start_timeout=1)
+    waiting = outcome(lifecycle.acquire())
+    backend.finish_start()  # started, but never ready
+    clock.advance(1)
+    assert lifecycle.state is State.FAILED
+    assert waiting and "not ready after start_timeout 1s" in str(waiting[0].value)
+
+
+def test_a_reload_that_turns_start_timeout_off_lets_a_start_under_way_take_its_time() -> None:
+    lifecycle, backend, clock, _ = make(start_timeout=30)
+    waiting = outcome(lifecycle.acquire())
+    backend.finish_start()
+    clock.advance(5)
+    relaxed = parse_config({"services": {"svc": {"url": "http://127.0.0.1:9", "command": ["true"],
+                                                 "start_timeout": 0, "queue_timeout": 0}}},
+                           "test.yml", environ={}).services["svc"]
+    lifecycle.reconfigure(relaxed)
+    clock.advance(600)
+    assert lifecycle.state is State.STARTING and not waiting
+    backend.answer_probe(True)
+    assert lifecycle.state is State.READY and isinstance(waiting[0], Lease)
+
+
+def test_releasing_one_hold_keeps_the_service_up_while_another_holds_it() -> None:
+    lifecycle, backend, clock, events = make(idle_timeout=10)
+    lifecycle.hold("schedule")
+    lifecycle.hold("prewarm")
+    outcome(lifecycle.start())
+    become_ready(lifecycle, backend, clock)
+    lifecycle.release_hold("prewarm")
+    clock.advance(60)
+    assert lifecycle.state is State.READY  # "schedule" still holds it
+    lifecycle.release_hold("schedule")
+    clock.advance(10)
+    assert lifecycle.state is State.STOPPING
+
+
+def test_a_stop_without_a_reason_is_the_apis() -> None:
+    lifecycle, backend, clock, events = make()
+    outcome(lifecycle.start())
+    become_ready(lifecycle, backend, clock)
+    lifecycle.stop()
+    assert (events[-1].new, events[-1].reason) == (State.STOPPING, "api")
+
+
+def test_a_second_restart_after_the_first_ended_restarts_again() -> None:
+    lifecycle, backend, clock, events = make()
+    outcome(lifecycle.start())
+    become_ready(lifecycle, backend, clock)
+    for round_ in (1, 2):
+        restarted = outcome(lifecycle.restart())
+        backend.finish_stop()
+        become_ready(lifecycle, backend, clock)
+        assert restarted == [None], round_
+    assert len(backend.starts) == 3 and len(backend.stops) == 2
+
+
+def test_a_restart_of_a_service_that_is_not_ready_starts_it_without_a_drain() -> None:
+    lifecycle, backend, clock, events = make()
+    restarted = outcome(lifecycle.restart())
+    assert lifecycle.state is State.STARTING and backend.stops == []
+    become_ready(lifecycle, backend, clock)
+    assert restarted == [None]
+
+
+def test_a_gpu_yield_during_a_restarts_drain_is_the_restarts() -> None:
+    lifecycle, backend, clock, _ = make()
+    outcome(lifecycle.start())
+    become_ready(lifecycle, backend, clock)
+    lease = outcome(lifecycle.acquire())[0]
+    outcome(lifecycle.restart())  # draining: the request in flight holds it
+    yielded = outcome(lifecycle.yield_when_drained("gpu"))
+    assert yielded == [None] and lifecycle.state is State.READY  # nothing of its own to do
+    lease.release()
+    assert lifecycle.state is State.STOPPING and len(backend.stops) == 1
+
+
+def test_a_gpu_yield_waits_for_the_request_in_flight_then_stops() -> None:
+    lifecycle, backend, clock, _ = make()
+    outcome(lifecycle.start())
+    become_ready(lifecycle, backend, clock)
+    lease = outcome(lifecycle.acquire())[0]
+    yielded = outcome(lifecycle.yield_when_drained("gpu"))
+    assert not yielded and lifecycle.state is State.READY
+    lease.release()
+    assert lifecycle.state is State.STOPPING
+    backend.finish_stop()
+    assert yielded == [None] and lifecycle.state is State.STOPPED
