@@ -52,6 +52,10 @@ TIMEOUT_IS_CONNECT = "twisted.internet.error.TimeoutError is a ConnectError: che
 CAST = "typing.cast returns its second argument unchanged at run time"
 PORT_UNUSED = ("BrowserLikePolicyForHTTPS.creatorForNetloc ignores the port (the TLS name is the host's), and no "
                "other policy is ever passed")
+GRANTED_AT = ("read only while a member holds the group, and what makes one the holder "
+              "(_grant, add) sets it first")
+STOP_NEVER_FAILS = ("stop()'s Deferred never fails (a failed stop is the FAILED state), so this errback "
+                    "never runs")
 EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.lifecycle.xǁServiceLifecycleǁ__init__": [
         ('self._start_reason = "XXXX"', "read only after _begin_start has set it"),
@@ -185,14 +189,21 @@ EQUIVALENT: dict[str, list[tuple[str, str]]] = {
     "hestia.groups.xǁCoordinatorǁshutdown": [
         ("DeferredList(before, )", "a route's shutdown never fails (a lifecycle's stop never does, composites consume "
                                    "their errors), and the last DeferredList consumes every one anyway")],
-    "hestia.groups.xǁExclusiveGroupǁ__init__": [
-        ("self.granted_at = None", "read only while a member holds the group, and what makes one the holder "
-                                   "(_grant, add) sets it first")],
+    "hestia.groups.xǁExclusiveGroupǁ__init__": [("self.granted_at = None", GRANTED_AT),
+                                                ("self.granted_at = 1.0", GRANTED_AT)],
     "hestia.groups.xǁExclusiveGroupǁacquire": [
-        ("lifecycle.acquire(None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
+        ("lifecycle.acquire(None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)"),
+        ("failed.errback(None)", "inside the except block errback(None) makes a Failure of the exception being "
+                                 "handled: the same GatewayError")],
     "hestia.groups.xǁExclusiveGroupǁconsider": [
         (".addErrback(None)", "stop()'s Deferred never fails (a failed stop is the FAILED state); addErrback(None) "
-                              "passes a result through")],
+                              "passes a result through"),
+        ("log.failure(None, failure", STOP_NEVER_FAILS),
+        ('log.failure("stopping {s}", s=holder.name)', STOP_NEVER_FAILS),
+        ('log.failure("stopping {s}", failure, )', STOP_NEVER_FAILS)],
+    "hestia.groups.xǁGroupMemberRouteǁacquire_passive": [
+        ("acquire_passive(None)", "ServiceLifecycle.acquire_passive ignores its request (a lease for any monitor "
+                                  "while ready, None otherwise)")],
     "hestia.groups.xǁGroupMemberRouteǁacquire": [
         ("self.lifecycle, None)", "ServiceLifecycle.acquire ignores its request (one instance: nothing to choose)")],
 }

@@ -293,3 +293,94 @@ def test_a_group_members_stop_defaults_to_the_api_reason() -> None:
     gw.up("a")
     outcome(a.stop())
     assert a.status()["state"] == "stopping" and a.status()["state_reason"] == "api"
+
+
+# -- fifth round (issue 21): the survivors of the seed-31 sample ----------------------------------
+
+
+def test_a_group_members_start_defaults_to_the_api_reason_and_keeps_a_given_one() -> None:
+    gw = group_gw(min_residency=0)
+    a, b = gw.gateway.route("a"), gw.gateway.route("b")
+    outcome(a.start())
+    assert a.status()["state"] == "starting" and a.status()["state_reason"] == "api"
+    gw.up("a")
+    outcome(a.stop())
+    gw.fakes["a"].finish_stop()
+    gw.clock.advance(0)
+    outcome(b.start("keep_warm"))
+    assert b.status()["state"] == "starting" and b.status()["state_reason"] == "keep_warm"
+
+
+def test_a_hold_on_a_group_member_ends_when_released_and_it_idles_out_again() -> None:
+    gw = Gw({"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+             "services": {"a": member("a", idle_timeout=10), "b": member("b")}})
+    a = gw.gateway.route("a")
+    outcome(a.start())
+    gw.up("a")
+    a.hold("schedule")
+    assert a.status()["held_by"] == ["schedule"]
+    gw.clock.advance(20)
+    assert a.state is State.READY  # held: not idle-stopped
+    a.release_hold("schedule")
+    assert a.status()["held_by"] == []
+    gw.clock.advance(10)
+    assert a.state is State.STOPPING and a.status()["state_reason"] == "idle"
+
+
+def test_a_monitors_request_to_a_group_member_is_leased_only_while_it_is_ready() -> None:
+    gw = group_gw(min_residency=0)
+    a = gw.gateway.route("a")
+    assert a.acquire_passive(None) is None
+    assert a.state is State.STOPPED and gw.fakes["a"].starts == []  # a monitor starts nothing
+    outcome(a.start())
+    gw.up("a")
+    got = a.acquire_passive(object())
+    assert got is not None
+    lease = outcome(got)[0]
+    assert lease.url == "http://a:1"
+    lease.release()
+
+
+def test_stopping_a_member_that_ran_before_a_reload_logs_no_error() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    raw = {"groups": {"gpu": {"exclusive": True, "min_residency": 0}},
+           "services": {"a": member("a"), "b": member("b")}}
+    gw = Gw(raw)
+    a = gw.gateway.route("a")
+    outcome(a.start())
+    gw.up("a")
+    gw.gateway.apply(parse_config(raw, "t.yml", {}))  # a runs on, adopted by the new wiring
+    a = gw.gateway.route("a")
+    with capturedLogs() as captured:
+        outcome(a.stop())
+        gw.fakes["a"].finish_stop()
+        gw.clock.advance(0)
+    assert a.state is State.STOPPED
+    failures = [formatEvent(event) for event in captured if "log_failure" in event]
+    assert failures == []
+
+
+def test_shutting_down_some_routes_of_a_plan_with_dependencies_stops_just_those() -> None:
+    from hestia.groups import Coordinator
+
+    raw = {"services": {
+        "app": {"url": "http://app:1", "command": ["app"], "depends_on": ["db"]},
+        "db": {"url": "http://db:1", "command": ["db"]},
+    }}
+    gw = Gw(raw)
+    app, db = gw.gateway.route("app"), gw.gateway.route("db")
+    outcome(app.acquire(None))
+    gw.up("db")
+    gw.up("app")
+    plan = parse_config(raw, "t.yml", {}).routing
+    # Only the dependency: nothing it depends on is given, so it stops at once.
+    done = outcome(Coordinator(plan, gw.clock).shutdown({"db": db}))
+    assert db.state is State.STOPPING and app.state is State.READY
+    gw.fakes["db"].finish_stop()
+    assert done and db.state is State.STOPPED
+    # Only the dependent: its dependency is not among the routes to shut down.
+    done = outcome(Coordinator(plan, gw.clock).shutdown({"app": app}))
+    assert app.state is State.STOPPING
+    gw.fakes["app"].finish_stop()
+    assert done and app.state is State.STOPPED
