@@ -21,7 +21,7 @@ from support.hestiaproc import BackendSpec, HestiaProcess, raw_request, reap_lef
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
+from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, body_of, statuses
 
 GET = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n"
 SECRET = "token=s3cr3t-output"
@@ -38,20 +38,6 @@ def bearer(value: str) -> bytes:
 
 def get(hestia: MemoryHestia, path: bytes, headers: bytes = b"", host: bytes = b"gw") -> bytes:
     return hestia.request(GET % (path, host, headers)).received()
-
-
-def body_of(raw: bytes) -> bytes:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        return out
-    return body
 
 
 def forwarded_headers(hestia: MemoryHestia) -> list[dict[bytes, list[bytes]]]:

@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 
 from hestia.errors import StartFailed
 from hestia.headers import PathEscape, split_service_path
-from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, statuses
+from hestia.testing import ADMIN_TOKEN, ECHO_TOKEN, MemoryHestia, body_of, statuses
 
 pytestmark = pytest.mark.unit
 
@@ -45,20 +45,6 @@ def errors_logged() -> Iterator[list[dict[str, object]]]:
     globalLogPublisher.addObserver(observe)
     yield found
     globalLogPublisher.removeObserver(observe)
-
-
-def body_of(raw: bytes) -> bytes:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        return out
-    return body
 
 
 # -- hole 1: a refused upgrade is a normal response, not a tunnel -----------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -32,25 +32,51 @@ def as_deferred(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, De
     return run
 
 
+class Outcome(Generic[T]):
+    """
+    The result of one piece of work, for any number of waiters, each on its own L{Deferred}.
+
+    A waiter that gives up (its Deferred cancelled: a client that left) cancels
+    neither the work nor the other waiters, and a waiter that comes after the
+    end gets the result at once.  The work's result is consumed here: a failure
+    nobody waits for is dropped (the work reports it itself: status, log).
+    """
+
+    def __init__(self, work: Deferred[T]) -> None:
+        self._ended: list[T | Failure] = []
+        self._waiters: list[Deferred[T]] = []
+        work.addBoth(self._end)
+
+    def _end(self, result: T | Failure) -> None:
+        self._ended.append(result)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            _fire(waiter, result)
+
+    def wait(self) -> Deferred[T]:
+        waiter: Deferred[T] = Deferred()
+        if self._ended:
+            _fire(waiter, self._ended[0])
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+def _fire(waiter: Deferred[T], result: T | Failure) -> None:
+    if waiter.called:  # cancelled: it stopped waiting
+        return
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(result)
+
+
 def shielded(work: Deferred[T]) -> Deferred[T]:
     """
-    A L{Deferred} of C{work}'s result whose cancellation leaves C{work} going.
+    C{work}'s result, on a L{Deferred} whose cancellation leaves C{work} going.
 
     For work that must finish whoever waits for it (a restart asked for with
     C{?wait=true}: Klein cancels the route's Deferred when its client leaves, and a
-    cancelled restart would leave the service stopped).  C{work} must be the
-    caller's own: its result is consumed here, and a failure after the waiter left
-    is dropped (the work reports it itself: status, log).
+    cancelled restart would leave the service stopped).
     """
-    waiter: Deferred[T] = Deferred()
-
-    def relay(result: T | Failure) -> None:
-        if waiter.called:  # the waiter was cancelled
-            return
-        if isinstance(result, Failure):
-            waiter.errback(result)
-        else:
-            waiter.callback(result)
-
-    work.addBoth(relay)
-    return waiter
+    return Outcome(work).wait()

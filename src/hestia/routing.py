@@ -45,7 +45,7 @@ from hestia.config import (
     ServiceParser,
     parse_service,
 )
-from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut, in_instance, write_json
+from hestia.errors import GatewayError, ServiceUnavailable, StartFailed, StartTimedOut, write_json
 from hestia.interfaces import IInterceptingRoute, IPersistentBackend, IRoute
 from hestia.lifecycle import Lease, Observer, ServiceLifecycle, State, iso_time
 from hestia.strategies import InstanceView, StrategyError, load_strategy
@@ -541,8 +541,6 @@ class MultiInstanceRoute:
                 return
             if self.strategy.retries and failure.check(*_RETRYABLE) and len(tried) < len(self.instances):
                 attempt()
-            elif isinstance(failure.value, GatewayError):
-                outer.errback(in_instance(failure.value, self.name))  # named as the client asked
             else:
                 outer.errback(failure)
 

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hestia.coroutines import as_deferred
+from hestia.coroutines import Outcome, as_deferred
 from hestia.interfaces import IStateStore
 from hestia.lifecycle import State, StateChange
 
@@ -323,9 +323,7 @@ class StateStore:
         )
         # The one schema check, read by every caller; each waits on its own Deferred,
         # so a caller that gives up (a client that left) cancels nothing for the others.
-        self._opened: Deferred[int] | None = None
-        self._open_outcome: list[int | Failure] = []
-        self._open_waiters: list[Deferred[int]] = []
+        self._opened: Outcome[int] | None = None
         self._pending: set[Deferred[Any]] = set()
         self._closing = False
 
@@ -344,30 +342,14 @@ class StateStore:
     def open(self) -> Deferred[int]:
         """Create or migrate the schema; fires with the version found."""
         if self._opened is None:
+            opening: Deferred[int] | None = None
             if self.path != ":memory:":
                 try:
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 except OSError as error:
-                    self._opened = fail(StateStoreError(self.path, f"cannot create its directory: {error}"))
-            if self._opened is None:
-                self._opened = self._run(_migrate)
-            self._opened.addBoth(self._open_ended)
-        if self._open_outcome:
-            outcome = self._open_outcome[0]
-            return fail(outcome) if isinstance(outcome, Failure) else succeed(outcome)
-        waiter: Deferred[int] = Deferred()
-        self._open_waiters.append(waiter)
-        return waiter
-
-    def _open_ended(self, outcome: int | Failure) -> None:
-        self._open_outcome.append(outcome)
-        for waiter in self._open_waiters:
-            if not waiter.called:  # not cancelled
-                if isinstance(outcome, Failure):
-                    waiter.errback(outcome)
-                else:
-                    waiter.callback(outcome)
-        self._open_waiters.clear()
+                    opening = fail(StateStoreError(self.path, f"cannot create its directory: {error}"))
+            self._opened = Outcome(opening or self._run(_migrate))
+        return self._opened.wait()
 
     def track(self, write: Deferred[Any]) -> Deferred[Any]:
         """Remember a write until it ends, so that L{flush} can wait for it."""

@@ -1,4 +1,4 @@
-"""Deferred helpers shared by the backends that keep state across gateways: L{detached}, L{Recall}."""
+"""What the backends that keep state across gateways share: L{Recall}, the once-read record."""
 
 from __future__ import annotations
 
@@ -9,25 +9,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hestia.coroutines import Outcome
 from hestia.interfaces import IStateStore
-
-
-def detached(shared: Deferred[Any]) -> Deferred[None]:
-    """
-    A new Deferred firing (with C{None}) when C{shared} fires, whatever its result.
-
-    Several callers wait on one shared operation (the recall of a recorded machine); a caller
-    that cancels its wait must not cancel the operation the others are waiting on.
-    """
-    fresh: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        if not fresh.called:
-            fresh.callback(None)
-        return result
-
-    shared.addBoth(fire)
-    return fresh
 
 
 class Recall:
@@ -37,7 +20,7 @@ class Recall:
     A backend that keeps state across gateways (a remote VM, a sleeping machine)
     must know what the previous gateway recorded before its first start, stop or
     status; every caller waits on the same read and gets its own Deferred
-    (L{detached}), so one that gives up cancels nothing for the others.  A read
+    (L{hestia.coroutines.Outcome}), so one that gives up cancels nothing for the others.  A read
     that fails is logged and counts as "nothing recorded".
     """
 
@@ -46,16 +29,14 @@ class Recall:
         self._service = service
         self._apply = apply
         self._log = log
-        self._read: Deferred[None] | None = None
+        self._read: Outcome[None] | None = None
 
     def __call__(self, store: IStateStore | None) -> Deferred[None]:
         """Fires once the record has been read from C{store} (at once without one)."""
         if self._read is None:
-            if store is None:
-                self._read = succeed(None)
-            else:
-                self._read = store.load_services().addCallbacks(self._apply, self._failed)
-        return detached(self._read)
+            reading = succeed(None) if store is None else store.load_services().addCallbacks(self._apply, self._failed)
+            self._read = Outcome(reading)
+        return self._read.wait()
 
     def _failed(self, failure: Failure) -> None:
         self._log.failure("cannot read the state of {service}", failure, service=self._service)

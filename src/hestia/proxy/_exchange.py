@@ -544,7 +544,8 @@ class Exchange:
         if not isinstance(error, GatewayError):
             error = self._upstream_error(failure)
         if error.service is not None and error.service not in self.gateway.services:
-            # An instance's own error (its queue, its admission window): name the service asked for.
+            # An instance's own error (its start, its queue, its admission window) names the
+            # instance, which /v1 does not know: name the service asked for, and the instance.
             error = in_instance(error, self.lifecycle.name)
         self.record.status = error.status
         self.record.error = error.reason

@@ -31,6 +31,7 @@ from hestia.testing.site import (
     MemoryUpstream,
     RecordingGateway,
     UpgradeConnection,
+    body_of,
     statuses,
 )
 from hestia.testing.upstream import (
@@ -61,6 +62,7 @@ __all__ = [
     "TruncatedResponse",
     "TruncatingAgent",
     "UpgradeConnection",
+    "body_of",
     "statuses",
     "verify_backend",
 ]

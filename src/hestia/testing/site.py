@@ -41,7 +41,7 @@ from hestia.testing.gateway import ADMIN_TOKEN, ECHO_TOKEN, MemoryGateway, Recor
 from hestia.upstream import Upstream
 
 __all__ = ["ADMIN_TOKEN", "ECHO_TOKEN", "MemoryClient", "MemoryHestia", "MemoryUpgradeBackend", "MemoryUpstream",
-           "RecordingBackend", "RecordingGateway", "UpgradeConnection", "statuses"]
+           "RecordingBackend", "RecordingGateway", "UpgradeConnection", "body_of", "statuses"]
 
 
 @dataclass
@@ -207,6 +207,21 @@ class MemoryHestia:
 
     def request(self, data: bytes) -> MemoryClient:
         return self.connect().send(data)
+
+
+def body_of(raw: bytes) -> bytes:
+    """The body of the (first) response in C{raw}, its chunked encoding undone."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return body
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out
 
 
 def statuses(raw: bytes) -> list[int]:
